@@ -1,0 +1,200 @@
+"""The LightningDataModule: raw text -> NLTK tokens -> cached ids -> truncated-BPTT stream batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from lm_lightning.data.cache import TokenCache, cache_key
+from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
+from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
+from lm_lightning.data.streams import StreamWindows
+from lm_lightning.data.vocabulary import EOS, Vocabulary
+from lm_lightning.errors import LMInputError
+
+log = logging.getLogger(__name__)
+
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("LM_LIGHTNING_CACHE") or str(Path.home() / ".cache" / "lm_lightning" / "tokens")
+
+
+def tokenize_lines(text: str, preprocess: Preprocessor, keep_empty_lines: bool) -> list[str]:
+    """Tokens of every line followed by ``<eos>``, as word_language_model's ``Corpus`` does."""
+    tokens: list[str] = []
+    for line in text.splitlines():
+        words = preprocess(line)
+        if words or keep_empty_lines:
+            tokens.extend(words)
+            tokens.append(EOS)
+    return tokens
+
+
+class LMDataModule(L.LightningDataModule):
+    """Text corpus as batches of parallel token streams for truncated BPTT.
+
+    Args:
+        source: ``embedded`` (Python's bundled documentation, offline), ``wikitext-2``, ``ptb``,
+            ``nltk:<corpus>`` (e.g. ``nltk:brown``), or a path to a folder with train.txt/valid.txt/test.txt
+            or to one text file (split deterministically).
+        data_dir: Folder holding (or receiving) ``wikitext-2``/``ptb`` files; default
+            ``~/.cache/lm_lightning/data/<name>`` or ``$LM_LIGHTNING_DATA/<name>``.
+        tokenizer: ``treebank`` (NLTK word tokenizer), ``whitespace`` (pre-tokenized text) or ``char``.
+        lowercase: Lowercase the text first.
+        remove_stopwords: Drop stop words (off for language modelling: the model must predict them).
+        stemmer: ``porter`` or ``snowball`` stemming, or none.
+        lemmatize: WordNet lemmatization (needs NLTK's wordnet data).
+        keep_empty_lines: Give empty lines an ``<eos>`` too (matches the published WikiText-2 token counts).
+        min_freq: Words seen fewer times in train become ``<unk>``.
+        max_vocab_size: Keep at most this many tokens (specials included); ``None`` for no cap.
+        batch_size: Parallel streams per training batch (per device under DDP).
+        eval_batch_size: Parallel streams for validation and test.
+        bptt: Window length in tokens (truncated backpropagation through time).
+        valid_fraction: Share of a single text used for validation (ignored for folders and named corpora).
+        test_fraction: Share of a single text used for test.
+        cache_dir: Where token ids are cached (``$LM_LIGHTNING_CACHE`` or ``~/.cache/lm_lightning/tokens``).
+        prompt: Text that ``predict`` continues.
+        num_prompts: How many samples ``predict`` generates from the prompt.
+    """
+
+    def __init__(
+        self,
+        source: str = "embedded",
+        data_dir: Optional[str] = None,
+        tokenizer: Tokenizer = "treebank",
+        lowercase: bool = True,
+        remove_stopwords: bool = False,
+        stemmer: Optional[Stemmer] = None,
+        lemmatize: bool = False,
+        keep_empty_lines: bool = False,
+        min_freq: int = 2,
+        max_vocab_size: Optional[int] = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 10,
+        bptt: int = 35,
+        valid_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        cache_dir: Optional[str] = None,
+        prompt: str = "the",
+        num_prompts: int = 1,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt), ("num_prompts", num_prompts)):
+            if value < 1:
+                raise LMInputError(f"--data.{name} must be a positive integer, got {value}.")
+        self.save_hyperparameters()
+        # Built here, not in setup(): a bad setting should fail before any training starts.
+        self.preprocessor = Preprocessor(tokenizer, lowercase, remove_stopwords, stemmer, lemmatize)
+        self._vocab: Optional[Vocabulary] = None
+        self._cache: Optional[TokenCache] = None
+        self.datasets: dict[str, StreamWindows] = {}
+
+    # --- vocabulary and cache -------------------------------------------------------------------------
+    @property
+    def vocab(self) -> Vocabulary:
+        """Built or loaded on first access: LightningCLI reads ``vocab_size`` before ``prepare_data`` runs."""
+        if self._vocab is None:
+            self._vocab = self._load_or_build()
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def _settings(self) -> dict:
+        hp = self.hparams
+        return {
+            **self.preprocessor.settings(),
+            "keep_empty_lines": hp.keep_empty_lines,
+            "min_freq": hp.min_freq,
+            "max_vocab_size": hp.max_vocab_size,
+            "valid_fraction": hp.valid_fraction,
+            "test_fraction": hp.test_fraction,
+        }
+
+    def _load_or_build(self) -> Vocabulary:
+        hp = self.hparams
+        corpus = load_corpus(hp.source, hp.data_dir, hp.valid_fraction, hp.test_fraction)
+        self._cache = TokenCache(hp.cache_dir or default_cache_dir(), cache_key(corpus.content_hash(), self._settings()))
+        if self._cache.exists():
+            log.info("Token cache hit: %s", self._cache.path)
+            return self._cache.load_vocab()
+        return self._build(corpus, self._cache)
+
+    def _build(self, corpus: Corpus, cache: TokenCache) -> Vocabulary:
+        start = time.perf_counter()
+        keep = self.hparams.keep_empty_lines
+        tokens = {split: tokenize_lines(corpus[split], self.preprocessor, keep) for split in SPLITS}
+        for split in SPLITS:
+            if not tokens[split]:
+                raise LMInputError(f"The {split} split of {corpus.name!r} has no tokens after preprocessing: check the text and the preprocessing settings.")
+        vocab = Vocabulary.build(Counter(tokens["train"]), self.hparams.min_freq, self.hparams.max_vocab_size)
+        ids = {split: vocab.encode_array(tokens[split]) for split in SPLITS}
+        meta = {
+            "corpus": corpus.name,
+            "settings": self._settings(),
+            "tokens": {split: int(len(ids[split])) for split in SPLITS},
+            "vocab_size": len(vocab),
+            "stopwords_source": self.preprocessor.stopwords_source,
+        }
+        cache.save(vocab, ids, meta)
+        log.info("Tokenized %s in %.1fs: %s tokens, vocabulary %d -> %s", corpus.name, time.perf_counter() - start, meta["tokens"], len(vocab), cache.path)
+        return vocab
+
+    def ids(self, split: str) -> np.ndarray:
+        """The split's token ids, memory-mapped from the cache."""
+        self.vocab  # make sure the cache exists
+        assert self._cache is not None
+        return self._cache.load_ids(split)
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.vocab
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        hp = self.hparams
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        wanted = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}.get(stage or "", SPLITS)
+        for split in wanted:
+            batch = hp.batch_size if split == "train" else hp.eval_batch_size
+            self.datasets[split] = StreamWindows(self.ids(split), batch, hp.bptt, rank, world, split)
+
+    def _loader(self, split: str) -> DataLoader:
+        # batch_size=None: each dataset item already is a whole (batch, window) tensor pair.
+        return DataLoader(self.datasets[split], batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The prompt as ids, ``num_prompts`` times: each copy gives one sample."""
+        import torch
+
+        ids = self.vocab.encode(self.preprocessor(self.hparams.prompt)) or [self.vocab.eos_id]
+        prompts = [torch.tensor([ids]) for _ in range(self.hparams.num_prompts)]
+        return DataLoader(prompts, batch_size=None)
+
+    def decode(self, ids) -> str:
+        return self.preprocessor.detokenize(self.vocab.decode(ids))
+
+    def unigram_perplexity(self, split: str = "valid") -> float:
+        """Perplexity of train's add-one-smoothed unigram distribution on ``split``: the baseline to beat."""
+        counts = np.bincount(np.asarray(self.ids("train")), minlength=self.vocab_size).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        return float(np.exp(-logp[np.asarray(self.ids(split))].mean()))

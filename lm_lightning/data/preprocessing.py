@@ -1,0 +1,160 @@
+"""NLTK text preprocessing: tokenization and optional normalization, one line at a time.
+
+Only parts of NLTK that need no downloaded model are used by default, so everything runs offline:
+
+* ``treebank``: NLTK's improved Treebank word tokenizer (``NLTKWordTokenizer``, what ``word_tokenize`` runs
+  after its Punkt sentence splitter). Applied per line, it needs no Punkt model.
+* ``whitespace``: ``str.split`` for corpora that are already tokenized (WikiText, Penn Treebank).
+* ``char``: one token per character, for text without spaces between words (Chinese, Japanese, Thai).
+
+Stop-word removal uses NLTK's list when its ``stopwords`` corpus is installed, otherwise scikit-learn's
+English list; stemming (Porter, Snowball) needs no data; WordNet lemmatization needs NLTK's ``wordnet`` corpus.
+The defaults suit language modelling: nothing is removed or rewritten except lowercasing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Callable, Literal, Optional
+
+from lm_lightning.errors import LMInputError
+
+log = logging.getLogger(__name__)
+
+Tokenizer = Literal["treebank", "whitespace", "char"]
+Stemmer = Literal["porter", "snowball"]
+
+
+def load_stopwords(language: str = "english") -> tuple[frozenset[str], str]:
+    """Return the stop-word set and where it came from ("nltk" or "scikit-learn")."""
+    try:
+        from nltk.corpus import stopwords
+
+        return frozenset(stopwords.words(language)), "nltk"
+    except LookupError:
+        if language != "english":
+            raise LMInputError(
+                f"Stop words for {language!r} need NLTK's stopwords corpus, which is not installed: run "
+                "`python -m nltk.downloader stopwords` (or point NLTK_DATA at a folder that has it)."
+            ) from None
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        return frozenset(ENGLISH_STOP_WORDS), "scikit-learn"
+
+
+def _wordnet_lemmatizer() -> Callable[[str], str]:
+    import nltk
+    from nltk.stem import WordNetLemmatizer
+
+    try:
+        nltk.data.find("corpora/wordnet")
+    except LookupError:
+        try:
+            nltk.data.find("corpora/wordnet.zip")
+        except LookupError:
+            raise LMInputError(
+                "lemmatize=True needs NLTK's WordNet data, which is not installed: run "
+                "`python -m nltk.downloader wordnet` (or point NLTK_DATA at a folder that has it), "
+                "or set --data.lemmatize false."
+            ) from None
+    return WordNetLemmatizer().lemmatize
+
+
+class Preprocessor:
+    """Turns one line of raw text into a list of tokens, and tokens back into readable text.
+
+    Args:
+        tokenizer: ``treebank`` (English words and punctuation), ``whitespace`` (pre-tokenized corpora) or
+            ``char`` (text without spaces between words).
+        lowercase: Lowercase before tokenizing.
+        remove_stopwords: Drop stop words (NLTK's list if installed, else scikit-learn's English list).
+        stemmer: ``porter`` or ``snowball`` stemming of each token; ``None`` keeps words whole.
+        lemmatize: WordNet lemmatization (needs NLTK's ``wordnet`` data).
+        language: Language for the stop-word list and the Snowball stemmer.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer = "treebank",
+        lowercase: bool = True,
+        remove_stopwords: bool = False,
+        stemmer: Optional[Stemmer] = None,
+        lemmatize: bool = False,
+        language: str = "english",
+    ) -> None:
+        if tokenizer not in ("treebank", "whitespace", "char"):
+            raise LMInputError(f"Unknown tokenizer {tokenizer!r}: use one of treebank, whitespace, char.")
+        if stemmer not in (None, "porter", "snowball"):
+            raise LMInputError(f"Unknown stemmer {stemmer!r}: use porter, snowball, or leave it unset.")
+        if tokenizer == "char" and (remove_stopwords or stemmer or lemmatize):
+            raise LMInputError("Stop words, stemming and lemmatization act on words: not with tokenizer='char'.")
+        self.tokenizer = tokenizer
+        self.lowercase = lowercase
+        self.remove_stopwords = remove_stopwords
+        self.stemmer = stemmer
+        self.lemmatize = lemmatize
+        self.language = language
+
+        self.stopwords: frozenset[str] = frozenset()
+        self.stopwords_source: Optional[str] = None
+        if remove_stopwords:
+            self.stopwords, self.stopwords_source = load_stopwords(language)
+            log.info("Stop words: %d from %s", len(self.stopwords), self.stopwords_source)
+        self._lemmatize = _wordnet_lemmatizer() if lemmatize else None
+        self._stem: Optional[Callable[[str], str]] = None
+        if stemmer == "porter":
+            from nltk.stem import PorterStemmer
+
+            self._stem = PorterStemmer().stem
+        elif stemmer == "snowball":
+            from nltk.stem import SnowballStemmer
+
+            self._stem = SnowballStemmer(language).stem
+        self._split = self._make_splitter()
+
+    def _make_splitter(self) -> Callable[[str], list[str]]:
+        if self.tokenizer == "whitespace":
+            return str.split
+        if self.tokenizer == "char":
+            # Keep inner spaces as tokens so generated text can be read back; drop line ends (they become <eos>).
+            return lambda line: list(line.strip("\r\n"))
+        from nltk.tokenize import NLTKWordTokenizer
+
+        return NLTKWordTokenizer().tokenize
+
+    def settings(self) -> dict:
+        """Everything that changes the tokens, for the cache key (the stop-word list is hashed in)."""
+        words = "\n".join(sorted(self.stopwords)).encode()
+        return {
+            "tokenizer": self.tokenizer,
+            "lowercase": self.lowercase,
+            "stopwords": hashlib.sha256(words).hexdigest()[:16] if self.remove_stopwords else None,
+            "stemmer": self.stemmer,
+            "lemmatize": self.lemmatize,
+            "language": self.language,
+        }
+
+    def __call__(self, line: str) -> list[str]:
+        if self.lowercase:
+            line = line.lower()
+        tokens = self._split(line)
+        if self.stopwords:
+            tokens = [t for t in tokens if t.lower() not in self.stopwords]
+        if self._lemmatize is not None:
+            tokens = [self._lemmatize(t) for t in tokens]
+        if self._stem is not None:
+            tokens = [self._stem(t) for t in tokens]
+        return tokens
+
+    def detokenize(self, tokens: list[str]) -> str:
+        """Readable text from tokens: the inverse of tokenization as far as it can be inverted."""
+        if self.tokenizer == "char":
+            return "".join(t if t != "<eos>" else "\n" for t in tokens)
+        if self.tokenizer == "treebank":
+            from nltk.tokenize.treebank import TreebankWordDetokenizer
+
+            lines = " ".join(tokens).split("<eos>")
+            detok = TreebankWordDetokenizer()
+            return "\n".join(detok.detokenize(line.split()) for line in lines)
+        return " ".join(tokens).replace(" <eos> ", "\n").replace("<eos>", "\n")

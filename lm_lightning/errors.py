@@ -1,0 +1,9 @@
+"""One exception type for input a user can fix.
+
+Anything raised as :class:`LMInputError` is printed by the CLI as one sentence and a non-zero exit status,
+without a traceback: the message itself must name the bad input and the fix.
+"""
+
+
+class LMInputError(ValueError):
+    """Bad user input (a path, a setting, a corpus): the message says what is wrong and how to fix it."""

@@ -1,0 +1,3 @@
+from lm_lightning.models.lstm import LSTMLanguageModel
+
+__all__ = ["LSTMLanguageModel"]

@@ -1,0 +1,79 @@
+"""Embedding + LSTM language model, the classic recipe of Zaremba et al. (2014), "Recurrent Neural Network
+Regularization" (arXiv:1409.2329), as in pytorch/examples ``word_language_model``:
+
+    token ids -> embedding -> dropout -> multi-layer LSTM -> dropout -> linear decoder -> logits
+
+With ``tie_weights`` the decoder reuses the embedding matrix (Press & Wolf 2017, "Using the Output Embedding to
+Improve Language Models", arXiv:1608.05859; Inan et al. 2017): it removes ``vocab_size x hidden_dim``
+parameters, often the largest single matrix, and usually lowers perplexity.
+
+This file knows nothing about Lightning. Any ``nn.Module`` with the same ``forward(ids, hidden)`` ->
+``(logits, hidden)`` contract and an ``init_hidden`` method can replace it (see the GRU in tests/).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lm_lightning.errors import LMInputError
+
+Hidden = tuple[torch.Tensor, torch.Tensor]
+
+
+class LSTMLanguageModel(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 256,
+        hidden_dim: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        tie_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 2:
+            raise LMInputError(f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary.")
+        if tie_weights and embedding_dim != hidden_dim:
+            raise LMInputError(
+                f"tie_weights needs embedding_dim == hidden_dim (got {embedding_dim} and {hidden_dim}): "
+                "make them equal or pass --model.tie_weights false."
+            )
+        if not 0 <= dropout < 1:
+            raise LMInputError(f"dropout must be in [0, 1), got {dropout}.")
+        self.vocab_size, self.hidden_dim, self.num_layers = vocab_size, hidden_dim, num_layers
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.dropout = nn.Dropout(dropout)
+        # Dropout between LSTM layers only (not on the recurrent connections), as in Zaremba et al.
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
+        self.decoder = nn.Linear(hidden_dim, vocab_size)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Small uniform init for the embedding/decoder as in word_language_model; a large init on a tied matrix
+        # makes the first logits huge. The LSTM keeps PyTorch's U(-1/sqrt(h), 1/sqrt(h)) init, except the
+        # forget-gate bias, set to 1 so early gradients flow through time (Jozefowicz et al. 2015).
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if self.decoder.weight is not self.embedding.weight:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        for name, param in self.lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                h = self.hidden_dim
+                with torch.no_grad():
+                    param[h : 2 * h].fill_(1.0)  # gate order: input, forget, cell, output
+
+    def init_hidden(self, batch_size: int) -> Hidden:
+        weight = self.decoder.weight
+        shape = (self.num_layers, batch_size, self.hidden_dim)
+        return weight.new_zeros(shape), weight.new_zeros(shape)
+
+    def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
+        """``ids``: (batch, time) -> logits (batch, time, vocab) and the new hidden state."""
+        x = self.dropout(self.embedding(ids))
+        output, hidden = self.lstm(x, hidden)
+        return self.decoder(self.dropout(output)), hidden
