@@ -86,17 +86,24 @@ def trainer_defaults() -> dict:
     }
 
 
+def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
+    """The CLI object (tests and notebooks use it to reach ``cli.trainer`` and ``cli.model``)."""
+    return LMCLI(
+        LanguageModel,
+        LMDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
+        seed_everything_default=0,  # reproducible by default; change with --seed_everything
+        args=args,
+        run=run,
+    )
+
+
 def main(args: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        LMCLI(
-            LanguageModel,
-            LMDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=trainer_defaults(),
-            args=args,
-        )
+        build_cli(args)
     except LMInputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

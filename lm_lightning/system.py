@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -80,6 +81,7 @@ class LanguageModel(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._hidden: dict[str, Any] = {}
+        self._best_val_ppl = math.inf
 
     def build_network(self) -> nn.Module:
         """Override to train another network with the same ``forward(ids, hidden) -> (logits, hidden)`` contract."""
@@ -88,6 +90,13 @@ class LanguageModel(L.LightningModule):
 
     def forward(self, ids: torch.Tensor, hidden: Any = None) -> tuple[torch.Tensor, Any]:
         return self.network(ids, hidden)
+
+    def on_fit_start(self) -> None:
+        # TensorBoard's HPARAMS tab needs a metric to show runs side by side; Lightning's placeholder
+        # "hp_metric" (-1) is turned off in favour of a real one, updated at every validation.
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.hparams, {"hp/best_val_ppl": math.nan})
 
     # --- training / evaluation ------------------------------------------------------------------------
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -116,7 +125,12 @@ class LanguageModel(L.LightningModule):
         loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
-        if self.hparams.sample_length and not self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
+            return
+        if self.trainer.state.fn == "fit":  # a stand-alone validate must not move the best-so-far
+            self._best_val_ppl = min(self._best_val_ppl, float(loss.exp()))
+            self.log("hp/best_val_ppl", self._best_val_ppl)
+        if self.hparams.sample_length:
             self._log_sample()
 
     def on_test_epoch_start(self) -> None:
@@ -173,6 +187,12 @@ class LanguageModel(L.LightningModule):
         prompt = self.trainer.datamodule.decode(batch[0].tolist())
         text = self._sample_text(batch, self.hparams.max_new_tokens, self.hparams.seed + batch_idx)
         return {"prompt": prompt, "text": text}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best_val_ppl"] = self._best_val_ppl  # so a resumed run keeps its best-so-far
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._best_val_ppl = checkpoint.get("best_val_ppl", math.inf)
 
     # --- optimization ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

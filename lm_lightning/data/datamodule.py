@@ -103,7 +103,9 @@ class LMDataModule(L.LightningDataModule):
     def vocab(self) -> Vocabulary:
         """Built or loaded on first access: LightningCLI reads ``vocab_size`` before ``prepare_data`` runs."""
         if self._vocab is None:
-            self._vocab = self._load_or_build()
+            vocab = self._load_or_build()
+            self._check_lengths()
+            self._vocab = vocab
         return self._vocab
 
     @property
@@ -149,6 +151,21 @@ class LMDataModule(L.LightningDataModule):
         cache.save(vocab, ids, meta)
         log.info("Tokenized %s in %.1fs: %s tokens, vocabulary %d -> %s", corpus.name, time.perf_counter() - start, meta["tokens"], len(vocab), cache.path)
         return vocab
+
+    def _check_lengths(self) -> None:
+        """Fail at start-up, not after the first epoch, when a split cannot fill one window."""
+        hp = self.hparams
+        assert self._cache is not None
+        for split in SPLITS:
+            streams = hp.batch_size if split == "train" else hp.eval_batch_size
+            needed = streams * (hp.bptt + 1)
+            have = len(self._cache.load_ids(split))
+            if have < needed:
+                raise LMInputError(
+                    f"The {split} split has {have} tokens, fewer than one window needs "
+                    f"(streams x (bptt + 1) = {streams} x {hp.bptt + 1} = {needed}): lower --data.batch_size, "
+                    "--data.eval_batch_size or --data.bptt, or use a larger corpus."
+                )
 
     def ids(self, split: str) -> np.ndarray:
         """The split's token ids, memory-mapped from the cache."""

@@ -7,8 +7,8 @@ With ``tie_weights`` the decoder reuses the embedding matrix (Press & Wolf 2017,
 Improve Language Models", arXiv:1608.05859; Inan et al. 2017): it removes ``vocab_size x hidden_dim``
 parameters, often the largest single matrix, and usually lowers perplexity.
 
-This file knows nothing about Lightning. Any ``nn.Module`` with the same ``forward(ids, hidden)`` ->
-``(logits, hidden)`` contract and an ``init_hidden`` method can replace it (see the GRU in tests/).
+This file knows nothing about Lightning. Any ``nn.Module`` with the same ``forward(ids, hidden=None)`` ->
+``(logits, hidden)`` contract can replace it (see the GRU in tests/); ``hidden=None`` means a zero state.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from lm_lightning.errors import LMInputError
 
-Hidden = tuple[torch.Tensor, torch.Tensor]
+Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, batch, hidden_dim)
 
 
 class LSTMLanguageModel(nn.Module):
@@ -66,11 +66,6 @@ class LSTMLanguageModel(nn.Module):
                 h = self.hidden_dim
                 with torch.no_grad():
                     param[h : 2 * h].fill_(1.0)  # gate order: input, forget, cell, output
-
-    def init_hidden(self, batch_size: int) -> Hidden:
-        weight = self.decoder.weight
-        shape = (self.num_layers, batch_size, self.hidden_dim)
-        return weight.new_zeros(shape), weight.new_zeros(shape)
 
     def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
         """``ids``: (batch, time) -> logits (batch, time, vocab) and the new hidden state."""

@@ -1,0 +1,49 @@
+"""Shared test set-up: offline, CPU, a throw-away token cache, NLTK data from ../shared when present."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# Before lm_lightning is imported anywhere: never write the user's ~/.cache from tests.
+os.environ["LM_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="lm_lightning_test_cache_")
+if (SHARED / "nltk_data").is_dir():
+    os.environ.setdefault("NLTK_DATA", str(SHARED / "nltk_data"))
+# Subprocesses (CLI tests) must import this checkout and the test-only models in tests/.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not present next to the project")
+
+
+def write_corpus(folder: Path, train: str, valid: str, test: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A short, repetitive corpus a small model can learn in a few steps."""
+    lines = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]
+    text = "\n".join(lines * 30) + "\n"
+    return write_corpus(tmp_path / "tiny", text, text, text)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads():
+    # Two cores on CI: one intra-op thread per process keeps parallel helpers from thrashing.
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+sys.path.insert(0, str(ROOT / "tests"))

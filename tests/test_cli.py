@@ -1,0 +1,168 @@
+"""The command line end to end: fit -> validate -> test -> predict, recipes, --help, TensorBoard, a forked model."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm_lightning.cli import build_cli, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SMALL = ["--model.embedding_dim", "64", "--model.hidden_dim", "64", "--model.num_layers", "1", "--model.sample_length", "8"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One short fit shared by the round-trip tests: returns (run folder, fit CLI)."""
+    workdir = tmp_path_factory.mktemp("fit")
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(workdir)
+        args = ["fit", "-c", str(ROOT / "configs/presets/debug.yaml"), *QUIET, *SMALL]
+        args += ["--trainer.limit_train_batches", "25", "--trainer.limit_val_batches", "4", "--trainer.max_epochs", "2"]
+        cli = build_cli(args)
+    finally:
+        os.chdir(cwd)
+    return workdir / "lightning_logs" / "version_0", cli
+
+
+def test_fit_writes_config_checkpoints_and_hparams(fitted):
+    run, cli = fitted
+    assert (run / "config.yaml").is_file() and (run / "hparams.yaml").is_file()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(name.startswith("best-") for name in ckpts)
+    assert cli.trainer.global_step == 50
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the datamodule
+
+
+def test_validate_test_predict_from_saved_config_and_checkpoint(fitted, tmp_path, monkeypatch, capsys):
+    run, fit_cli = fitted
+    monkeypatch.chdir(tmp_path)
+    best = str(run / "checkpoints" / Path(fit_cli.trainer.checkpoint_callback.best_model_path).name)
+    config = ["-c", str(run / "config.yaml"), *QUIET]
+
+    validate = build_cli(["validate", *config, "--ckpt_path", best])
+    # Re-created from config.yaml alone, the best checkpoint scores what it scored during fit.
+    assert float(validate.trainer.callback_metrics["val/ppl"]) == pytest.approx(float(fit_cli.trainer.checkpoint_callback.best_model_score), rel=1e-5)
+
+    test = build_cli(["test", *config, "--ckpt_path", best])
+    test_ppl = float(test.trainer.callback_metrics["test/ppl"])
+    assert math.isfinite(test_ppl) and 1 < test_ppl < fit_cli.datamodule.vocab_size
+
+    capsys.readouterr()
+    predict = build_cli(["predict", *config, "--ckpt_path", best, "--data.prompt", "the function", "--data.num_prompts", "2", "--model.max_new_tokens", "12"])
+    out = capsys.readouterr().out
+    written = Path(predict.trainer.log_dir) / "generated.txt"
+    text = written.read_text()
+    assert text.count("--- sample") == 2 and "the function" in text
+    assert "the function" in out and str(written) in out
+
+
+def test_tensorboard_has_the_documented_scalars_text_and_hparams(fitted):
+    run, _ = fitted
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ["train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW", "train/device/items_per_sec"]:
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert len(events.Scalars("val/ppl")) == 2  # one per epoch
+    assert events.Scalars("lr-AdamW")[0].value == pytest.approx(3e-3)
+    tokens_per_sec = [e.value for e in events.Scalars("train/device/items_per_sec")]
+    assert all(v > 0 for v in tokens_per_sec)
+    assert "samples/generated/text_summary" in events.Tags()["tensors"]
+    hparam_events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    hparam_events.Reload()
+    summary = hparam_events.summary_metadata
+    assert any("hparams" in (m.plugin_data.plugin_name or "") for m in summary.values())
+
+
+def test_a_model_defined_outside_the_package_trains_by_class_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "-c", str(ROOT / "configs/presets/debug.yaml"), *QUIET, "--model", "gru_model.GRULanguageModel", *SMALL])
+    assert type(cli.model).__name__ == "GRULanguageModel" and isinstance(cli.model.network.gru, torch.nn.GRU)
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/ppl"]))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_parses(config, capsys):
+    """Presets stack on default.yaml; print_config parses and validates without building anything."""
+    stack = [] if config.name == "default.yaml" or config.parent.name == "configs" else ["-c", str(ROOT / "configs/default.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *stack, "-c", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: lm_lightning" in capsys.readouterr().out
+
+
+def test_default_recipe_equals_the_command_line_defaults(capsys):
+    """`python -m lm_lightning fit` and `fit -c configs/default.yaml` must be the same run."""
+
+    def resolved(args):
+        with pytest.raises(SystemExit):
+            main(["fit", *args, "--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        config.pop("config", None)
+        return config
+
+    assert resolved([]) == resolved(["-c", str(ROOT / "configs/default.yaml")])
+
+
+def test_help_documents_the_arguments(capsys):
+    for args, expected in [
+        (["fit", "--help"], ["--data", "--model", "--checkpoint.monitor", "--trainer.precision"]),
+        (["fit", "--model.help", "LanguageModel"], ["--model.tie_weights", "Share the embedding and decoder", "--model.optimizer"]),
+        (["fit", "--data.help", "LMDataModule"], ["--data.bptt", "Window length", "--data.source", "nltk:<corpus>"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main(args)
+        out = " ".join(capsys.readouterr().out.split())
+        for text in expected:
+            assert text in out, f"{text!r} not in `{' '.join(args)}`"
+
+
+def test_bad_input_gives_one_sentence_and_exit_status_2_without_traceback(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_lightning", "fit", "--data.source", str(empty)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {empty} is empty: a language model needs text to train on."
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (lambda d: str(d / "nope.txt"), "does not exist"),
+        (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and str(d / "latin1.txt"), "is not UTF-8 text"),
+        (lambda d: "wikitext-103", "Unknown data source 'wikitext-103'"),
+        (lambda d: (d / "short.txt").write_text("\n".join(f"line {i} here ." for i in range(60))) and str(d / "short.txt"), "fewer than one window needs"),
+    ],
+    ids=["missing", "not-utf8", "unknown-name", "too-short"],
+)
+def test_bad_data_sources(tmp_path, monkeypatch, capsys, make_source, message):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    source = make_source(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.source", source, "--data.cache_dir", str(cache), *QUIET])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "lightning_logs").exists()  # failed before any run folder or checkpoint
+    leftovers = [p for p in cache.rglob("*") if p.name.endswith(".tmp")] if cache.exists() else []
+    assert leftovers == []
