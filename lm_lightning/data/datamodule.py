@@ -169,13 +169,13 @@ class LMDataModule(L.LightningDataModule):
 
     def ids(self, split: str) -> np.ndarray:
         """The split's token ids, memory-mapped from the cache."""
-        self.vocab  # make sure the cache exists
+        _ = self.vocab  # builds or loads the cache on first use
         assert self._cache is not None
         return self._cache.load_ids(split)
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self.vocab
+        _ = self.vocab
 
     def setup(self, stage: Optional[str] = None) -> None:
         hp = self.hparams

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 from lm_lightning.errors import LMInputError
 
@@ -32,6 +33,8 @@ def load_stopwords(language: str = "english") -> tuple[frozenset[str], str]:
         from nltk.corpus import stopwords
 
         return frozenset(stopwords.words(language)), "nltk"
+    except OSError:  # NLTK has the corpus but no list for this language
+        raise LMInputError(f"NLTK has no stop-word list for {language!r}: use one of stopwords.fileids().") from None
     except LookupError:
         if language != "english":
             raise LMInputError(
@@ -110,6 +113,8 @@ class Preprocessor:
         elif stemmer == "snowball":
             from nltk.stem import SnowballStemmer
 
+            if language not in SnowballStemmer.languages:
+                raise LMInputError(f"The Snowball stemmer has no {language!r}: use one of {', '.join(SnowballStemmer.languages)}.")
             self._stem = SnowballStemmer(language).stem
         self._split = self._make_splitter()
 
@@ -157,4 +162,4 @@ class Preprocessor:
             lines = " ".join(tokens).split("<eos>")
             detok = TreebankWordDetokenizer()
             return "\n".join(detok.detokenize(line.split()) for line in lines)
-        return " ".join(tokens).replace(" <eos> ", "\n").replace("<eos>", "\n")
+        return "\n".join(" ".join(line.split()) for line in " ".join(tokens).split("<eos>"))

@@ -9,9 +9,9 @@
   copies, checked against sha256 and written atomically (an interrupted download leaves no file behind).
 * ``nltk:<name>``: an installed NLTK corpus, e.g. ``nltk:brown``.
 
-Splits of a single text are deterministic: paragraphs (or lines, for text without blank lines) are dealt
-round-robin so that every ``1/fraction``-th block goes to valid or test. Neighbouring text stays together
-inside a block, and all three splits sample the whole text rather than its start or end.
+Splits of a single text are deterministic: paragraphs (or lines, for text with few blank lines) are dealt in
+order, each to valid or test whenever that split falls half a block behind its share. Neighbouring text stays
+together inside a block, and all three splits sample the whole text rather than its start or end.
 """
 
 from __future__ import annotations
@@ -99,39 +99,47 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def split_documents(blocks: list[str], valid_fraction: float, test_fraction: float) -> tuple[str, str, str]:
-    """Deal blocks round-robin: of every ``n`` blocks one goes to valid and one to test (deterministic)."""
+def split_documents(blocks: list[str], valid_fraction: float, test_fraction: float, separator: str = "\n") -> tuple[str, str, str]:
+    """Deal blocks in order: a block goes to valid (or test) once that split is half a block behind its share.
+
+    Deterministic, within one block of the asked fractions at every prefix, and interleaved through the text.
+    """
     for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0 < value < 0.5:
             raise LMInputError(f"{name} must be in (0, 0.5), got {value}.")
-    train, valid, test = [], [], []
-    valid_every, test_every = round(1 / valid_fraction), round(1 / test_fraction)
+    splits: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    shares = {"valid": valid_fraction, "test": test_fraction}
     for i, block in enumerate(blocks):
-        if i % valid_every == valid_every - 1:
-            valid.append(block)
-        elif i % test_every == test_every // 2:
-            test.append(block)
-        else:
-            train.append(block)
-    if not valid or not test:
+        behind = {name: share * (i + 1) - len(splits[name]) for name, share in shares.items()}
+        name = max(behind, key=behind.__getitem__)  # ties go to valid
+        splits[name if behind[name] >= 0.5 else "train"].append(block)
+    if not splits["valid"] or not splits["test"]:
         raise LMInputError(
             f"The text has only {len(blocks)} paragraphs or lines, too few to split off validation and test "
             "text: give a longer text or a folder with train.txt, valid.txt and test.txt."
         )
-    return "\n".join(train), "\n".join(valid), "\n".join(test)
+    return separator.join(splits["train"]), separator.join(splits["valid"]), separator.join(splits["test"])
 
 
-def blocks_of(text: str) -> list[str]:
-    """Paragraphs (blank-line separated); lines if the text has too few paragraphs to split."""
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    return paragraphs if len(paragraphs) >= 40 else [line for line in text.splitlines() if line.strip()]
+def paragraphs_of(text: str) -> list[str]:
+    return [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+
+
+def blocks_of(text: str) -> tuple[list[str], str]:
+    """Paragraphs (blank-line separated), or lines if the text has too few paragraphs; and how to rejoin them."""
+    paragraphs = paragraphs_of(text)
+    if len(paragraphs) >= 40:
+        return paragraphs, "\n\n"
+    return [line for line in text.splitlines() if line.strip()], "\n"
 
 
 def embedded_corpus(valid_fraction: float, test_fraction: float) -> Corpus:
     from pydoc_data.topics import topics  # the text behind help("keywords") in every CPython install
 
-    blocks = [p for key in sorted(topics) for p in blocks_of(topics[key])]
-    return Corpus("embedded", *split_documents(blocks, valid_fraction, test_fraction))
+    blocks = [p for key in sorted(topics) for p in paragraphs_of(topics[key])]
+    # Some paragraphs repeat verbatim ("See also:" ...): keep the first of each so none is in two splits.
+    blocks = list(dict.fromkeys(blocks))
+    return Corpus("embedded", *split_documents(blocks, valid_fraction, test_fraction, "\n\n"))
 
 
 def folder_or_file_corpus(path: Path, valid_fraction: float, test_fraction: float) -> Corpus:
@@ -140,8 +148,8 @@ def folder_or_file_corpus(path: Path, valid_fraction: float, test_fraction: floa
         if missing:
             raise LMInputError(f"{path} has no {', '.join(missing)}: a corpus folder needs train.txt, valid.txt and test.txt.")
         return Corpus(path.name, *(read_text(path / f"{s}.txt") for s in SPLITS))
-    text = read_text(path)
-    return Corpus(path.stem, *split_documents(blocks_of(text), valid_fraction, test_fraction))
+    blocks, separator = blocks_of(read_text(path))
+    return Corpus(path.stem, *split_documents(blocks, valid_fraction, test_fraction, separator))
 
 
 def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None:
@@ -182,9 +190,10 @@ def nltk_corpus(name: str, valid_fraction: float, test_fraction: float) -> Corpu
     import nltk.corpus
 
     reader = getattr(nltk.corpus, name, None)
-    if reader is None or not hasattr(reader, "fileids"):
-        raise LMInputError(f"nltk:{name} is not an NLTK corpus reader: use a name from nltk.corpus, e.g. nltk:brown.")
     try:
+        # hasattr() makes NLTK's lazy loader open the corpus, so it belongs inside the try.
+        if reader is None or not hasattr(reader, "fileids"):
+            raise LMInputError(f"nltk:{name} is not an NLTK corpus reader: use a name from nltk.corpus, e.g. nltk:brown.")
         fileids = sorted(reader.fileids())
         if hasattr(reader, "sents"):
             blocks = ["\n".join(" ".join(s) for s in reader.sents(f)) for f in fileids]

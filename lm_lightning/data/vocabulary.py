@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class Vocabulary:
             raise LMInputError("A vocabulary must not list a token twice.")
 
     @classmethod
-    def build(cls, counts: Counter, min_freq: int = 1, max_size: Optional[int] = None) -> "Vocabulary":
+    def build(cls, counts: Counter, min_freq: int = 1, max_size: Optional[int] = None) -> Vocabulary:
         """Keep tokens seen at least ``min_freq`` times, the most frequent ``max_size`` (specials included)."""
         if min_freq < 1:
             raise LMInputError(f"min_freq must be at least 1, got {min_freq}.")
@@ -71,7 +72,7 @@ class Vocabulary:
         atomic_write_text(path, json.dumps({"itos": self.itos}, ensure_ascii=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(data["itos"])
