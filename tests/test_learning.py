@@ -15,7 +15,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 def test_short_fit_clearly_beats_the_unigram_baseline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(
-        ["fit", *QUIET, "--trainer.max_epochs", "2", "--model.embedding_dim", "128", "--model.hidden_dim", "128",
+        ["fit", *QUIET, "--trainer.max_epochs", "3", "--model.embedding_dim", "128", "--model.hidden_dim", "128",
          "--model.num_layers", "1", "--model.sample_length", "0", "--trainer.num_sanity_val_steps", "0"]
     )
     unigram = cli.datamodule.unigram_perplexity("valid")
