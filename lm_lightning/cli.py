@@ -100,12 +100,22 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
     )
 
 
+def _input_error(err: Optional[BaseException]) -> Optional[LMInputError]:
+    """The LMInputError behind ``err``: jsonargparse wraps errors raised while it builds classes (callbacks)."""
+    while err is not None and not isinstance(err, LMInputError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def main(args: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         build_cli(args)
-    except LMInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        input_error = _input_error(err)
+        if input_error is None:
+            raise
+        print(f"error: {input_error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

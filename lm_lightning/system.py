@@ -1,8 +1,9 @@
 """The LightningModule: the training *system* around a language model network.
 
 It owns what Lightning 2 leaves to the user for recurrent language models: carrying the hidden state from one
-window to the next and detaching it (truncated BPTT; Lightning 2 removed ``truncated_bptt_steps``), resetting it
-at epoch boundaries, token-weighted perplexity, sampling text, and building the optimizer and LR schedule that
+window to the next and detaching it (truncated BPTT; Lightning 2 removed ``truncated_bptt_steps``), one state per
+stream group when a window arrives as micro-batches (``callbacks/accumulation.py``), resetting it at epoch
+boundaries, token-weighted perplexity, sampling text, and building the optimizer and LR schedule that
 LightningCLI injects. The network itself lives in ``lm_lightning/models`` and knows nothing of Lightning.
 
 To train another network, subclass and override :meth:`build_network` (see ``tests/gru_model.py``).
@@ -81,6 +82,7 @@ class LanguageModel(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._hidden: dict[str, Any] = {}
+        self._micro_losses: list[torch.Tensor] = []
         self._best_val_ppl = math.inf
 
     def build_network(self) -> nn.Module:
@@ -99,23 +101,46 @@ class LanguageModel(L.LightningModule):
                 logger.log_hyperparams(self.hparams, {"hp/best_val_ppl": math.nan})
 
     # --- training / evaluation ------------------------------------------------------------------------
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        inputs, targets = batch
-        logits, hidden = self(inputs, self._hidden.get(stage))
-        self._hidden[stage] = detach_hidden(hidden)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+    def _loss(self, batch: tuple, stage: str) -> torch.Tensor:
+        inputs, targets, *group = batch
+        # A micro-batch (callbacks/accumulation.py) is the group of streams starting at stream ``group[0]``; each
+        # group carries its own hidden state, kept under its own key so any hidden-state layout works.
+        key = f"{stage}/{group[0]}" if group else stage
+        logits, hidden = self(inputs, self._hidden.get(key))
+        self._hidden[key] = detach_hidden(hidden)
+        # Half-precision logits are upcast for a stable log-softmax; float64 (precision 64-true) is kept.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def _reset_hidden(self, stage: str) -> None:
+        for key in [key for key in self._hidden if key.split("/")[0] == stage]:
+            del self._hidden[key]
 
     def on_train_epoch_start(self) -> None:
-        self._hidden.pop("train", None)  # each epoch re-reads the streams from their start
+        self._reset_hidden("train")  # each epoch re-reads the streams from their start
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch, "train")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
+        window_loss = self._window_loss(loss.detach(), batch)
+        self.log("train/loss", window_loss, prog_bar=True)
+        self.log("train/ppl", window_loss.exp())
         return loss
 
+    def _window_loss(self, loss: torch.Tensor, batch: tuple) -> torch.Tensor:
+        """Mean loss over the micro-batches of the current window so far (``loss`` itself for whole windows).
+
+        Lightning writes step metrics at the optimizer step, i.e. after a window's last micro-batch, so
+        ``train/loss`` is the per-token mean of the whole effective batch: every group has as many tokens.
+        """
+        if len(batch) < 3:
+            return loss
+        if batch[2] == 0:
+            self._micro_losses = []
+        self._micro_losses.append(loss)
+        return torch.stack(self._micro_losses).mean()
+
     def on_validation_epoch_start(self) -> None:
-        self._hidden.pop("val", None)
+        self._reset_hidden("val")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         # Weighted by target count: the last window can be shorter, and perplexity is per token.
@@ -134,7 +159,7 @@ class LanguageModel(L.LightningModule):
             self._log_sample()
 
     def on_test_epoch_start(self) -> None:
-        self._hidden.pop("test", None)
+        self._reset_hidden("test")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.test_loss.update(self._loss(batch, "test"), batch[1].numel())

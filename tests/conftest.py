@@ -39,7 +39,7 @@ def tiny_corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _quiet_threads():
-    # Two cores on CI: one intra-op thread per process keeps parallel helpers from thrashing.
+    # At most two intra-op threads: CI has two cores, and more threads than cores slows torch down badly.
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

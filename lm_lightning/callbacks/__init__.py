@@ -1,6 +1,8 @@
 """Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``."""
 
 from lm_lightning.callbacks.generation_writer import GenerationWriter
+from lm_lightning.callbacks.memory_monitor import MemoryMonitor
+from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.callbacks.throughput import TokenThroughput
 
-__all__ = ["GenerationWriter", "TokenThroughput"]
+__all__ = ["GenerationWriter", "MemoryMonitor", "PrecisionGuard", "TokenThroughput"]

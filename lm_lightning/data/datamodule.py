@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -56,7 +57,8 @@ class LMDataModule(L.LightningDataModule):
         keep_empty_lines: Give empty lines an ``<eos>`` too (matches the published WikiText-2 token counts).
         min_freq: Words seen fewer times in train become ``<unk>``.
         max_vocab_size: Keep at most this many tokens (specials included); ``None`` for no cap.
-        batch_size: Parallel streams per training batch (per device under DDP).
+        batch_size: Parallel streams per training batch (per device under DDP); the effective batch under
+            ``MicroBatchAccumulation``, which feeds it in micro-batches.
         eval_batch_size: Parallel streams for validation and test.
         bptt: Window length in tokens (truncated backpropagation through time).
         valid_fraction: Share of a single text used for validation (ignored for folders and named corpora).
@@ -97,6 +99,7 @@ class LMDataModule(L.LightningDataModule):
         self._vocab: Optional[Vocabulary] = None
         self._cache: Optional[TokenCache] = None
         self.datasets: dict[str, StreamWindows] = {}
+        self._micro_batch_size: Optional[Callable[[], Optional[int]]] = None
 
     # --- vocabulary and cache -------------------------------------------------------------------------
     @property
@@ -184,10 +187,18 @@ class LMDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}.get(stage or "", SPLITS)
         for split in wanted:
             batch = hp.batch_size if split == "train" else hp.eval_batch_size
-            self.datasets[split] = StreamWindows(self.ids(split), batch, hp.bptt, rank, world, split)
+            micro = self._micro_batch_size if split == "train" else None  # evaluation keeps whole windows
+            self.datasets[split] = StreamWindows(self.ids(split), batch, hp.bptt, rank, world, split, micro)
+
+    def use_micro_batches(self, micro_batch_size: Callable[[], Optional[int]]) -> None:
+        """Yield each training window as micro-batches of ``micro_batch_size()`` streams (gradient accumulation,
+        see ``callbacks/accumulation.py``); the callable is asked at the start of every epoch."""
+        self._micro_batch_size = micro_batch_size
+        if "train" in self.datasets:
+            self.datasets["train"].micro_batch_size = micro_batch_size
 
     def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each dataset item already is a whole (batch, window) tensor pair.
+        # batch_size=None: each dataset item already is a whole (inputs, targets[, first_stream]) batch.
         return DataLoader(self.datasets[split], batch_size=None)
 
     def train_dataloader(self) -> DataLoader:

@@ -12,11 +12,20 @@ Under DDP every rank takes its own ``batch_size`` rows of ``batch_size * world_s
 see the same number of windows (no rank waits for another at the end of an epoch) and the streams stay
 contiguous within a rank. This is an ``IterableDataset`` on purpose: Lightning then leaves it alone instead of
 wrapping it in a ``DistributedSampler`` that would shuffle windows and break the hidden-state carry.
+
+For gradient accumulation (``callbacks/accumulation.py``) each window can be yielded as ``k`` consecutive
+micro-batches, the stream groups ``0..k-1`` of that window, each tagged with its first stream so the model keeps
+one hidden state per group. Every micro-batch of a window has the same number of tokens, so the mean of their
+losses is the loss of the whole window, and ``k`` groups of ``batch_size / k`` streams give exactly the gradient
+of one batch of ``batch_size`` streams, also for a last window shorter than ``bptt``. Under DDP the groups are cut
+from the rank's own rows.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -43,9 +52,21 @@ class StreamWindows(IterableDataset):
             evaluation covers every token.
         rank, world_size: This process's place among DDP processes.
         split: Name used in error messages.
+        micro_batch_size: Streams per yielded micro-batch, or ``None`` for whole windows. With micro-batches the
+            items are ``(input, target, first_stream)``. A callable is asked again at every ``len()`` and
+            ``iter()``, so a schedule can change it between epochs.
     """
 
-    def __init__(self, ids: np.ndarray | torch.Tensor, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1, split: str = "train") -> None:
+    def __init__(
+        self,
+        ids: np.ndarray | torch.Tensor,
+        batch_size: int,
+        bptt: int,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        micro_batch_size: Union[int, Callable[[], Optional[int]], None] = None,
+    ) -> None:
         if batch_size < 1 or bptt < 1:
             raise LMInputError(f"batch_size and bptt must be positive, got {batch_size} and {bptt}.")
         needed = batch_size * world_size * (bptt + 1)
@@ -58,15 +79,33 @@ class StreamWindows(IterableDataset):
         streams = batchify(ids, batch_size * world_size)
         self.streams = streams[rank * batch_size : (rank + 1) * batch_size]
         self.bptt = bptt
+        self.micro_batch_size = micro_batch_size
+        self._current_micro_batch_size()  # a bad value fails here, not at the first batch
+
+    def _current_micro_batch_size(self) -> Optional[int]:
+        size = self.micro_batch_size() if callable(self.micro_batch_size) else self.micro_batch_size
+        batch_size = self.streams.size(0)
+        if size is not None and (size < 1 or batch_size % size):
+            raise LMInputError(f"micro_batch_size must divide batch_size ({batch_size}), got {size}.")
+        return size
 
     def __len__(self) -> int:
-        return math.ceil((self.streams.size(1) - 1) / self.bptt)
+        """Items per epoch: windows, or windows x micro-batches per window (what Lightning counts as batches)."""
+        windows = math.ceil((self.streams.size(1) - 1) / self.bptt)
+        size = self._current_micro_batch_size()
+        return windows if size is None else windows * (self.streams.size(0) // size)
 
     def __iter__(self):
+        size = self._current_micro_batch_size()  # read once per epoch: all windows of an epoch are cut alike
         length = self.streams.size(1)
         for start in range(0, length - 1, self.bptt):
             end = min(start + self.bptt, length - 1)
-            yield self.streams[:, start:end].long(), self.streams[:, start + 1 : end + 1].long()
+            if size is None:
+                yield self.streams[:, start:end].long(), self.streams[:, start + 1 : end + 1].long()
+                continue
+            for first in range(0, self.streams.size(0), size):
+                rows = self.streams[first : first + size]
+                yield rows[:, start:end].long(), rows[:, start + 1 : end + 1].long(), first
 
     @property
     def num_tokens(self) -> int:
