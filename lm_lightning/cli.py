@@ -19,10 +19,15 @@ from typing import Optional
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lm_lightning.callbacks import GenerationWriter, TokenThroughput
-from lm_lightning.data import LMDataModule
-from lm_lightning.errors import LMInputError
-from lm_lightning.system import LanguageModel
+# torchao logs a failed load of CUDA extensions it was not built for, and a torch deprecation notice at import;
+# neither concerns anything used here.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from lm_lightning.callbacks import GenerationWriter, TokenThroughput  # noqa: E402
+from lm_lightning.data import LMDataModule  # noqa: E402
+from lm_lightning.errors import LMInputError  # noqa: E402
+from lm_lightning.system import LanguageModel  # noqa: E402
 
 # Stream batches are slices of one in-memory tensor: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

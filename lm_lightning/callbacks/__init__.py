@@ -1,8 +1,10 @@
 """Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``."""
 
+from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.generation_writer import GenerationWriter
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.precision import PrecisionGuard
+from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.callbacks.throughput import TokenThroughput
 
-__all__ = ["GenerationWriter", "MemoryMonitor", "PrecisionGuard", "TokenThroughput"]
+__all__ = ["GenerationWriter", "MicroBatchAccumulation", "MemoryMonitor", "PrecisionGuard", "QuantizationAwareFinishing", "TokenThroughput"]
