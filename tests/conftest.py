@@ -39,10 +39,11 @@ def tiny_corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _quiet_threads():
-    # At most two intra-op threads: CI has two cores, and more threads than cores slows torch down badly.
+    # One intra-op thread: the test models are tiny, so threads only add overhead, and on a loaded 2-core
+    # machine two threads per process made small fits ~10x slower (measured).
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)
     yield
 
 

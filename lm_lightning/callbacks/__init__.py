@@ -4,7 +4,8 @@ from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.generation_writer import GenerationWriter
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.precision import PrecisionGuard
+from lm_lightning.callbacks.pruning import MagnitudePruning
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.callbacks.throughput import TokenThroughput
 
-__all__ = ["GenerationWriter", "MicroBatchAccumulation", "MemoryMonitor", "PrecisionGuard", "QuantizationAwareFinishing", "TokenThroughput"]
+__all__ = ["GenerationWriter", "MicroBatchAccumulation", "MagnitudePruning", "MemoryMonitor", "PrecisionGuard", "QuantizationAwareFinishing", "TokenThroughput"]
