@@ -1,0 +1,233 @@
+"""What does each memory strategy buy? Train the same model with each strategy alone and all together.
+
+    python benchmarks/memory.py                                    # embedded corpus, default recipe, 2 epochs
+    python benchmarks/memory.py --recipe configs/ptb_small.yaml --data-dir ../shared/data/ptb --epochs 1
+
+Every configuration runs in its own process (so peak memory is its own), with the memory monitor on, and
+``--repeats`` times in rotating order (tokens/s on a shared machine is noisy: the table shows medians). Beside
+the Lightning runs: the same training in a plain PyTorch loop (benchmarks/plain_loop.py), and post-training
+quantization (PTQ) of the fp32 run's final weights. Writes ``<out>/memory.md`` (a Markdown table) and
+``<out>/memory.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY = ROOT / "configs" / "memory"
+QAT_INT4 = """trainer:
+  callbacks+:
+    - class_path: lm_lightning.callbacks.quantization.QuantizationAwareFinishing
+      init_args:
+        bits: 4
+"""
+
+
+def strategies(scratch: Path) -> dict[str, list[str]]:
+    """Name -> extra ``-c`` presets. The memory monitor is stacked on every run, the baseline included."""
+    int4 = scratch / "qat_int4.yaml"
+    int4.write_text(QAT_INT4)
+    return {
+        "fp32 (baseline)": [],
+        "bf16-mixed": [str(MEMORY / "bf16.yaml")],
+        "accumulation 4 x 8 streams": [str(MEMORY / "accumulation.yaml")],
+        "pruning 80%": [str(MEMORY / "pruning.yaml")],
+        "QAT int8": [str(MEMORY / "qat.yaml")],
+        "QAT int4": [str(int4)],
+        "all (bf16 + accumulation + pruning + QAT int8)": [str(MEMORY / f) for f in ("bf16.yaml", "accumulation.yaml", "pruning.yaml", "qat.yaml")],
+    }
+
+
+# --- one configuration, in its own process -------------------------------------------------------------
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def export_ppl(folder: Path, datamodule) -> float:
+    from benchmarks.plain_loop import evaluate
+    from lm_lightning.data import StreamWindows
+    from lm_lightning.export import load_exported
+
+    network = load_exported(folder)
+    return evaluate(network, StreamWindows(datamodule.ids("test"), datamodule.hparams.eval_batch_size, datamodule.hparams.bptt, split="test"))
+
+
+def run_one(name: str, cli_args: list[str], out: Path) -> None:
+    from lm_lightning.cli import build_cli
+    from lm_lightning.export import export_model
+
+    cli = build_cli(["fit", *cli_args])
+    test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    log_dir = Path(cli.trainer.log_dir)
+    logged = scalars(log_dir)
+    result = {
+        "name": name,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        "tokens_per_sec": statistics.median(logged.get("train/device/items_per_sec", [math.nan])),
+        "activations_bytes": statistics.median(logged.get("memory/activations_bytes", [math.nan])),
+        "test_ppl": test["test/ppl"],
+        "exports": {},
+    }
+    # The strategies' own exports (QAT: integers; pruning: sparse), and for the baseline fp32 and PTQ ones.
+    exports = {p.name: p for p in sorted(log_dir.glob("export*")) if (p / "manifest.json").exists()}
+    if not exports:
+        network = cli.model.network
+        for bits, label in ((None, "export-fp32"), (8, "export-ptq-int8"), (4, "export-ptq-int4")):
+            export_model(network, log_dir / label, bits=bits)
+            exports[label] = log_dir / label
+    for label, folder in exports.items():
+        result["exports"][label] = {"bytes": folder_bytes(folder), "test_ppl": export_ppl(folder, cli.datamodule)}
+    out.write_text(json.dumps(result, indent=2))
+
+
+# --- the table and the plot ---------------------------------------------------------------------------
+def mib(n: float) -> str:
+    return "–" if n is None or math.isnan(n) else f"{n / 2**20:,.1f} MiB"
+
+
+def table(rows: list[dict], baseline: dict) -> str:
+    lines = [
+        "| strategy | peak memory (RSS) | activations saved per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        ratio = row["tokens_per_sec"] / baseline["tokens_per_sec"]
+        exports = row.get("exports") or {"–": {"bytes": math.nan, "test_ppl": math.nan}}
+        for i, (label, export) in enumerate(exports.items()):
+            first = i == 0
+            lines.append(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                    row["name"] if first else "",
+                    mib(row["peak_rss_bytes"]) if first else "",
+                    mib(row.get("activations_bytes", math.nan)) if first else "",
+                    f"{row['tokens_per_sec']:,.0f} ({ratio:.2f}x)" if first else "",
+                    label,
+                    mib(export["bytes"]),
+                    f"{row['test_ppl']:.1f}" if first else "",
+                    "–" if math.isnan(export["test_ppl"]) else f"{export['test_ppl']:.1f}",
+                )
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    smallest_export = [min((e["bytes"] for e in r.get("exports", {}).values()), default=math.nan) for r in rows]
+    panels = [
+        ("peak memory (MiB)", [r["peak_rss_bytes"] / 2**20 for r in rows]),
+        ("activations per step (MiB)", [r.get("activations_bytes", math.nan) / 2**20 for r in rows]),
+        ("tokens/s", [r["tokens_per_sec"] for r in rows]),
+        ("smallest export (MiB)", [b / 2**20 for b in smallest_export]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(names, [0 if math.isnan(v) else v for v in values], color=["#888"] + ["#3b7dd8"] * (len(names) - 1))
+        ax.set_title(title)
+        ax.invert_yaxis()
+        for y, v in enumerate(values):
+            if not math.isnan(v):
+                ax.text(v, y, f" {v:,.1f}" if v < 100 else f" {v:,.0f}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --- driver ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--data-dir", default=None, help="folder of the recipe's corpus (e.g. ../shared/data/ptb)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (windows; same for accumulation)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; tokens/s is their median")
+    parser.add_argument("--only", nargs="*", default=None, help="names of the strategies to run (default: all)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--run-one", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
+    args, cli_args = parser.parse_known_args()
+    if args.run_one:
+        return run_one(args.run_one[0], [a for a in cli_args if a != "--"], Path(args.run_one[1]))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="lm_lightning_bench_"))
+    common = ["-c", args.recipe, "-c", str(MEMORY / "monitor.yaml"), "--trainer.max_epochs", str(args.epochs),
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if args.data_dir:
+        common += ["--data.data_dir", args.data_dir]
+    if args.max_steps:
+        common += ["--trainer.max_steps", str(args.max_steps)]
+    plan = strategies(scratch)
+    if args.only:
+        plan = {k: v for k, v in plan.items() if k in args.only or k == "fp32 (baseline)"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    results: dict[str, list[dict]] = {name: [] for name in [*plan, "plain PyTorch loop"]}
+    names = list(results)
+    for repeat in range(args.repeats):
+        order = names[repeat % len(names):] + names[: repeat % len(names)]  # rotate: no config always runs first
+        for name in order:
+            run_dir = scratch / f"{len(results[name])}-{abs(hash(name))}"
+            run_dir.mkdir()
+            target = run_dir / "result.json"
+            if name == "plain PyTorch loop":
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--epochs", str(args.epochs), "--out", str(target)]
+                cmd += plain_loop_args(args)
+            else:
+                cmd = [sys.executable, __file__, "--run-one", name, str(target), "--", *common, *sum((["-c", p] for p in plan[name]), [])]
+            print(f"[{repeat + 1}/{args.repeats}] {name}", flush=True)
+            proc = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            results[name].append(json.loads(target.read_text()))
+    rows = [median_row(runs) for runs in results.values()]
+    report = table(rows, rows[0])
+    meta = f"recipe `{Path(args.recipe).name}`, {args.epochs} epoch(s)" + (f", at most {args.max_steps} optimizer steps" if args.max_steps else "")
+    (out / "memory.md").write_text(f"{meta}, medians of {args.repeats} run(s)\n\n{report}\n")
+    (out / "memory.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, out / "memory.png")
+    print(f"\n{meta}\n\n{report}\n\nwrote {out / 'memory.md'} and {out / 'memory.png'}")
+
+
+def plain_loop_args(args: argparse.Namespace) -> list[str]:
+    """The plain loop trains what the recipe trains (only the default and ptb_small recipes are mirrored)."""
+    extra = []
+    if args.max_steps:
+        extra += ["--limit-train-batches", str(args.max_steps)]
+    if "ptb" in Path(args.recipe).name:
+        extra += ["--source", "ptb", "--tokenizer", "whitespace", "--embedding-dim", "200", "--hidden-dim", "200",
+                  "--batch-size", "20", "--bptt", "20", "--optimizer", "sgd", "--lr", "1", "--dropout", "0", "--clip", "5"]
+        if args.data_dir:
+            extra += ["--data-dir", args.data_dir]
+    return extra
+
+
+def median_row(runs: list[dict]) -> dict:
+    row = dict(runs[0])
+    row["tokens_per_sec"] = statistics.median(r["tokens_per_sec"] for r in runs)
+    row["peak_rss_bytes"] = statistics.median(r["peak_rss_bytes"] for r in runs)
+    return row
+
+
+if __name__ == "__main__":
+    main()
