@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY = ROOT / "configs" / "memory"
+BASELINE = "fp32 (baseline)"
 QAT_INT4 = """trainer:
   callbacks+:
     - class_path: lm_lightning.callbacks.quantization.QuantizationAwareFinishing
@@ -38,7 +39,7 @@ def strategies(scratch: Path) -> dict[str, list[str]]:
     int4 = scratch / "qat_int4.yaml"
     int4.write_text(QAT_INT4)
     return {
-        "fp32 (baseline)": [],
+        BASELINE: [],
         "bf16-mixed": [str(MEMORY / "bf16.yaml")],
         "accumulation 4 x 8 streams": [str(MEMORY / "accumulation.yaml")],
         "pruning 80%": [str(MEMORY / "pruning.yaml")],
@@ -86,9 +87,10 @@ def run_one(name: str, cli_args: list[str], out: Path) -> None:
         "test_ppl": test["test/ppl"],
         "exports": {},
     }
-    # The strategies' own exports (QAT: integers; pruning: sparse), and for the baseline fp32 and PTQ ones.
+    # The strategies' own exports (QAT: integers; pruning: sparse); for the baseline, fp32 and post-training
+    # quantization (PTQ) of its final weights, the reference the QAT and pruning exports are judged against.
     exports = {p.name: p for p in sorted(log_dir.glob("export*")) if (p / "manifest.json").exists()}
-    if not exports:
+    if name == BASELINE:
         network = cli.model.network
         for bits, label in ((None, "export-fp32"), (8, "export-ptq-int8"), (4, "export-ptq-int4")):
             export_model(network, log_dir / label, bits=bits)
@@ -157,8 +159,8 @@ def plot(rows: list[dict], path: Path) -> None:
 # --- driver ------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(ROOT / "configs" / "default.yaml"))
-    parser.add_argument("--data-dir", default=None, help="folder of the recipe's corpus (e.g. ../shared/data/ptb)")
+    parser.add_argument("--recipe", type=lambda p: str(Path(p).resolve()), default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--data-dir", type=lambda p: str(Path(p).resolve()), default=None, help="folder of the recipe's corpus (e.g. ../shared/data/ptb)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (windows; same for accumulation)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; tokens/s is their median")
@@ -180,7 +182,7 @@ def main() -> None:
         common += ["--trainer.max_steps", str(args.max_steps)]
     plan = strategies(scratch)
     if args.only:
-        plan = {k: v for k, v in plan.items() if k in args.only or k == "fp32 (baseline)"}
+        plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     results: dict[str, list[dict]] = {name: [] for name in [*plan, "plain PyTorch loop"]}
     names = list(results)
@@ -213,7 +215,7 @@ def plain_loop_args(args: argparse.Namespace) -> list[str]:
     """The plain loop trains what the recipe trains (only the default and ptb_small recipes are mirrored)."""
     extra = []
     if args.max_steps:
-        extra += ["--limit-train-batches", str(args.max_steps)]
+        extra += ["--max-steps", str(args.max_steps)]
     if "ptb" in Path(args.recipe).name:
         extra += ["--source", "ptb", "--tokenizer", "whitespace", "--embedding-dim", "200", "--hidden-dim", "200",
                   "--batch-size", "20", "--bptt", "20", "--optimizer", "sgd", "--lr", "1", "--dropout", "0", "--clip", "5"]

@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--tokenizer", default="treebank")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--limit-train-batches", type=int, default=None)
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="windows per epoch")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (like --trainer.max_steps)")
     parser.add_argument("--embedding-dim", type=int, default=256)
     parser.add_argument("--hidden-dim", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=2)
@@ -73,6 +74,8 @@ def main() -> None:
         hidden = None
         for step, (inputs, targets) in enumerate(train):
             if args.limit_train_batches is not None and step >= args.limit_train_batches:
+                break
+            if args.max_steps is not None and steps >= args.max_steps:
                 break
             if steps == 5:
                 tokens, started = 0, time.perf_counter()
