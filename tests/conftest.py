@@ -18,6 +18,13 @@ if (SHARED / "nltk_data").is_dir():
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses started by tests
+
+import torch  # noqa: E402
+
+# One intra-op thread, set before any fixture runs: the test models are tiny, so threads only add overhead, and
+# on a loaded 2-core machine two threads per process made small fits ~10-40x slower (measured).
+torch.set_num_threads(1)
 
 requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not present next to the project")
 
@@ -35,16 +42,6 @@ def tiny_corpus(tmp_path: Path) -> Path:
     lines = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]
     text = "\n".join(lines * 30) + "\n"
     return write_corpus(tmp_path / "tiny", text, text, text)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_threads():
-    # One intra-op thread: the test models are tiny, so threads only add overhead, and on a loaded 2-core
-    # machine two threads per process made small fits ~10x slower (measured).
-    import torch
-
-    torch.set_num_threads(1)
-    yield
 
 
 sys.path.insert(0, str(ROOT / "tests"))

@@ -22,14 +22,6 @@ SMALL = ["--model.embedding_dim", "32", "--model.hidden_dim", "32", "--model.num
 BATCH, TIME = 3, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_quiet_threads):
-    # After conftest's thread setting: a tiny model gains nothing from a second intra-op thread, and on a loaded
-    # 2-core machine OpenMP's waits made a 40-step fit ~40x slower (measured: 29 s with 2 threads, 0.7 s with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(**kwargs) -> LanguageModel:
@@ -69,12 +61,7 @@ def tiny_fit(tmp_path_factory):
         max_steps=3, logger=TensorBoardLogger(log_dir, name="", version=0), callbacks=[monitor], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before _one_thread
-    try:
-        trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
-    finally:
-        torch.set_num_threads(threads)
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer, model, monitor, log_dir / "version_0", batches
 
 

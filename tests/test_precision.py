@@ -19,14 +19,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_quiet_threads):
-    # After conftest's thread setting: a tiny model gains nothing from a second intra-op thread, and on a loaded
-    # 2-core machine OpenMP's waits made a 40-step fit ~40x slower (measured: 29 s with 2 threads, 0.7 s with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LossRecorder(L.Callback):
@@ -63,14 +55,12 @@ def runs(tmp_path_factory):
     lines = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]
     text = "\n".join(lines * 30) + "\n"
     corpus = write_corpus(workdir / "tiny", text, text, text)  # as the tiny_corpus fixture (function-scoped)
-    cwd, threads = Path.cwd(), torch.get_num_threads()
+    cwd = Path.cwd()
     os.chdir(workdir)
-    torch.set_num_threads(1)  # module fixtures run before _one_thread
     try:
         return {p: fit(corpus, p) for p in ("32-true", "bf16-mixed", "bf16-true")}
     finally:
         os.chdir(cwd)
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16-mixed", 0.01), ("bf16-true", 0.02)])

@@ -25,14 +25,6 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 LSTM_WEIGHTS = [f"lstm.weight_{kind}_l{k}" for k in range(2) for kind in ("ih", "hh")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 16-wide matrices gain nothing from a second intra-op thread, and on a shared 2-core machine two threads
-    # spinning against other processes made each fit here ~10x slower (1 s -> 12 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def base_args(corpus: Path) -> list[str]:
