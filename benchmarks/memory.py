@@ -31,13 +31,23 @@ QAT_INT4 = """trainer:
     - class_path: lm_lightning.callbacks.quantization.QuantizationAwareFinishing
       init_args:
         bits: 4
+        group_size: {group_size}
 """
 
 
-def strategies(scratch: Path) -> dict[str, list[str]]:
+def int4_group_size(recipe: str) -> int:
+    """int4 groups must divide the input widths: 32 for the default's 256, 40 for ptb_small's 200."""
+    import yaml
+
+    model = yaml.safe_load(Path(recipe).read_text()).get("model", {}).get("init_args", {})
+    widths = {model.get("embedding_dim", 256), model.get("hidden_dim", 256)}
+    return next(g for g in range(32, 257) if all(w % g == 0 for w in widths))
+
+
+def strategies(scratch: Path, group_size: int) -> dict[str, list[str]]:
     """Name -> extra ``-c`` presets. The memory monitor is stacked on every run, the baseline included."""
     int4 = scratch / "qat_int4.yaml"
-    int4.write_text(QAT_INT4)
+    int4.write_text(QAT_INT4.format(group_size=group_size))
     return {
         BASELINE: [],
         "bf16-mixed": [str(MEMORY / "bf16.yaml")],
@@ -71,7 +81,7 @@ def export_ppl(folder: Path, datamodule) -> float:
     return evaluate(network, StreamWindows(datamodule.ids("test"), datamodule.hparams.eval_batch_size, datamodule.hparams.bptt, split="test"))
 
 
-def run_one(name: str, cli_args: list[str], out: Path) -> None:
+def run_one(name: str, cli_args: list[str], out: Path, group_size: int) -> None:
     from lm_lightning.cli import build_cli
     from lm_lightning.export import export_model
 
@@ -93,7 +103,7 @@ def run_one(name: str, cli_args: list[str], out: Path) -> None:
     if name == BASELINE:
         network = cli.model.network
         for bits, label in ((None, "export-fp32"), (8, "export-ptq-int8"), (4, "export-ptq-int4")):
-            export_model(network, log_dir / label, bits=bits)
+            export_model(network, log_dir / label, bits=bits, group_size=group_size)
             exports[label] = log_dir / label
     for label, folder in exports.items():
         result["exports"][label] = {"bytes": folder_bytes(folder), "test_ppl": export_ppl(folder, cli.datamodule)}
@@ -166,10 +176,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; tokens/s is their median")
     parser.add_argument("--only", nargs="*", default=None, help="names of the strategies to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--run-one", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", nargs=3, metavar=("NAME", "JSON", "GROUP_SIZE"), help=argparse.SUPPRESS)
     args, cli_args = parser.parse_known_args()
     if args.run_one:
-        return run_one(args.run_one[0], [a for a in cli_args if a != "--"], Path(args.run_one[1]))
+        return run_one(args.run_one[0], [a for a in cli_args if a != "--"], Path(args.run_one[1]), int(args.run_one[2]))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +190,8 @@ def main() -> None:
         common += ["--data.data_dir", args.data_dir]
     if args.max_steps:
         common += ["--trainer.max_steps", str(args.max_steps)]
-    plan = strategies(scratch)
+    group_size = int4_group_size(args.recipe)
+    plan = strategies(scratch, group_size)
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -196,7 +207,7 @@ def main() -> None:
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--epochs", str(args.epochs), "--out", str(target)]
                 cmd += plain_loop_args(args)
             else:
-                cmd = [sys.executable, __file__, "--run-one", name, str(target), "--", *common, *sum((["-c", p] for p in plan[name]), [])]
+                cmd = [sys.executable, __file__, "--run-one", name, str(target), str(group_size), "--", *common, *sum((["-c", p] for p in plan[name]), [])]
             print(f"[{repeat + 1}/{args.repeats}] {name}", flush=True)
             proc = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
