@@ -52,7 +52,7 @@ def prunable_weights(network: nn.Module) -> tuple[dict[str, tuple[nn.Module, str
     mirrors: dict[str, tuple[nn.Module, str, str]] = {}
     seen: dict[int, str] = {}
     for prefix, module in network.named_modules():
-        if isinstance(module, (nn.Embedding, nn.Linear)):
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Linear)):
             names = ["weight"]
         elif isinstance(module, nn.RNNBase):  # weight_ih_l{k}, weight_hh_l{k} (and _reverse, weight_hr_l{k})
             names = [n for n in module._flat_weights_names if n.startswith("weight")]

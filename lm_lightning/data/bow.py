@@ -1,0 +1,411 @@
+"""Bag-of-words batches: raw text -> segments -> NLTK words -> scikit-learn counts (scipy CSR) -> stream windows.
+
+The corpus is cut into segments: sentences when NLTK's Punkt model is installed, otherwise lines, or windows of W
+words. Each segment goes through the same :class:`Preprocessor` as the token path (for bags: stop words removed,
+Porter stems, punctuation dropped by default), and ``CountVectorizer`` turns the word lists into a sparse count
+matrix, one row per segment, stored as CSR and cached like the token ids (content + settings hash, written
+atomically). Words seen in fewer than ``min_df`` train segments count as ``<unk>``, which keeps per-word perplexity
+over every word of a segment.
+
+Segments are then laid out as the token path lays out tokens (``streams.py``): ``batch_size`` parallel streams of
+consecutive segments, walked in windows of ``bptt`` segments, so the model's state carries from one window to the
+next. A window reaches the model as :class:`~lm_lightning.models.bow.Bags`, the CSR rows of its segments (ids,
+offsets, counts): never as a dense batch x vocabulary matrix. ``batch_bytes`` says what that saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch.utils.data import DataLoader, IterableDataset
+
+from lm_lightning.data.cache import cache_key
+from lm_lightning.data.datamodule import LMDataModule, default_cache_dir
+from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
+from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
+from lm_lightning.data.streams import batchify
+from lm_lightning.data.vocabulary import UNK, Vocabulary
+from lm_lightning.errors import LMInputError
+from lm_lightning.io import atomic_directory
+from lm_lightning.models.bow import Bags
+
+log = logging.getLogger(__name__)
+
+Segment = Literal["auto", "sentence", "line", "window"]
+WORD = re.compile(r"\w")  # a token with no letter or digit is punctuation
+BOW_CACHE_VERSION = 1
+
+
+class BagVocabulary(Vocabulary):
+    """Words of the bags; id 0 is ``<unk>``. No ``<eos>``: a bag has no end of sequence to predict."""
+
+    specials = (UNK,)
+
+
+def punkt_available() -> bool:
+    import nltk
+
+    for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
+        try:
+            nltk.data.find(resource)
+            return True
+        except LookupError:
+            pass
+    return False
+
+
+def split_segments(text: str, segment: Segment) -> list[str]:
+    """Raw text of each sentence (paragraphs cut by Punkt) or line; blank lines separate and are not segments."""
+    if segment == "sentence":
+        from nltk.tokenize import sent_tokenize
+
+        paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
+        return [s for p in paragraphs if p for s in sent_tokenize(p)]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+class Segmenter:
+    """Raw text -> word lists, one per segment, and a count of the segments that came out empty (and why)."""
+
+    def __init__(self, preprocess: Preprocessor, segment: Segment, window: int, drop_punctuation: bool) -> None:
+        self.preprocess, self.segment, self.window, self.drop_punctuation = preprocess, segment, window, drop_punctuation
+        self._tokenize = Preprocessor(preprocess.tokenizer, preprocess.lowercase)  # only to tell why a segment is empty
+
+    def words(self, text: str) -> list[str]:
+        words = self.preprocess(text)
+        return [w for w in words if WORD.search(w)] if self.drop_punctuation else words
+
+    def __call__(self, text: str) -> tuple[list[list[str]], dict[str, int]]:
+        if self.segment == "window":
+            stream = [w for line in text.splitlines() for w in self.words(line)]
+            segments = [stream[i : i + self.window] for i in range(0, len(stream), self.window)]
+            return segments, {"segments": len(segments), "empty": 0, "only_stopwords": 0}
+        segments, empty, only_stopwords = [], 0, 0
+        for raw in split_segments(text, self.segment):
+            words = self.words(raw)
+            if words:
+                segments.append(words)
+                continue
+            empty += 1
+            tokens = [t for t in self._tokenize(raw) if WORD.search(t)]
+            only_stopwords += bool(tokens) and all(t in self.preprocess.stopwords for t in tokens)
+        return segments, {"segments": len(segments), "empty": empty, "only_stopwords": only_stopwords}
+
+
+def count_matrix(segments: list[list[str]], vocab: Vocabulary) -> sparse.csr_matrix:
+    """``(segments, vocab)`` float32 counts with scikit-learn's ``CountVectorizer`` on our word lists; OOV -> ``<unk>``."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    stoi = vocab.stoi
+    vectorizer = CountVectorizer(analyzer=lambda words: [w if w in stoi else UNK for w in words], vocabulary=stoi, dtype=np.float32)
+    return vectorizer.transform(segments).tocsr()  # rows with distinct, sorted column ids
+
+
+def build_vocabulary(train: list[list[str]], min_df: int, max_vocab_size: Optional[int]) -> BagVocabulary:
+    """Words in at least ``min_df`` train segments (``CountVectorizer``'s document frequency), most frequent first."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    max_features = None if max_vocab_size is None else max_vocab_size - len(BagVocabulary.specials)
+    vectorizer = CountVectorizer(analyzer=lambda words: words, min_df=min_df, max_features=max_features, dtype=np.int64)
+    try:
+        counts = vectorizer.fit_transform(train)
+    except ValueError:  # "After pruning, no terms remain" or "max_df corresponds to < documents than min_df"
+        raise LMInputError(
+            f"The vocabulary is empty: no word occurs in {min_df} or more of the {len(train)} train segments "
+            "(--data.min_df): lower --data.min_df, or use longer segments or a larger corpus."
+        ) from None
+    words = vectorizer.get_feature_names_out().tolist()
+    totals = np.asarray(counts.sum(axis=0)).ravel()
+    # Most frequent first, then alphabetically, as Vocabulary.build; a literal "<unk>" in the text (PTB) is id 0.
+    order = sorted((i for i, w in enumerate(words) if w != UNK), key=lambda i: (-totals[i], words[i]))
+    return BagVocabulary([UNK, *(words[i] for i in order)])
+
+
+def batch_bytes(counts: sparse.csr_matrix, batch_size: int, bptt: int) -> dict[str, float]:
+    """Bytes of one input batch of ``batch_size x bptt`` segments: the ``Bags`` triplets (int32 ids and offsets,
+    float32 counts) at this matrix's mean distinct words per segment, against a dense float32 batch x bptt x vocab
+    matrix. Targets are as large again in either form."""
+    segments = batch_size * bptt
+    words = counts.nnz / max(counts.shape[0], 1)
+    sparse_bytes = segments * words * (4 + 4) + (segments + 1) * 4
+    dense_bytes = segments * counts.shape[1] * 4
+    return {"segments": segments, "distinct_words_per_segment": words, "vocab_size": counts.shape[1],
+            "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "dense_over_sparse": dense_bytes / sparse_bytes}
+
+
+class BagWindows(IterableDataset):
+    """Consecutive windows of ``(inputs, targets)`` ``Bags``, ``(batch_size, <= bptt)`` segments each, over parallel
+    streams of segments; targets are the segments one step later. As ``StreamWindows``: DDP ranks take their own
+    streams, and with micro-batches (``callbacks/accumulation.py``) a window is yielded as stream groups
+    ``(inputs, targets, first_stream, words)``, ``words`` being the window's target words per group, the divisor
+    that makes the mean of the groups' losses the window's per-word loss (groups hold different numbers of words).
+
+    Args:
+        counts: The split's segments as CSR rows.
+        batch_size, bptt, rank, world_size, split, micro_batch_size: As for ``StreamWindows``.
+    """
+
+    def __init__(self, counts: sparse.csr_matrix, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1, split: str = "train",
+                 micro_batch_size: Union[int, Callable[[], Optional[int]], None] = None) -> None:
+        if batch_size < 1 or bptt < 1:
+            raise LMInputError(f"batch_size and bptt must be positive, got {batch_size} and {bptt}.")
+        needed = batch_size * world_size * (bptt + 1)
+        if counts.shape[0] < needed:
+            raise LMInputError(
+                f"The {split} split has {counts.shape[0]} non-empty segments, fewer than one window needs (streams x devices x "
+                f"(bptt + 1) = {batch_size} x {world_size} x {bptt + 1} = {needed}): lower --data.{'batch_size' if split == 'train' else 'eval_batch_size'} "
+                "or --data.bptt, use shorter segments, or a larger corpus."
+            )
+        self.counts = counts
+        self.grid = batchify(np.arange(counts.shape[0]), batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size].numpy()
+        self.words = np.asarray(counts.sum(axis=1)).ravel()
+        self.bptt, self.micro_batch_size = bptt, micro_batch_size
+        self._current_micro_batch_size()
+
+    def _current_micro_batch_size(self) -> Optional[int]:
+        size = self.micro_batch_size() if callable(self.micro_batch_size) else self.micro_batch_size
+        if size is not None and (size < 1 or self.grid.shape[0] % size):
+            raise LMInputError(f"micro_batch_size must divide batch_size ({self.grid.shape[0]}), got {size}.")
+        return size
+
+    @staticmethod
+    def as_bags(block: sparse.csr_matrix, streams: int) -> Bags:
+        """CSR rows, ``streams`` x time of them in row-major order, as ``Bags`` tensors."""
+        arrays = ((block.indices, np.int32), (block.indptr, np.int32), (block.data, np.float32))
+        return Bags(*(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a, dtype in arrays), streams)
+
+    def bags(self, rows: np.ndarray) -> Bags:
+        """The segments of a ``(streams, time)`` grid of row numbers."""
+        return self.as_bags(self.counts[rows.reshape(-1)], rows.shape[0])
+
+    def __len__(self) -> int:
+        windows = math.ceil((self.grid.shape[1] - 1) / self.bptt)
+        size = self._current_micro_batch_size()
+        return windows if size is None else windows * (self.grid.shape[0] // size)
+
+    def __iter__(self):
+        size = self._current_micro_batch_size()
+        length = self.grid.shape[1]
+        for start in range(0, length - 1, self.bptt):
+            end = min(start + self.bptt, length - 1)
+            inputs, targets = self.grid[:, start:end], self.grid[:, start + 1 : end + 1]
+            if size is None:
+                yield self.bags(inputs), self.bags(targets)
+                continue
+            share = float(self.words[targets].sum()) * size / self.grid.shape[0]
+            for first in range(0, self.grid.shape[0], size):
+                yield self.bags(inputs[first : first + size]), self.bags(targets[first : first + size]), first, share
+
+    @property
+    def num_words(self) -> int:
+        """Target words per epoch (what perplexity averages over)."""
+        return int(self.words[self.grid[:, 1:]].sum())
+
+
+class BoWDataModule(LMDataModule):
+    """Text corpus as windows of bag-of-words segments over parallel streams (the token path's ``LMDataModule``, with
+    segments in place of tokens): ``--data lm_lightning.data.bow.BoWDataModule``.
+
+    Args:
+        source: As for ``LMDataModule``: ``embedded``, ``wikitext-2``, ``ptb``, ``nltk:<corpus>`` or a path.
+        data_dir: Folder holding (or receiving) ``wikitext-2``/``ptb`` files.
+        segment: ``sentence`` (needs NLTK's Punkt model), ``line``, ``window`` (``window`` words each), or ``auto``:
+            sentences when Punkt is installed, otherwise lines.
+        window: Words per segment with ``segment=window`` (counted after preprocessing).
+        tokenizer: ``treebank`` (NLTK word tokenizer) or ``whitespace`` (pre-tokenized text).
+        lowercase: Lowercase the text first.
+        remove_stopwords: Drop stop words (NLTK's list if installed, else scikit-learn's); on for bags, whose counts
+            would otherwise be mostly "the", "of" and "is".
+        stemmer: ``porter`` or ``snowball`` stemming, so that "loop", "loops" and "looping" are one count; or none.
+        lemmatize: WordNet lemmatization (needs NLTK's wordnet data).
+        drop_punctuation: Drop tokens without a letter or digit.
+        min_df: Words in fewer train segments than this count as ``<unk>`` (scikit-learn's document frequency).
+        max_vocab_size: Keep at most this many words (``<unk>`` included); ``None`` for no cap.
+        batch_size: Parallel streams of segments per training batch (the effective batch under ``MicroBatchAccumulation``).
+        eval_batch_size: Parallel streams for validation and test.
+        bptt: Window length in segments (truncated backpropagation through time).
+        valid_fraction: Share of a single text used for validation (ignored for folders and named corpora).
+        test_fraction: Share of a single text used for test.
+        cache_dir: Where count matrices are cached (``$LM_LIGHTNING_CACHE`` or ``~/.cache/lm_lightning/tokens``).
+        prompt: Text whose next segment ``predict`` describes by its likeliest words.
+    """
+
+    def __init__(
+        self,
+        source: str = "embedded",
+        data_dir: Optional[str] = None,
+        segment: Segment = "auto",
+        window: int = 20,
+        tokenizer: Tokenizer = "treebank",
+        lowercase: bool = True,
+        remove_stopwords: bool = True,
+        stemmer: Optional[Stemmer] = "porter",
+        lemmatize: bool = False,
+        drop_punctuation: bool = True,
+        min_df: int = 2,
+        max_vocab_size: Optional[int] = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 8,
+        bptt: int = 16,
+        valid_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        cache_dir: Optional[str] = None,
+        prompt: str = "The for statement is used to iterate over the elements of a sequence.",
+    ) -> None:
+        for name, value in (("window", window), ("min_df", min_df)):
+            if value < 1:
+                raise LMInputError(f"--data.{name} must be a positive integer, got {value}.")
+        if segment not in ("auto", "sentence", "line", "window"):
+            raise LMInputError(f"--data.segment must be auto, sentence, line or window, got {segment!r}.")
+        if tokenizer == "char":
+            raise LMInputError("A bag of characters says little about the next segment: use --data.tokenizer treebank or whitespace.")
+        if max_vocab_size is not None and max_vocab_size < 2:
+            raise LMInputError(f"--data.max_vocab_size must be at least 2 (<unk> and one word), got {max_vocab_size}.")
+        super().__init__(source, data_dir, tokenizer, lowercase, remove_stopwords, stemmer, lemmatize, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, bptt=bptt, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                         cache_dir=cache_dir, prompt=prompt)
+        self.save_hyperparameters()  # again, from this frame only: the token path's own settings do not apply
+        self.segment = resolve_segment(segment)  # hparams keep what was asked, this what is used
+        self._counts: dict[str, sparse.csr_matrix] = {}
+        self._unigram: Optional[torch.Tensor] = None
+
+    # --- vocabulary, counts and cache -----------------------------------------------------------------
+    @property
+    def vocab(self) -> BagVocabulary:
+        """Built or loaded on first access: LightningCLI reads ``vocab_size`` before ``prepare_data`` runs."""
+        if self._vocab is None:
+            self._vocab = self._load_or_build_bags()
+            self._check_lengths()
+        return self._vocab
+
+    def counts(self, split: str) -> sparse.csr_matrix:
+        """The split's ``(segments, vocab)`` float32 count matrix (CSR)."""
+        _ = self.vocab
+        return self._counts[split]
+
+    def ids(self, split: str) -> np.ndarray:
+        raise LMInputError("A bag-of-words datamodule has no token ids: use counts(split), its segments' count matrix.")
+
+    def _settings(self) -> dict:
+        hp = self.hparams
+        return {"representation": "bow", "bow_version": BOW_CACHE_VERSION, **self.preprocessor.settings(), "segment": self.segment,
+                "window": hp.window if self.segment == "window" else None, "drop_punctuation": hp.drop_punctuation, "min_df": hp.min_df,
+                "max_vocab_size": hp.max_vocab_size, "valid_fraction": hp.valid_fraction, "test_fraction": hp.test_fraction}
+
+    def _load_or_build_bags(self) -> BagVocabulary:
+        hp = self.hparams
+        corpus = load_corpus(hp.source, hp.data_dir, hp.valid_fraction, hp.test_fraction)
+        # Same cache root as the token ids, an entry per corpus content + settings, written atomically (cache.py).
+        folder = Path(hp.cache_dir or default_cache_dir()).expanduser() / f"bow-{cache_key(corpus.content_hash(), self._settings())}"
+        if not all((folder / name).exists() for name in ("vocab.json", "meta.json", *(f"{s}.npz" for s in SPLITS))):
+            return self._build_bags(corpus, folder)
+        log.info("Bag-of-words cache hit: %s", folder)
+        self._counts = {split: sparse.load_npz(folder / f"{split}.npz").tocsr() for split in SPLITS}
+        return BagVocabulary.load(folder / "vocab.json")
+
+    def _build_bags(self, corpus: Corpus, folder: Path) -> BagVocabulary:
+        start, hp = time.perf_counter(), self.hparams
+        segmenter = Segmenter(self.preprocessor, self.segment, hp.window, hp.drop_punctuation)
+        segments, stats = {}, {}
+        for split in SPLITS:
+            segments[split], stats[split] = segmenter(corpus[split])
+            self._check_segments(corpus.name, split, stats[split])
+        vocab = build_vocabulary(segments["train"], hp.min_df, hp.max_vocab_size)
+        self._counts = {split: count_matrix(segments[split], vocab) for split in SPLITS}
+        meta = {"corpus": corpus.name, "settings": self._settings(), "segments": stats, "vocab_size": len(vocab),
+                "words": {split: float(self._counts[split].sum()) for split in SPLITS}, "stopwords_source": self.preprocessor.stopwords_source}
+        with atomic_directory(folder) as tmp:
+            vocab.save(tmp / "vocab.json")
+            for split, matrix in self._counts.items():
+                sparse.save_npz(tmp / f"{split}.npz", matrix, compressed=False)  # read back with allow_pickle=False
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        log.info("Bag-of-words %s in %.1fs: %s segments, vocabulary %d -> %s", corpus.name, time.perf_counter() - start,
+                 {s: stats[s]["segments"] for s in SPLITS}, len(vocab), folder)
+        return vocab
+
+    def _check_segments(self, corpus: str, split: str, stats: dict[str, int]) -> None:
+        """Empty segments are dropped with a count; a split left with no words at all is an error that says why."""
+        empty, stop = stats["empty"], stats["only_stopwords"]
+        why = f"{empty} of its {self.segment} segments were empty after preprocessing ({stop} held only stop words)"
+        if stats["segments"] == 0:
+            fix = "set --data.remove_stopwords false" if stop else "check the text and the preprocessing settings (--data.drop_punctuation, --data.tokenizer)"
+            raise LMInputError(f"The {split} split of {corpus!r} has no words after preprocessing: {why}; {fix}.")
+        if empty:
+            log.info("Dropped from %s: %s.", split, why)
+
+    def _check_lengths(self) -> None:
+        """Fail at start-up, not after the first epoch, when a split cannot fill one window."""
+        for split in SPLITS:
+            BagWindows(self._counts[split], self._streams(split), self.hparams.bptt, split=split)
+
+    def _streams(self, split: str) -> int:
+        return self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+
+    # --- baseline -------------------------------------------------------------------------------------
+    def unigram_log_probs(self) -> torch.Tensor:
+        """Log-probabilities ``(vocab,)``, float64, of train's add-one-smoothed unigram distribution: the baseline to beat."""
+        if self._unigram is None:
+            totals = np.asarray(self.counts("train").sum(axis=0), dtype=np.float64).ravel() + 1.0
+            self._unigram = torch.from_numpy(np.log(totals / totals.sum()))
+        return self._unigram
+
+    def unigram_perplexity(self, split: str = "valid") -> float:
+        """Per-word perplexity of that distribution on the target (next) segments of ``split``'s evaluation streams."""
+        grid = BagWindows(self.counts(split), self._streams(split), self.hparams.bptt, split=split).grid
+        targets = self.counts(split)[grid[:, 1:].reshape(-1)]
+        logp = self.unigram_log_probs().numpy()
+        return float(np.exp(-(targets @ logp).sum() / targets.sum()))
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        hp = self.hparams
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        wanted = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}.get(stage or "", SPLITS)
+        for split in wanted:
+            micro = self._micro_batch_size if split == "train" else None  # evaluation keeps whole windows
+            self.datasets[split] = BagWindows(self.counts(split), self._streams(split), hp.bptt, rank, world, split, micro)
+        if "train" in wanted:
+            b = batch_bytes(self.counts("train"), hp.batch_size, hp.bptt)
+            log.info(
+                "Bag-of-words batch of %d segments (%.1f distinct words each, vocabulary %d): %s as ids, offsets and counts, "
+                "%s as a dense float32 matrix (%.0fx); targets cost the same again.", b["segments"], b["distinct_words_per_segment"],
+                b["vocab_size"], _kib(b["sparse_bytes"]), _kib(b["dense_bytes"]), b["dense_over_sparse"],
+            )
+
+    def prompt_bags(self) -> Bags:
+        """The prompt as one segment of one stream."""
+        words = Segmenter(self.preprocessor, "line", self.hparams.window, self.hparams.drop_punctuation).words(self.hparams.prompt)
+        return BagWindows.as_bags(count_matrix([words], self.vocab), streams=1)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The prompt as one segment; ``predict`` lists the likeliest words of the segment after it."""
+        return DataLoader([self.prompt_bags()], batch_size=None)
+
+
+def resolve_segment(segment: Segment) -> Segment:
+    """``auto`` -> sentences if NLTK's Punkt is installed, else lines (logged); ``sentence`` without Punkt fails."""
+    if segment not in ("auto", "sentence"):
+        return segment
+    has_punkt = punkt_available()
+    if segment == "sentence" and not has_punkt:
+        raise LMInputError(
+            "--data.segment sentence needs NLTK's Punkt sentence model, which is not installed: run "
+            "`python -m nltk.downloader punkt_tab` (or point NLTK_DATA at a folder that has it), or use --data.segment line or window."
+        )
+    log.info("Segments: %s.", "sentences (NLTK Punkt)" if has_punkt else "lines, because NLTK's Punkt sentence model is not installed")
+    return "sentence" if has_punkt else "line"
+
+
+def _kib(num: float) -> str:
+    return f"{num / 1024:,.1f} KiB"

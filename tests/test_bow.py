@@ -1,0 +1,275 @@
+"""Bag-of-words segments: hand-computed CSR batches, sparse = dense parity, a fit that beats the unigram baseline,
+clear errors, and the callbacks that apply (precision, memory monitor, accumulation, pruning)."""
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from conftest import write_corpus
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.testing import assert_close
+
+from lm_lightning.bow_system import BoWLanguageModel
+from lm_lightning.cli import build_cli, main
+from lm_lightning.data import bow as bow_data
+from lm_lightning.data.bow import BagWindows, BoWDataModule, batch_bytes, build_vocabulary, count_matrix
+from lm_lightning.errors import LMInputError
+from lm_lightning.models.bow import BagOfWordsLSTM, Bags, bag_nll
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+# The recipe, not --model/--data class paths: a class switched on the command line keeps the token classes' values
+# for arguments of the same name (remove_stopwords: false, tie_weights: true, ...).
+BOW = ["-c", str(ROOT / "configs" / "bow_embedded.yaml")]
+# Stop words (NLTK's list from ../shared, or scikit-learn's) and punctuation go, Porter stems stay:
+# "cats" -> cat, "dogs" -> dog. The blank line separates; "..." and "The and the." come out empty.
+HAND_TRAIN = "The cats sat on the mat with the cat.\nA dog sat.\n\n...\nThe dogs and the cats.\nThe and the.\nSat, sat, sat!\nOn the mat.\n"
+HAND_VALID = "The bird sat.\nCats!\n"  # "bird" is not in train: <unk>
+
+
+def hand_datamodule(tmp_path: Path, **kwargs) -> BoWDataModule:
+    corpus = write_corpus(tmp_path / "hand", HAND_TRAIN, HAND_VALID, HAND_VALID)
+    settings = {"min_df": 1, "batch_size": 2, "eval_batch_size": 1, "bptt": 1, "segment": "line", "cache_dir": str(tmp_path / "cache"), **kwargs}
+    return BoWDataModule(str(corpus), **settings)
+
+
+def test_a_csr_batch_equals_the_hand_computed_one(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lm_lightning.data.bow"):
+        dm = hand_datamodule(tmp_path)
+        # Train counts: sat 1+1+3 = 5, cat 2+1 = 3, dog 2, mat 2; ordered by count, then alphabetically.
+        assert dm.vocab.itos == ["<unk>", "sat", "cat", "dog", "mat"]
+    assert "Dropped from train: 2 of its line segments were empty after preprocessing (1 held only stop words)" in caplog.text
+    # Segments s0..s4 = {cat:2 sat mat}, {dog sat}, {dog cat}, {sat:3}, {mat}: 2 streams [s0 s1] [s2 s3], s4 cut off.
+    dm.setup("fit")
+    inputs, targets = next(iter(dm.datasets["train"]))
+    assert_close(inputs.indices, torch.tensor([1, 2, 4, 2, 3], dtype=torch.int32), rtol=0, atol=0)  # s0, s2
+    assert_close(inputs.offsets, torch.tensor([0, 3, 5], dtype=torch.int32), rtol=0, atol=0)
+    assert_close(inputs.counts, torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0]), rtol=0, atol=0)
+    assert_close(targets.indices, torch.tensor([1, 3, 1], dtype=torch.int32), rtol=0, atol=0)  # s1, s3
+    assert_close(targets.offsets, torch.tensor([0, 2, 3], dtype=torch.int32), rtol=0, atol=0)
+    assert_close(targets.counts, torch.tensor([1.0, 1.0, 3.0]), rtol=0, atol=0)
+    assert inputs.streams == 2 and inputs.size() == (2, 1) and inputs.numel() == 2
+    assert_close(inputs.to_dense(5), torch.tensor([[[0.0, 1, 2, 0, 1]], [[0.0, 0, 1, 1, 0]]]), rtol=0, atol=0)
+    # Never a dense batch x vocabulary matrix: only 1-D ids, offsets and counts reach the model.
+    assert all(t.dim() == 1 and t.numel() < 5 * inputs.numel() for t in (*inputs[:3], *targets[:3]))
+    assert dm.counts("valid").toarray().tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 0, 0]]  # bird -> <unk>
+    # Add-one unigram over train (1, 6, 4, 3, 3)/17 on valid's only next segment {cat}: perplexity 17/4.
+    assert dm.unigram_perplexity("valid") == pytest.approx(17 / 4, rel=1e-12)
+
+
+def test_a_literal_unk_in_the_text_is_the_unk_column():
+    vocab = build_vocabulary([["<unk>", "cat"], ["cat", "<unk>", "<unk>"]], min_df=1, max_vocab_size=None)  # PTB has "<unk>"
+    assert vocab.itos == ["<unk>", "cat"]
+    assert count_matrix([["<unk>", "dog", "cat"]], vocab).toarray().tolist() == [[2, 1]]
+
+
+def test_cache_hit_gives_the_same_counts(tmp_path, caplog):
+    first = hand_datamodule(tmp_path)
+    with caplog.at_level(logging.INFO, logger="lm_lightning.data.bow"):
+        second = hand_datamodule(tmp_path)
+        assert second.vocab == first.vocab
+    assert "cache hit" in caplog.text
+    for split in ("train", "valid", "test"):
+        assert (second.counts(split) != first.counts(split)).nnz == 0
+
+
+def test_batch_bytes_of_sparse_and_dense_batches(tmp_path):
+    dm = hand_datamodule(tmp_path)
+    # 5 train segments with 9 nonzeros: 1.8 per segment. A batch of 2 x 1 segments: 2 * 1.8 * (4 + 4) bytes of
+    # ids and counts + 3 int32 offsets = 40.8 bytes, against 2 x 5 float32 = 40 bytes dense (a 5-word vocabulary!).
+    b = batch_bytes(dm.counts("train"), 2, 1)
+    assert (b["sparse_bytes"], b["dense_bytes"]) == (pytest.approx(40.8), 40)
+    # At 10,000 words, 32 x 35 segments of 4 distinct words each: 39.4 KiB instead of 44.8 MB.
+    big = batch_bytes(scipy.sparse.random(100, 10_000, density=4e-4, format="csr", random_state=0), 32, 35)
+    assert (big["sparse_bytes"], big["dense_bytes"]) == (32 * 35 * 4 * 8 + (32 * 35 + 1) * 4, 32 * 35 * 10_000 * 4)
+
+
+def random_bags(streams: int, time: int, vocab: int, seed: int) -> Bags:
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randint(0, 3, (streams * time, vocab), generator=g) * (torch.rand(streams * time, vocab, generator=g) < 0.2)
+    dense[1] = 0  # an empty segment
+    rows, cols = dense.nonzero(as_tuple=True)
+    offsets = torch.zeros(streams * time + 1, dtype=torch.int32)
+    offsets[1:] = torch.bincount(rows, minlength=streams * time).cumsum(0)
+    return Bags(cols.int(), offsets, dense[rows, cols].float(), streams)
+
+
+@pytest.mark.parametrize("bag_weighting, tie_weights", [("sum", False), ("mean", False), ("sum", True)])
+def test_sparse_and_dense_inputs_give_the_same_loss_and_gradients(bag_weighting, tie_weights):
+    """Float32 with a different summation order (EmbeddingBag vs a matmul): held to 1e-5 relative, 1e-6 absolute."""
+    torch.manual_seed(0)
+    net = BagOfWordsLSTM(23, 16, 16 if tie_weights else 12, 2, dropout=0.0, tie_weights=tie_weights, bag_weighting=bag_weighting)
+    inputs, targets = random_bags(3, 4, 23, seed=1), random_bags(3, 4, 23, seed=2)
+    grads = []
+    for x, y in ((inputs, targets), (inputs.to_dense(23), targets.to_dense(23))):
+        net.zero_grad()
+        logits, _ = net(x)
+        loss = bag_nll(logits, y) / targets.words()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (sparse_loss, sparse_grads), (dense_loss, dense_grads) = grads
+    assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-6)
+    for name in sparse_grads:
+        assert_close(sparse_grads[name], dense_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert sparse_grads["embedding.weight"].abs().sum() > 0
+
+
+def test_count_weighted_nll_equals_a_hand_computation():
+    logits = torch.tensor([[[0.0, math.log(2), math.log(3)]]])  # p = 1/6, 2/6, 3/6
+    targets = Bags(torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2.0, 1.0]), 1)
+    assert bag_nll(logits, targets).item() == pytest.approx(-(2 * math.log(1 / 6) + math.log(3 / 6)), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def bow_fit(tmp_path_factory):
+    """The tiny corpus, 3 lines in a fixed order, so a segment tells the next one: a short fit, shared by tests."""
+    workdir = tmp_path_factory.mktemp("bow_fit")
+    lines = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]
+    corpus = write_corpus(workdir / "tiny", *(["\n".join(lines * 30) + "\n"] * 3))
+    cwd = Path.cwd()
+    try:
+        os.chdir(workdir)
+        args = ["fit", *BOW, *QUIET, "--data.source", str(corpus), "--data.segment", "line", "--data.batch_size", "4", "--data.eval_batch_size", "2",
+                "--data.bptt", "6", "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.dropout", "0", "--trainer.max_epochs", "8",
+                "--model.optimizer.lr", "0.03", "--trainer.log_every_n_steps", "5"]  # fmt: skip
+        cli = build_cli(args)
+    finally:
+        os.chdir(cwd)
+    return workdir / "lightning_logs" / "version_0", cli
+
+
+def test_a_short_fit_beats_the_unigram_baseline(bow_fit):
+    _, cli = bow_fit
+    metrics = cli.trainer.callback_metrics
+    unigram = float(metrics["val/unigram_ppl"])
+    assert unigram == pytest.approx(cli.datamodule.unigram_perplexity("valid"), rel=1e-5)  # the same target words
+    # Unigram over {cat sat mat dog log}: 4.77; knowing the next line's words gives (3^3 * 3^3 * 2^2)^(1/8) = 2.71.
+    assert unigram == pytest.approx(4.77, abs=0.01)
+    assert float(metrics["val/ppl"]) < 3.0  # 2.80 measured
+
+
+def test_tensorboard_has_ppl_beside_the_unigram_baseline_and_next_words(bow_fit):
+    run, _ = bow_fit
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert len(events.Scalars("val/ppl")) == len(events.Scalars("val/unigram_ppl")) == 8  # one per epoch
+    assert {"train/loss", "train/ppl", "train/device/items_per_sec", "hp/best_val_ppl"} <= set(events.Tags()["scalars"])
+    assert "samples/next_words/text_summary" in events.Tags()["tensors"]
+
+
+def test_validate_from_the_saved_config_and_checkpoint_matches_fit(bow_fit, tmp_path, monkeypatch):
+    run, fit_cli = bow_fit
+    monkeypatch.chdir(tmp_path)
+    best = run / "checkpoints" / Path(fit_cli.trainer.checkpoint_callback.best_model_path).name
+    validate = build_cli(["validate", "-c", str(run / "config.yaml"), *QUIET, "--ckpt_path", str(best)])
+    assert float(validate.trainer.callback_metrics["val/ppl"]) == pytest.approx(float(fit_cli.trainer.checkpoint_callback.best_model_score), rel=1e-5)
+    assert BoWLanguageModel.load_from_checkpoint(best).hparams.bag_weighting == "sum"  # re-created from its own arguments
+
+
+def test_predict_lists_the_likeliest_next_words(bow_fit, tmp_path, monkeypatch, capsys):
+    run, _ = bow_fit
+    monkeypatch.chdir(tmp_path)
+    build_cli(["predict", "-c", str(run / "config.yaml"), *QUIET, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.prompt", "A cat and a dog."])
+    listed = capsys.readouterr().out.split("likeliest words of the next segment: ")[1].splitlines()[0].split(", ")
+    assert {item.split()[0] for item in listed[:3]} == {"cat", "sat", "mat"}  # after "cat dog" comes "cat sat mat"
+
+
+def test_errors_name_the_input_and_the_fix(tmp_path, monkeypatch):
+    stop = write_corpus(tmp_path / "stop", "The and the.\nOf a the.\n" * 20, "A cat.\n" * 20, "A cat.\n" * 20)
+    with pytest.raises(LMInputError, match=r"train split of 'stop' has no words after preprocessing: 40 of its line segments .*\(40 held only stop words\); set --data.remove_stopwords false"):
+        _ = BoWDataModule(str(stop), segment="line", cache_dir=str(tmp_path / "c")).vocab
+    empty = write_corpus(tmp_path / "empty", "A cat sat.\n" * 40, "...\n--\n" * 20, "A cat.\n" * 40)
+    with pytest.raises(LMInputError, match=r"valid split of 'empty' has no words after preprocessing: 40 of its line segments .*\(0 held only stop words\); check the text"):
+        _ = BoWDataModule(str(empty), segment="line", cache_dir=str(tmp_path / "c")).vocab
+    with pytest.raises(LMInputError, match=r"The vocabulary is empty: no word occurs in 1000 or more of the 5 train segments \(--data.min_df\): lower --data.min_df"):
+        _ = hand_datamodule(tmp_path, min_df=1000).vocab
+    with pytest.raises(LMInputError, match=r"valid split has 2 non-empty segments, fewer than one window needs .* = 3 x 1 x 2 = 6\): lower --data.eval_batch_size or"):
+        _ = hand_datamodule(tmp_path, eval_batch_size=3).vocab
+    monkeypatch.setattr(bow_data, "punkt_available", lambda: False)
+    with pytest.raises(LMInputError, match=r"--data.segment sentence needs NLTK's Punkt .* or use --data.segment line or window"):
+        hand_datamodule(tmp_path, segment="sentence")
+    assert hand_datamodule(tmp_path, segment="auto").segment == "line"
+    with pytest.raises(LMInputError, match="token ids"):
+        hand_datamodule(tmp_path).ids("train")
+
+
+def test_bad_input_on_the_command_line_is_one_sentence(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "hand", HAND_TRAIN, HAND_VALID, HAND_VALID)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *BOW, *QUIET, "--data.source", str(corpus), "--data.min_df", "1000"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: The vocabulary is empty")
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def short_fit(tmp_path: Path, corpus: Path, *extra: str):
+    cwd = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        args = ["fit", *BOW, *QUIET, "--data.source", str(corpus), "--data.segment", "line", "--data.batch_size", "4", "--data.eval_batch_size", "2",
+                "--data.bptt", "6", "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.dropout", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.log_every_n_steps", "1", *extra]  # fmt: skip
+        return build_cli(args)
+    finally:
+        os.chdir(cwd)
+
+
+def test_bf16_mixed_and_the_memory_monitor_run_with_bags(tiny_corpus, tmp_path, capsys):
+    cli = short_fit(tmp_path, tiny_corpus, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed",
+                    "--trainer.callbacks+=lm_lightning.callbacks.precision.PrecisionGuard",
+                    "--trainer.callbacks+=lm_lightning.callbacks.memory_monitor.MemoryMonitor", "--trainer.callbacks.log_every_n_steps", "1")  # fmt: skip
+    guard, monitor = (next(c for c in cli.trainer.callbacks if type(c).__name__ == name) for name in ("PrecisionGuard", "MemoryMonitor"))
+    assert guard.report["modules"]["network.lstm"]["output"] == "bfloat16" and guard.report["loss"] == "float32"
+    assert guard.report["modules"]["network.embedding"]["output"] == "float32"  # embedding_bag is not an autocast op
+    assert len(monitor.history) == 4 and all(h["memory/activations_bytes"] > 0 for h in monitor.history)
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/ppl"]))
+    assert "Memory: 4 measured batch(es), precision bf16-mixed" in capsys.readouterr().out
+
+
+def test_micro_batch_accumulation_takes_the_same_steps_as_whole_windows(tmp_path):
+    """Float64 and SGD as in test_accumulation.py. The streams' micro-batches hold different numbers of words (lines of
+    3, 3, 2 and 6 words, a stream every 25 lines), which checks the divisor that makes their mean loss the window's."""
+    lines = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog .", "cats and dogs sat on logs and mats all day ."]
+    corpus = write_corpus(tmp_path / "uneven", *(["\n".join(lines * 25) + "\n"] * 3))
+    exact = ["--trainer.max_epochs", "1", "--trainer.precision", "64-true", "--model.optimizer", "SGD", "--model.optimizer.lr", "1",
+             "--trainer.limit_val_batches", "1"]  # fmt: skip
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    whole = short_fit(tmp_path / "a", corpus, *exact)
+    micro = short_fit(tmp_path / "b", corpus, *exact, "--trainer.callbacks+=lm_lightning.callbacks.accumulation.MicroBatchAccumulation",
+                      "--trainer.callbacks.micro_batch_size", "1")  # fmt: skip
+    assert micro.trainer.global_step == whole.trainer.global_step == 4
+    for (name, a), b in zip(whole.model.network.state_dict().items(), micro.model.network.state_dict().values()):
+        assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+
+
+def test_pruning_applies_without_its_export_and_quantization_fails_clearly(tiny_corpus, tmp_path, monkeypatch, capsys):
+    cli = short_fit(tmp_path, tiny_corpus, "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.callbacks+=lm_lightning.callbacks.pruning.MagnitudePruning", "--trainer.callbacks.sparsity", "0.5",
+                    "--trainer.callbacks.export", "false")  # fmt: skip
+    network = cli.model.network
+    for weight in (network.lstm.weight_ih_l0, network.lstm.weight_hh_l0, network.decoder.weight):
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    monkeypatch.chdir(tmp_path)
+    for callback, message in [
+        ("pruning.MagnitudePruning", "MagnitudePruning exports LSTMLanguageModel networks only, not BagOfWordsLSTM: set its export to false."),
+        ("quantization.QuantizationAwareFinishing", "QuantizationAwareFinishing quantizes nn.Embedding, nn.Linear and nn.LSTM weights; 'embedding' is a EmbeddingBag"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *BOW, *QUIET, "--data.source", str(tiny_corpus), "--data.segment", "line", "--data.batch_size", "4", "--data.eval_batch_size", "2",
+                  "--data.bptt", "6", f"--trainer.callbacks+=lm_lightning.callbacks.{callback}"])  # fmt: skip
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_stream_windows_of_bags_carry_every_segment_once(tmp_path):
+    counts = hand_datamodule(tmp_path).counts("train")
+    windows = BagWindows(counts, batch_size=1, bptt=2)
+    targets = [y.to_dense(5)[0] for _, y in windows]
+    assert len(windows) == 2 and [t.shape[0] for t in targets] == [2, 2]
+    assert_close(torch.cat(targets).numpy(), counts.toarray()[1:].astype(np.float32), rtol=0, atol=0)  # s1..s4 in order
+    assert windows.num_words == int(counts[1:].sum())
