@@ -216,10 +216,25 @@ def main() -> None:
     rows = [median_row(runs) for runs in results.values()]
     report = table(rows, rows[0])
     meta = f"recipe `{Path(args.recipe).name}`, {args.epochs} epoch(s)" + (f", at most {args.max_steps} optimizer steps" if args.max_steps else "")
-    (out / "memory.md").write_text(f"{meta}, medians of {args.repeats} run(s)\n\n{report}\n")
+    bow = bow_input_bytes()
+    (out / "memory.md").write_text(f"{meta}, medians of {args.repeats} run(s)\n\n{report}\n\n{bow}\n")
     (out / "memory.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "memory.png")
-    print(f"\n{meta}\n\n{report}\n\nwrote {out / 'memory.md'} and {out / 'memory.png'}")
+    print(f"\n{meta}\n\n{report}\n\n{bow}\n\nwrote {out / 'memory.md'} and {out / 'memory.png'}")
+
+
+def bow_input_bytes(recipe: Path = ROOT / "configs" / "bow_embedded.yaml") -> str:
+    """Bytes of one input batch of the bag-of-words recipe: sparse bags against a dense batch x vocabulary matrix."""
+    import yaml
+
+    from lm_lightning.data.bow import BoWDataModule, batch_bytes
+
+    init = yaml.safe_load(recipe.read_text())["data"]["init_args"]
+    dm = BoWDataModule(**init)
+    b = batch_bytes(dm.counts("train"), dm.hparams.batch_size, dm.hparams.bptt)
+    return (f"Bag-of-words input (`{recipe.name}`, vocabulary {b['vocab_size']:,}, {b['segments']} segments per batch, "
+            f"{b['distinct_words_per_segment']:.1f} distinct words each): {b['sparse_bytes'] / 2**10:,.1f} KiB as sparse "
+            f"bags against {b['dense_bytes'] / 2**20:,.2f} MiB as a dense float32 matrix ({b['dense_over_sparse']:.0f}x).")
 
 
 def plain_loop_args(args: argparse.Namespace) -> list[str]:
