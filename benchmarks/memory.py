@@ -158,10 +158,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (title, values) in zip(axes, panels):
         ax.barh(names, [0 if math.isnan(v) else v for v in values], color=["#888"] + ["#3b7dd8"] * (len(names) - 1))
         ax.set_title(title)
-        ax.invert_yaxis()
         for y, v in enumerate(values):
             if not math.isnan(v):
                 ax.text(v, y, f" {v:,.1f}" if v < 100 else f" {v:,.0f}", va="center", fontsize=8)
+    axes[0].invert_yaxis()  # once: the panels share the y axis; baseline on top, in table order
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
