@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_lightning.errors import LMInputError
+from lm_lightning.models.lstm import init_weights
 
 Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, streams, hidden_dim)
 BagWeighting = Literal["mean", "sum"]
@@ -150,15 +151,7 @@ class BagOfWordsLSTM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # As in models/lstm.py: small uniform embedding/decoder, forget-gate bias 1 (Jozefowicz et al. 2015).
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        if self.decoder.weight is not self.embedding.weight:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        for name, param in self.lstm.named_parameters():
-            if name.startswith("bias_ih"):
-                with torch.no_grad():
-                    param[self.hidden_dim : 2 * self.hidden_dim].fill_(1.0)
+        init_weights(self.embedding, self.lstm, self.decoder)  # as the token model (models/lstm.py)
 
     def embed(self, segments: Segments) -> torch.Tensor:
         """Bag vectors ``(streams, time, embedding_dim)`` of sparse ``Bags`` or of dense ``(streams, time, vocab)`` counts."""

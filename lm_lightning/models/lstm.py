@@ -23,6 +23,21 @@ from lm_lightning.errors import LMInputError
 Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, batch, hidden_dim)
 
 
+def init_weights(embedding: nn.Module, lstm: nn.LSTM, decoder: nn.Linear) -> None:
+    """Small uniform init for the embedding/decoder as in word_language_model; a large init on a tied matrix
+    makes the first logits huge. The LSTM keeps PyTorch's U(-1/sqrt(h), 1/sqrt(h)) init, except the forget-gate
+    bias, set to 1 so early gradients flow through time (Jozefowicz et al. 2015)."""
+    nn.init.uniform_(embedding.weight, -0.1, 0.1)
+    nn.init.zeros_(decoder.bias)
+    if decoder.weight is not embedding.weight:
+        nn.init.uniform_(decoder.weight, -0.1, 0.1)
+    h = lstm.hidden_size
+    for name, param in lstm.named_parameters():
+        if name.startswith("bias_ih"):
+            with torch.no_grad():
+                param[h : 2 * h].fill_(1.0)  # gate order: input, forget, cell, output
+
+
 class LSTMLanguageModel(nn.Module):
     def __init__(
         self,
@@ -54,18 +69,7 @@ class LSTMLanguageModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Small uniform init for the embedding/decoder as in word_language_model; a large init on a tied matrix
-        # makes the first logits huge. The LSTM keeps PyTorch's U(-1/sqrt(h), 1/sqrt(h)) init, except the
-        # forget-gate bias, set to 1 so early gradients flow through time (Jozefowicz et al. 2015).
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        if self.decoder.weight is not self.embedding.weight:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        for name, param in self.lstm.named_parameters():
-            if name.startswith("bias_ih"):
-                h = self.hidden_dim
-                with torch.no_grad():
-                    param[h : 2 * h].fill_(1.0)  # gate order: input, forget, cell, output
+        init_weights(self.embedding, self.lstm, self.decoder)
 
     def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
         """``ids``: (batch, time) -> logits (batch, time, vocab) and the new hidden state."""
