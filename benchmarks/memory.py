@@ -35,6 +35,20 @@ QAT_INT4 = """trainer:
 """
 
 
+ACCUMULATION = """trainer:
+  callbacks+:
+    - class_path: lm_lightning.callbacks.accumulation.MicroBatchAccumulation
+      init_args:
+        micro_batch_size: {micro_batch_size}
+"""
+
+
+def recipe_batch_size(recipe: str) -> int:
+    import yaml
+
+    return yaml.safe_load(Path(recipe).read_text()).get("data", {}).get("init_args", {}).get("batch_size", 32)
+
+
 def int4_group_size(recipe: str) -> int:
     """int4 groups must divide the input widths: 32 for the default's 256, 40 for ptb_small's 200."""
     import yaml
@@ -44,18 +58,20 @@ def int4_group_size(recipe: str) -> int:
     return next(g for g in range(32, 257) if all(w % g == 0 for w in widths))
 
 
-def strategies(scratch: Path, group_size: int) -> dict[str, list[str]]:
+def strategies(scratch: Path, group_size: int, batch_size: int) -> dict[str, list[str]]:
     """Name -> extra ``-c`` presets. The memory monitor is stacked on every run, the baseline included."""
     int4 = scratch / "qat_int4.yaml"
     int4.write_text(QAT_INT4.format(group_size=group_size))
+    accumulation = scratch / "accumulation.yaml"  # 4 micro-batches per step whatever the recipe's batch size
+    accumulation.write_text(ACCUMULATION.format(micro_batch_size=batch_size // 4))
     return {
         BASELINE: [],
         "bf16-mixed": [str(MEMORY / "bf16.yaml")],
-        "accumulation 4 x 8 streams": [str(MEMORY / "accumulation.yaml")],
+        f"accumulation 4 x {batch_size // 4} streams": [str(accumulation)],
         "pruning 80%": [str(MEMORY / "pruning.yaml")],
         "QAT int8": [str(MEMORY / "qat.yaml")],
         "QAT int4": [str(int4)],
-        "all (bf16 + accumulation + pruning + QAT int8)": [str(MEMORY / f) for f in ("bf16.yaml", "accumulation.yaml", "pruning.yaml", "qat.yaml")],
+        "all (bf16 + accumulation + pruning + QAT int8)": [str(MEMORY / "bf16.yaml"), str(accumulation), str(MEMORY / "pruning.yaml"), str(MEMORY / "qat.yaml")],
     }
 
 
@@ -191,7 +207,10 @@ def main() -> None:
     if args.max_steps:
         common += ["--trainer.max_steps", str(args.max_steps)]
     group_size = int4_group_size(args.recipe)
-    plan = strategies(scratch, group_size)
+    batch_size = recipe_batch_size(args.recipe)
+    if batch_size % 4:
+        sys.exit(f"--recipe's batch_size {batch_size} must be divisible by 4 for the accumulation runs.")
+    plan = strategies(scratch, group_size, batch_size)
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
