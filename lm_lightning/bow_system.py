@@ -122,14 +122,7 @@ class BoWLanguageModel(LanguageModel):
         self._evaluate(batch, "val", self.val_loss, self.val_unigram_loss)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self._log_evaluation("val", self.val_loss, self.val_unigram_loss)
-        if self.trainer.sanity_checking:
-            return
-        if self.trainer.state.fn == "fit":
-            self._best_val_ppl = min(self._best_val_ppl, float(loss.exp()))
-            self.log("hp/best_val_ppl", self._best_val_ppl)
-        if self.hparams.sample_length:
-            self._log_sample()
+        self._after_validation(self._log_evaluation("val", self.val_loss, self.val_unigram_loss))
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()

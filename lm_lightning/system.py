@@ -150,6 +150,10 @@ class LanguageModel(L.LightningModule):
         loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+        self._after_validation(loss)
+
+    def _after_validation(self, loss: torch.Tensor) -> None:
+        """Best-so-far perplexity for TensorBoard's HPARAMS tab, and a text sample (not during the sanity check)."""
         if self.trainer.sanity_checking:
             return
         if self.trainer.state.fn == "fit":  # a stand-alone validate must not move the best-so-far
