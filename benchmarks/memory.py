@@ -263,14 +263,14 @@ def matmul_speedup(size: int = 1024, repeats: int = 7) -> str:
             f"float32 {fp32 * 1e3:.1f} ms, bfloat16 {bf16 * 1e3:.1f} ms ({fp32 / bf16:.1f}x).")
 
 
-def bow_input_bytes(recipe: Path = ROOT / "configs" / "bow_embedded.yaml") -> str:
+def bow_input_bytes(recipe: Path = ROOT / "configs" / "bag_embedded.yaml") -> str:
     """Bytes of one input batch of the bag-of-words recipe: sparse bags against a dense batch x vocabulary matrix."""
     import yaml
 
-    from lm_lightning.data.bow import BoWDataModule, batch_bytes
+    from lm_lightning.data.bag import BagDataModule, batch_bytes
 
     init = yaml.safe_load(recipe.read_text())["data"]["init_args"]
-    dm = BoWDataModule(**init)
+    dm = BagDataModule(**init)
     b = batch_bytes(dm.counts("train"), dm.hparams.batch_size, dm.hparams.bptt)
     return (f"Bag-of-words input (`{recipe.name}`, vocabulary {b['vocab_size']:,}, {b['segments']} segments per batch, "
             f"{b['distinct_words_per_segment']:.1f} distinct words each): {b['sparse_bytes'] / 2**10:,.1f} KiB as sparse "

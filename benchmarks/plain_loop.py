@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lm_lightning.data import LMDataModule, StreamWindows
-from lm_lightning.models import LSTMLanguageModel
+from lm_lightning.data import TokenDataModule, StreamWindows
+from lm_lightning.models import LSTMNetwork
 
 
 def evaluate(network: torch.nn.Module, windows: StreamWindows) -> float:
@@ -54,13 +54,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     lowercase = args.tokenizer != "whitespace"
-    dm = LMDataModule(source=args.source, data_dir=args.data_dir, tokenizer=args.tokenizer, lowercase=lowercase,
+    dm = TokenDataModule(source=args.source, data_dir=args.data_dir, tokenizer=args.tokenizer, lowercase=lowercase,
                       min_freq=2 if lowercase else 1, batch_size=args.batch_size, bptt=args.bptt)
     train = StreamWindows(dm.ids("train"), args.batch_size, args.bptt)
     valid = StreamWindows(dm.ids("valid"), 10, args.bptt, split="valid")
     test = StreamWindows(dm.ids("test"), 10, args.bptt, split="test")
     tied = args.embedding_dim == args.hidden_dim and args.optimizer == "adamw"  # ptb_small (SGD) is untied
-    network = LSTMLanguageModel(dm.vocab_size, args.embedding_dim, args.hidden_dim, args.num_layers, args.dropout, tied)
+    network = LSTMNetwork(dm.vocab_size, args.embedding_dim, args.hidden_dim, args.num_layers, args.dropout, tied)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(network.parameters(), lr=args.lr)
     else:

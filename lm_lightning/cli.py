@@ -1,19 +1,23 @@
-"""``python -m lm_lightning fit|validate|test|predict``: LightningCLI with this project's defaults.
+"""``python -m lm_lightning fit|validate|test|predict|export``: LightningCLI with this project's defaults.
 
 What this adds to LightningCLI:
 
 * ``vocab_size`` flows from the datamodule to the model (``link_arguments(..., apply_on="instantiate")``).
 * Forced, configurable checkpointing (``--checkpoint.*``): best by ``val/ppl`` and last.
 * TensorBoard, learning-rate and tokens/s logging, a rich progress bar, gradient clipping by default.
+* The export step at the end of fit (``--export.*``, ``callbacks/export.py``), and ``export``: the same step on a
+  saved checkpoint (``python -m lm_lightning export -c RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt``).
 * ``predict`` prints the generated text and writes it to a file.
 * Bad input (an :class:`LMInputError`) ends with one sentence on stderr and exit status 2, no traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
@@ -24,10 +28,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from lm_lightning.callbacks import GenerationWriter, TokenThroughput  # noqa: E402
-from lm_lightning.data import LMDataModule  # noqa: E402
+from lm_lightning.callbacks import Export, GenerationWriter, QuantizationAwareFinishing, TokenThroughput  # noqa: E402
+from lm_lightning.callbacks.export import describe, export_network  # noqa: E402
+from lm_lightning.data import TokenDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError  # noqa: E402
-from lm_lightning.system import LanguageModel  # noqa: E402
+from lm_lightning.systems import LanguageModel  # noqa: E402
 
 # Stream batches are slices of one in-memory tensor: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -45,10 +50,10 @@ class LMCLI(LightningCLI):
         parser.set_defaults(
             {
                 "model": {
-                    "class_path": "lm_lightning.system.LanguageModel",
+                    "class_path": "lm_lightning.systems.LanguageModel",
                     "init_args": {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}},
                 },
-                "data": {"class_path": "lm_lightning.data.LMDataModule"},
+                "data": {"class_path": "lm_lightning.data.TokenDataModule"},
             }
         )
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -62,6 +67,8 @@ class LMCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Always present, exporting only when the run calls for it (see callbacks/export.py): one export per run.
+        parser.add_lightning_class_args(Export, "export")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -95,7 +102,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
     """The CLI object (tests and notebooks use it to reach ``cli.trainer`` and ``cli.model``)."""
     return LMCLI(
         LanguageModel,
-        LMDataModule,
+        TokenDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
@@ -112,10 +119,45 @@ def _input_error(err: Optional[BaseException]) -> Optional[LMInputError]:
     return err
 
 
+def export_checkpoint(args: list[str]) -> dict:
+    """``python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT [--export.bits 8] [--export.folder DIR]``:
+    the export step of a finished run, on any of its checkpoints."""
+    pre = argparse.ArgumentParser(prog="python -m lm_lightning export", description=export_checkpoint.__doc__, add_help=False)
+    pre.add_argument("--ckpt_path", required=True, help="the checkpoint to export")
+    known, rest = pre.parse_known_args(args)
+    ckpt_path = Path(known.ckpt_path)
+    if not ckpt_path.is_file():
+        raise LMInputError(f"--ckpt_path {ckpt_path} is not a file: give a checkpoint written by fit (RUN/checkpoints/*.ckpt).")
+    cli = build_cli(rest, run=False)
+    import torch
+
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cli.model.load_state_dict(checkpoint["state_dict"])
+    except Exception as err:  # a truncated file, another format, another model or vocabulary
+        raise LMInputError(f"--ckpt_path {ckpt_path} cannot be loaded into this run's model ({type(err).__name__}): "
+                           "give a checkpoint of the run whose config.yaml you pass with -c.") from None
+    step = next(c for c in cli.trainer.callbacks if isinstance(c, Export))
+    qat = next((c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
+    bits = step.bits if step.bits is not None else (qat.bits if qat is not None else None)
+    group_size = step.group_size or (qat.group_size if qat is not None else 32)
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    folder = Path(step.folder) if step.folder else run_dir / f"export-{ckpt_path.stem}"
+    metadata = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
+    report = export_network(cli.model.network, folder.absolute(), bits, group_size, cli.datamodule, metadata,
+                            test_batches=None if step.evaluate else 0)
+    print(describe(report))
+    return report
+
+
 def main(args: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = sys.argv[1:] if args is None else args
     try:
-        build_cli(args)
+        if args[:1] == ["export"]:
+            export_checkpoint(args[1:])
+        else:
+            build_cli(args)
     except Exception as err:
         input_error = _input_error(err)
         if input_error is None:

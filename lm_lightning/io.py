@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,11 +44,14 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; rename it to ``target`` only if the block succeeds.
 
-    If another process created ``target`` meanwhile (two DDP ranks building the same cache), its copy wins and
-    ours is discarded: both hold the same content because the directory name is a content hash.
+    ``replace=False`` (caches): if another process created ``target`` meanwhile (two DDP ranks building the same
+    cache), its copy wins and ours is discarded: both hold the same content because the directory name is a content
+    hash. ``replace=True`` (exports): an existing ``target`` is replaced, by two renames, so the old folder is moved
+    aside, not deleted, until the new one is in place (only a crash between the renames leaves it under
+    ``.<name>.<id>.old``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +59,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders; a shared cache must be readable
+        if replace and target.exists():
+            _swap(tmp, target)
+            return
         try:
             os.replace(tmp, target)
         except OSError:
@@ -62,3 +69,14 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

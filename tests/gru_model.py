@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lm_lightning.system import LanguageModel
+from lm_lightning.systems import LanguageModel
 
 
 class GRUNetwork(nn.Module):

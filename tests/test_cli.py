@@ -119,7 +119,7 @@ def test_help_documents_the_arguments(capsys):
     for args, expected in [
         (["fit", "--help"], ["--data", "--model", "--checkpoint.monitor", "--trainer.precision"]),
         (["fit", "--model.help", "LanguageModel"], ["--model.tie_weights", "Share the embedding and decoder", "--model.optimizer"]),
-        (["fit", "--data.help", "LMDataModule"], ["--data.bptt", "Window length", "--data.source", "nltk:<corpus>"]),
+        (["fit", "--data.help", "TokenDataModule"], ["--data.bptt", "Window length", "--data.source", "nltk:<corpus>"]),
     ]:
         with pytest.raises(SystemExit):
             main(args)

@@ -22,10 +22,10 @@ import torch
 from nltk.corpus.reader import PlaintextCorpusReader, StopwordsCorpusReader
 from nltk.corpus.util import LazyCorpusLoader
 
-import lm_lightning.data.datamodule as datamodule
-from lm_lightning.data import LMDataModule, Preprocessor, StreamWindows, Vocabulary, batchify, load_corpus
+import lm_lightning.data.tokens as datamodule
+from lm_lightning.data import TokenDataModule, Preprocessor, StreamWindows, Vocabulary, batchify, load_corpus
 from lm_lightning.data.cache import TokenCache
-from lm_lightning.data.datamodule import tokenize_lines
+from lm_lightning.data.tokens import tokenize_lines
 from lm_lightning.data.sources import NAMED_DATASETS, NamedDataset, download, named_corpus, split_documents
 from lm_lightning.errors import LMInputError
 
@@ -92,10 +92,10 @@ def corpus_dir(tmp_path) -> Path:
     return write_corpus(tmp_path / "tiny", TRAIN, VALID, TEST)
 
 
-def make_dm(source: Path, cache: Path, **overrides) -> LMDataModule:
+def make_dm(source: Path, cache: Path, **overrides) -> TokenDataModule:
     settings = dict(tokenizer="whitespace", min_freq=1, batch_size=2, eval_batch_size=1, bptt=2)
     settings.update(overrides)
-    return LMDataModule(source=str(source), cache_dir=str(cache), **settings)
+    return TokenDataModule(source=str(source), cache_dir=str(cache), **settings)
 
 
 def cache_entries(cache: Path) -> list[str]:
@@ -419,7 +419,7 @@ def test_datamodule_fails_at_startup_when_a_split_cannot_fill_one_window(corpus_
 @pytest.mark.parametrize("name", ["batch_size", "eval_batch_size", "bptt", "num_prompts"])
 def test_datamodule_rejects_non_positive_sizes(tmp_path, name):
     with pytest.raises(LMInputError, match=f"--data.{name} must be a positive integer, got 0"):
-        LMDataModule(cache_dir=str(tmp_path), **{name: 0})
+        TokenDataModule(cache_dir=str(tmp_path), **{name: 0})
 
 
 # --- 4. Stream batching -------------------------------------------------------------------------------
@@ -703,7 +703,7 @@ def test_ptb_from_data_dir_has_the_published_token_counts(tmp_path):
     """Read from data_dir (no download): 929,589 train tokens, and the pipeline reproduces the 10k vocabulary."""
     corpus = named_corpus("ptb", data_dir=SHARED_PTB)
     assert sum(len(line.split()) + 1 for line in corpus.train.splitlines()) == 929_589
-    dm = LMDataModule(
+    dm = TokenDataModule(
         source="ptb",
         data_dir=str(SHARED_PTB),
         tokenizer="whitespace",

@@ -15,12 +15,12 @@ from lm_lightning.callbacks.quantization import disable_fake_quantization, enabl
 from lm_lightning.data import Vocabulary
 from lm_lightning.errors import LMInputError
 from lm_lightning.export import export_model, fake_quantize, load_exported, perplexity, quantize_weight
-from lm_lightning.models import LSTMLanguageModel
+from lm_lightning.models import LSTMNetwork
 
 
-def network(tie: bool = True, vocab: int = 400, dim: int = 64, layers: int = 2) -> LSTMLanguageModel:
+def network(tie: bool = True, vocab: int = 400, dim: int = 64, layers: int = 2) -> LSTMNetwork:
     torch.manual_seed(0)
-    net = LSTMLanguageModel(vocab, dim, dim, layers, dropout=0.0, tie_weights=tie).eval()
+    net = LSTMNetwork(vocab, dim, dim, layers, dropout=0.0, tie_weights=tie).eval()
     with torch.no_grad():
         net.decoder.bias.uniform_(-0.1, 0.1)  # zeros at init would be stored sparsely, hiding the float32 case
     return net
@@ -47,7 +47,7 @@ def test_loaded_export_reproduces_the_fake_quantized_model_exactly(tmp_path, bit
     assert (loaded.decoder.weight is loaded.embedding.weight) == tie
     assert ("decoder.weight" in report["tensors"]) != tie  # a tied matrix is stored once
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
-    assert manifest["network"] == {"class": "LSTMLanguageModel", "vocab_size": 400, "embedding_dim": 64, "hidden_dim": 64, "num_layers": 2, "tie_weights": tie}
+    assert manifest["network"] == {"class": "LSTMNetwork", "vocab_size": 400, "embedding_dim": 64, "hidden_dim": 64, "num_layers": 2, "tie_weights": tie}
     assert manifest["bits"] == bits and manifest["group_size"] == 16
     expected_format = {8: "int8", 4: "int4", None: "float32"}[bits]
     assert report["tensors"]["lstm.weight_hh_l1"]["format"] == expected_format
@@ -196,7 +196,7 @@ def test_bad_arguments_fail_before_writing(tmp_path):
         export_model(network(), tmp_path / "a", bits=3)
     with pytest.raises(LMInputError, match="group_size 48 does not divide the input width 64 of embedding.weight: choose a divisor of 64 such as 32"):
         export_model(network(), tmp_path / "b", bits=4, group_size=48)
-    with pytest.raises(LMInputError, match="LSTMLanguageModel networks only, got GRUNetwork"):
+    with pytest.raises(LMInputError, match="LSTMNetwork networks only, got GRUNetwork"):
         export_model(GRUNetwork(50, 16, 16, 1), tmp_path / "c", bits=8)
     assert list(tmp_path.iterdir()) == []
 

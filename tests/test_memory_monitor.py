@@ -14,7 +14,7 @@ from lm_lightning.callbacks.memory_monitor import MemoryMonitor, SavedTensorByte
 from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
-from lm_lightning.system import LanguageModel
+from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

@@ -5,16 +5,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lm_lightning.data import LMDataModule
+from lm_lightning.data import TokenDataModule
 from lm_lightning.errors import LMInputError
-from lm_lightning.models import LSTMLanguageModel
-from lm_lightning.system import LanguageModel
+from lm_lightning.models import LSTMNetwork
+from lm_lightning.systems import LanguageModel
 
 
 def test_carrying_hidden_state_across_windows_equals_one_long_pass():
     """Truncated BPTT must not change the forward computation: only where gradients stop."""
     torch.manual_seed(0)
-    net = LSTMLanguageModel(vocab_size=50, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0).eval()
+    net = LSTMNetwork(vocab_size=50, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0).eval()
     ids = torch.randint(0, 50, (3, 40))
     with torch.no_grad():
         full, _ = net(ids)
@@ -44,15 +44,15 @@ def test_system_carries_and_detaches_hidden_state_between_windows():
 
 
 def test_tied_weights_share_one_matrix_and_save_parameters():
-    tied = LSTMLanguageModel(vocab_size=1000, embedding_dim=32, hidden_dim=32, tie_weights=True)
-    untied = LSTMLanguageModel(vocab_size=1000, embedding_dim=32, hidden_dim=32, tie_weights=False)
+    tied = LSTMNetwork(vocab_size=1000, embedding_dim=32, hidden_dim=32, tie_weights=True)
+    untied = LSTMNetwork(vocab_size=1000, embedding_dim=32, hidden_dim=32, tie_weights=False)
     assert tied.decoder.weight.data_ptr() == tied.embedding.weight.data_ptr()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(untied) - count(tied) == 1000 * 32
 
 
 def test_forget_gate_bias_starts_at_one():
-    net = LSTMLanguageModel(vocab_size=10, embedding_dim=4, hidden_dim=4, num_layers=2)
+    net = LSTMNetwork(vocab_size=10, embedding_dim=4, hidden_dim=4, num_layers=2)
     for layer in range(2):
         bias = getattr(net.lstm, f"bias_ih_l{layer}")
         assert torch.all(bias[4:8] == 1.0)
@@ -69,7 +69,7 @@ def test_forget_gate_bias_starts_at_one():
 def test_bad_model_arguments_fail_at_construction(kwargs, words):
     args = {"vocab_size": 20, **kwargs}
     with pytest.raises(LMInputError, match=words):
-        LSTMLanguageModel(**args)
+        LSTMNetwork(**args)
 
 
 def test_bad_generation_arguments_fail_at_construction():
@@ -82,7 +82,7 @@ def test_bad_generation_arguments_fail_at_construction():
 def test_model_overfits_a_tiny_text(tiny_corpus, tmp_path):
     """A model that cannot memorise 20 distinct tokens has a bug in its data path or loss."""
     L.seed_everything(0)
-    dm = LMDataModule(source=str(tiny_corpus), batch_size=4, eval_batch_size=4, bptt=10, min_freq=1, cache_dir=str(tmp_path / "cache"))
+    dm = TokenDataModule(source=str(tiny_corpus), batch_size=4, eval_batch_size=4, bptt=10, min_freq=1, cache_dir=str(tmp_path / "cache"))
     model = LanguageModel(
         vocab_size=dm.vocab_size,
         embedding_dim=32,

@@ -16,8 +16,8 @@ from torch.testing import assert_close
 from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
-from lm_lightning.models import LSTMLanguageModel
-from lm_lightning.system import LanguageModel
+from lm_lightning.models import LSTMNetwork
+from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = "lm_lightning.callbacks.pruning.MagnitudePruning"
@@ -137,21 +137,21 @@ def test_bad_arguments_fail_at_start_up_with_one_sentence(tiny_corpus, tmp_path,
 
 # --- what is pruned, and that the LSTM really computes with the pruned weights ----------------------------
 def test_lstm_weights_are_named_and_a_tied_matrix_is_pruned_once():
-    tied = LSTMLanguageModel(30, 16, 16, num_layers=2, tie_weights=True)
+    tied = LSTMNetwork(30, 16, 16, num_layers=2, tie_weights=True)
     targets, mirrors = prunable_weights(tied)
     assert sorted(targets) == sorted(["embedding.weight", *LSTM_WEIGHTS])
     assert mirrors == {"decoder.weight": (tied.decoder, "weight", "embedding.weight")}
-    untied = LSTMLanguageModel(30, 16, 16, num_layers=2, tie_weights=False)
+    untied = LSTMNetwork(30, 16, 16, num_layers=2, tie_weights=False)
     assert sorted(prunable_weights(untied)[0]) == sorted(["embedding.weight", "decoder.weight", *LSTM_WEIGHTS])
     # The trap this avoids: ModelPruning's own discovery skips nn.LSTM and lists the tied matrix twice.
     default = ModelPruning.sanitize_parameters_to_prune(LanguageModel(30, 16, 16, 2), (), ["weight"])
     assert [type(m).__name__ for m, _ in default] == ["Embedding", "Linear"]
 
 
-def zeroed_by_hand(model: LanguageModel) -> LSTMLanguageModel:
+def zeroed_by_hand(model: LanguageModel) -> LSTMNetwork:
     """A plain network whose weights are ``orig * mask`` of the pruned one, copied in by hand."""
     net = model.network
-    plain = LSTMLanguageModel(net.vocab_size, 16, 16, 2, 0.0, True)
+    plain = LSTMNetwork(net.vocab_size, 16, 16, 2, 0.0, True)
     with torch.no_grad():
         for name, param in plain.named_parameters():
             module_name, attr = name.rsplit(".", 1)

@@ -21,8 +21,8 @@ from lm_lightning.callbacks.quantization import (
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 from lm_lightning.export import fake_quantize, load_exported, perplexity
-from lm_lightning.models import LSTMLanguageModel
-from lm_lightning.system import LanguageModel
+from lm_lightning.models import LSTMNetwork
+from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ["-c", str(ROOT / "configs/presets/debug.yaml")]
@@ -67,7 +67,7 @@ def test_fake_quantization_really_changes_the_lstm_output_also_under_pruning():
 
 def test_switching_keeps_parameters_state_dict_tying_and_passes_gradients():
     torch.manual_seed(0)
-    net = LSTMLanguageModel(50, 32, 32, 1, dropout=0.0, tie_weights=True)
+    net = LSTMNetwork(50, 32, 32, 1, dropout=0.0, tie_weights=True)
     params = dict(net.named_parameters())
     keys = list(net.state_dict())
     enable_fake_quantization(net, bits=8)

@@ -1,6 +1,7 @@
-"""Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``."""
+"""Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``; the export step is ``--export.*``."""
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
+from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.generation_writer import GenerationWriter
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.precision import PrecisionGuard
@@ -8,4 +9,5 @@ from lm_lightning.callbacks.pruning import MagnitudePruning
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.callbacks.throughput import TokenThroughput
 
-__all__ = ["GenerationWriter", "MicroBatchAccumulation", "MagnitudePruning", "MemoryMonitor", "PrecisionGuard", "QuantizationAwareFinishing", "TokenThroughput"]
+__all__ = ["Export", "GenerationWriter", "MicroBatchAccumulation", "MagnitudePruning", "MemoryMonitor", "PrecisionGuard",
+           "QuantizationAwareFinishing", "TokenThroughput"]

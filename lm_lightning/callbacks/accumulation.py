@@ -8,9 +8,9 @@ consecutive batches are consecutive windows of the same streams, so accumulating
 step, ``k`` times fewer steps per epoch, and does not lower the memory of a window of ``batch_size`` streams.
 
 What this callback adds is the data side. Each ``bptt`` window is yielded as ``k`` micro-batches, the stream
-groups ``0..k-1`` of that window (``StreamWindows``), and the system keeps one hidden state per group
-(``LanguageModel._loss``). Every group of a window has as many tokens, so ``(1/k) * sum of the group means`` is
-the window's per-token mean, and the step Lightning takes after the ``k`` micro-batches is the step of one batch
+groups ``0..k-1`` of that window (``data/windows.py``), and the system keeps one hidden state per group
+(``systems/base.py``). Every group divides its loss by the same share of the window's tokens (words, for bags), so
+``(1/k) * sum of the group losses`` is the window's per-token loss, and the step Lightning takes after the ``k`` micro-batches is the step of one batch
 of ``batch_size`` streams: parameters agree to float rounding, gradient clipping included, also when a schedule
 changes ``k`` between epochs and when the last window is shorter than ``bptt`` (``tests/test_accumulation.py``).
 What autograd saves for backward scales with the streams in flight, so activation memory drops about ``k`` times.
@@ -79,7 +79,7 @@ class MicroBatchAccumulation(Callback):
         """Everything that would otherwise fail, or silently train something else, after the first step."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "use_micro_batches"):
-            raise LMInputError("MicroBatchAccumulation needs a datamodule that yields stream micro-batches (lm_lightning.data.LMDataModule).")
+            raise LMInputError("MicroBatchAccumulation needs a datamodule that yields stream micro-batches (lm_lightning.data.TokenDataModule or BagDataModule).")
         if trainer.accumulate_grad_batches != 1:
             raise LMInputError(
                 f"--trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} conflicts with MicroBatchAccumulation, "

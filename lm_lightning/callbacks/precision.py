@@ -5,37 +5,23 @@ What they lack, and this callback adds:
 
 * **A start-up error for ``16-true`` with an Adam-style optimizer.** ``16-true`` keeps weights *and* optimizer state
   in float16, whose smallest subnormal is ~6e-8: Adam's default ``eps=1e-8`` rounds to 0, so ``exp_avg / (sqrt(v) +
-  eps)`` divides by zero wherever ``v`` underflows and the weights fill with NaN. Measured here (16x16 LSTM model,
-  AdamW lr 3e-3, 30 steps, loss 3.9 at the start): eps 1e-8 gives NaN from step 2, 1e-7 a loss of ~120, 1e-6 ~7,
-  while 1e-5 and 1e-4 train (0.8 and 1.9). The check covers every optimizer with a numeric ``eps`` below 1e-4
-  (Adam, AdamW, NAdam, RAdam, Adamax, RMSprop, Adagrad, ...).
+  eps)`` divides by zero wherever ``v`` underflows and the weights fill with NaN (an eps of 1e-4 or more survives; the
+  README has the measurements). The check covers every optimizer with a numeric ``eps`` below 1e-4 (Adam, AdamW,
+  NAdam, RAdam, Adamax, RMSprop, Adagrad, ...).
 * **A report of what actually runs**: the plugin, the parameter dtype, and the dtype each parametrised module
   *outputs* during the first training step (forward hooks, removed after that step), logged with ``logging`` and as
   TensorBoard text ``precision/summary``. Under ``16-mixed`` on GPU the loss scale is logged as ``precision/loss_scale``.
 
-What Lightning 2.6 does with each flag (measured on this CPU with torch 2.13):
+What Lightning does with each flag:
 
-* ``bf16-mixed``: ``torch.autocast(device, bfloat16, cache_enabled=False)`` around the forward pass; parameters,
-  gradients and optimizer state stay float32. On CPU autocast covers ``nn.LSTM``: the layer runs as oneDNN's
-  ``mkldnn_rnn_layer`` with bfloat16 inputs, weights, output and (h, c) state (how oneDNN accumulates inside is not
-  visible from PyTorch), so the state carried to the next window is bfloat16 too. The embedding lookup is not an
-  autocast op and stays float32; the decoder matmul runs in bfloat16; the loss is float32 because ``LanguageModel``
-  upcasts the logits before cross-entropy. (With oneDNN off, ``torch.backends.mkldnn.enabled = False``, the LSTM
-  gate matmuls still run in bfloat16 but the cell state and output stay float32; the report shows whichever ran.)
+* ``bf16-mixed``: ``torch.autocast(device, bfloat16)`` around the forward pass; parameters, gradients and optimizer
+  state stay float32. On CPU autocast covers ``nn.LSTM`` (oneDNN runs it with bfloat16 inputs, weights, output and
+  state, so the state carried to the next window is bfloat16 too); the embedding lookup stays float32, the decoder
+  matmul runs in bfloat16, and the loss is float32 because ``evaluation.nll`` upcasts the logits.
 * ``bf16-true`` / ``16-true``: the whole module is cast (weights, gradients, optimizer state, activations); with no
-  float32 master copy, an update below half a unit in the last place of its weight is rounded away (0.2-0.4% of the
-  weight's magnitude in bfloat16, 0.02-0.05% in float16).
-* ``16-mixed``: float16 autocast plus a ``GradScaler`` on GPU. **On CPU Lightning does not run float16**: it warns
-  "You passed `Trainer(accelerator='cpu', precision='16-mixed')` but AMP with fp16 is not supported on CPU. Using
-  `precision='bf16-mixed'` instead." and ``trainer.precision`` then reads ``bf16-mixed`` (bfloat16 autocast, no scaler).
-
-Measured on this machine (AMD EPYC with AVX-512 BF16, shared, medians): a 1024x1024 @ 1024x1024 matmul is 2.1-2.3x
-faster in bfloat16 (12 vs 5.3 ms on 2 threads), not the 2.8x sometimes quoted; the default recipe's 2x256 LSTM on a
-32x35 window 1.6-1.7x (forward 14 vs 8.6 ms, forward+backward ~50 vs ~30 ms); a whole training step of the default
-model (forward, backward, AdamW) 1.7x (303 vs 178 ms on 1 thread). Activation memory per step of that model
-(``MemoryMonitor``): 54.1 MiB float32, 43.4 MiB bf16-mixed, 39.6 MiB bf16-true. Only ~20% saved, because the two
-largest items stay wide: oneDNN's LSTM workspace (39 MiB float32, 29 MiB under autocast) and the float32 log-softmax
-of the loss (10.5 MiB).
+  float32 master copy, an update below half a unit in the last place of its weight is rounded away.
+* ``16-mixed``: float16 autocast plus a ``GradScaler`` on GPU. On CPU Lightning does not run float16: it warns and
+  runs ``bf16-mixed`` (bfloat16 autocast, no scaler), and ``trainer.precision`` then reads ``bf16-mixed``.
 """
 
 from __future__ import annotations

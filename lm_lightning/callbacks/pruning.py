@@ -17,8 +17,8 @@ sets ``<name> = <name>_orig * <name>_mask``), the global / per-layer split and t
 * Masked weights kept as graph leaves between steps: torch's pre-hook leaves a non-leaf tensor on the module (and in
   ``nn.LSTM._flat_weights``), which ``copy.deepcopy`` refuses.
 * Only plain typed arguments: ModelPruning's string ``pruning_fn`` does not survive LightningCLI's config.yaml.
-* Sparsity per tensor in TensorBoard (``pruning/sparsity/<name>``, ``pruning/sparsity``) and, at the end of fit, an
-  export storing the pruned tensors sparsely (``lm_lightning.export``), optionally quantized too.
+* Sparsity per tensor in TensorBoard (``pruning/sparsity/<name>``, ``pruning/sparsity``). The export step
+  (``callbacks/export.py``) then stores the pruned tensors sparsely, quantized too when the run asks for it.
 
 Memory: while training, torch holds each pruned tensor three times (``_orig``, a mask of the same dtype, the masked
 copy). Pruning shrinks the exported file and inference, not training.
@@ -26,8 +26,6 @@ copy). Pruning shrinks the exported file and inference, not training.
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -37,7 +35,6 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.models import LSTMLanguageModel
 
 SCHEDULES = ("constant", "linear", "cubic")
 
@@ -92,11 +89,6 @@ class MagnitudePruning(ModelPruning):
             with small weights (the embedding at initialization) can be zeroed entirely.
         parameters: Names of the weights to prune within the network, e.g. ``[lstm.weight_hh_l0]``; default: every
             embedding, LSTM and decoder weight matrix. A tied embedding/decoder matrix is pruned once.
-        export: At the end of fit, write the pruned network with sparse tensors (``lm_lightning.export``).
-        export_dir: Folder of that export; default ``<log_dir>/export-sparse``.
-        export_bits: Also quantize the exported weights: 8 (int8 per output row) or 4 (int4 groups); unset keeps
-            float32. Quantization keeps zeros zero, so the savings multiply.
-        export_group_size: Inputs sharing one int4 scale; must divide every weight's input width.
     """
 
     def __init__(
@@ -107,10 +99,6 @@ class MagnitudePruning(ModelPruning):
         end_epoch: Optional[int] = None,
         scope: str = "layer",
         parameters: Optional[list[str]] = None,
-        export: bool = True,
-        export_dir: Optional[str] = None,
-        export_bits: Optional[int] = None,
-        export_group_size: int = 32,
     ) -> None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
             raise LMInputError(f"MagnitudePruning sparsity must be a fraction in [0, 1), got {sparsity!r}: e.g. 0.8 zeroes 80% of the weights.")
@@ -122,10 +110,6 @@ class MagnitudePruning(ModelPruning):
             raise LMInputError(f"MagnitudePruning start_epoch and end_epoch must be >= 0 (epochs count from 0), got {start_epoch} and {end_epoch}.")
         if end_epoch is not None and start_epoch is not None and end_epoch < start_epoch:
             raise LMInputError(f"MagnitudePruning end_epoch ({end_epoch}) comes before start_epoch ({start_epoch}): give end_epoch >= start_epoch.")
-        if export:
-            from lm_lightning.export import check_quantization  # lazily, like the export itself
-
-            check_quantization(export_bits, export_group_size)
         # "l1_unstructured" is turned into torch's L1Unstructured here, never stored in the config (see module doc).
         super().__init__(
             "l1_unstructured",
@@ -138,7 +122,6 @@ class MagnitudePruning(ModelPruning):
         self.sparsity, self.schedule, self.scope = float(sparsity), schedule, scope
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self.parameter_names = list(parameters) if parameters is not None else None
-        self.export, self.export_dir, self.export_bits, self.export_group_size = export, export_dir, export_bits, export_group_size
         # The epochs, or their defaults once max_epochs is known (setup).
         self._start_epoch = start_epoch if start_epoch is not None or end_epoch is None else min(1, end_epoch)
         self._end_epoch = end_epoch
@@ -179,8 +162,6 @@ class MagnitudePruning(ModelPruning):
         self._targets = targets
         self._mirrors = {n: m for n, m in mirrors.items() if m[2] in targets}
         self._parameters_to_prune = list(targets.values())
-        if self.export and stage == "fit":
-            self._check_export(network)
         super().setup(trainer, pl_module, stage)  # ModelPruning checks the list against the module
 
     def resolve_epochs(self, max_epochs: Optional[int]) -> tuple[int, int]:
@@ -194,15 +175,6 @@ class MagnitudePruning(ModelPruning):
         start = self.start_epoch if self.start_epoch is not None else min(1, end)
         self._start_epoch, self._end_epoch = start, end
         return start, end
-
-    def _check_export(self, network: nn.Module) -> None:
-        from lm_lightning.export import block_width  # fail now, not after training, if the export cannot be written
-
-        if not isinstance(network, LSTMLanguageModel):
-            raise LMInputError(f"MagnitudePruning exports LSTMLanguageModel networks only, not {type(network).__name__}: set its export to false.")
-        if self.export_bits is not None:
-            for name, (module, attr) in self._targets.items():
-                block_width(getattr(module, attr).shape, self.export_bits, self.export_group_size, name)
 
     # --- pruning --------------------------------------------------------------------------------------
     def _apply_global_pruning(self, amount: float) -> None:
@@ -307,22 +279,6 @@ class MagnitudePruning(ModelPruning):
             self._follow_targets()
 
     # --- export ---------------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.export or not trainer.is_global_zero:
-            return
-        folder = self.export_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "export-sparse")
-        vocab = getattr(getattr(trainer, "datamodule", None), "vocab", None)
-        self.export_network(getattr(pl_module, "network", pl_module), folder, vocab=vocab)
-
-    def export_network(self, network: nn.Module, folder: str, vocab: Any = None) -> dict:
-        """Write a copy of ``network`` with its masks made permanent (plain weights with zeros), stored sparsely."""
-        from lm_lightning.export import export_model  # lazily: training does not need the export module
-
-        for module, attr in self._pruned():
-            setattr(module, attr, getattr(module, attr).detach())
-        plain = copy.deepcopy(network)
-        self.make_pruning_permanent(plain)
-        stats = self.sparsity_by_tensor() if self._targets else {}
-        metadata = {"pruning": {"target": self.sparsity, "scope": self.scope, "schedule": self.schedule, **stats}}
-        return export_model(plain, folder, bits=self.export_bits, group_size=self.export_group_size, vocab=vocab, metadata=metadata)
-
+    def export_metadata(self) -> dict[str, Any]:
+        """What the export step records about this strategy (its presence also tells the step to export)."""
+        return {"target": self.sparsity, "scope": self.scope, "schedule": self.schedule, **(self.sparsity_by_tensor() if self._targets else {})}

@@ -1,4 +1,4 @@
-"""Quantization-aware finishing: the last part of training runs on fake-quantized weights, then an int8/int4 export.
+"""Quantization-aware finishing: the last part of training runs on fake-quantized int8/int4 weights.
 
 Quantization-aware training (Jacob et al. 2018, arXiv:1712.05877) lets the weights adapt to the rounding they
 will get in the export: the forward pass uses ``dequantize(quantize(w))``, the backward pass treats the rounding
@@ -16,15 +16,15 @@ Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what th
   unchanged: checkpoints saved during QAT load into a plain ``LanguageModel``, a resumed run switches QAT back
   on from the step count, and pruning hooks (``torch.nn.utils.prune``) run first, so the pruned weight is the
   one that gets quantized.
-* The schedule, ``qat/active`` in TensorBoard, and at the end of fit the export of ``lm_lightning/export.py``
-  with its size and test perplexity (``export/bytes``, ``export/test_ppl``).
+* The schedule and ``qat/active`` in TensorBoard. The export step (``callbacks/export.py``) then writes the integer
+  export this run trained for, with the same rule (``lm_lightning/quantization.py``), so it reproduces the
+  fake-quantized model bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -34,15 +34,7 @@ from torch import nn
 from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.export import (
-    block_width,
-    check_quantization,
-    export_model,
-    fake_quantize,
-    load_exported,
-    network_spec,
-    perplexity,
-)
+from lm_lightning.quantization import block_width, check_quantization, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +120,8 @@ def disable_fake_quantization(network: nn.Module) -> None:
 
 
 class QuantizationAwareFinishing(Callback):
-    """Train the last part of the run on fake-quantized weights, then export int8/int4 weights and report their size
-    and test perplexity. Without this callback, ``lm_lightning.export.export_model`` on a trained network is
-    post-training quantization.
+    """Train the last part of the run on fake-quantized weights; the export step then writes int8/int4 weights.
+    Without this callback, an integer export (``--export.bits 8``) is post-training quantization.
 
     Args:
         bits: 8 (int8, one scale per output channel) or 4 (int4, one scale per ``group_size`` inputs).
@@ -138,8 +129,6 @@ class QuantizationAwareFinishing(Callback):
         last_epochs: Fake-quantize during the last N epochs of ``trainer.max_epochs``. Give this or ``last_fraction``.
         last_fraction: Fake-quantize during this final share of the training steps, in (0, 1]; 0.25 when neither
             this nor ``last_epochs`` is given.
-        export: At the end of fit, write the export and report its size and test perplexity.
-        export_dir: Folder for the export; default ``<log_dir>/export-int<bits>``.
     """
 
     def __init__(
@@ -148,8 +137,6 @@ class QuantizationAwareFinishing(Callback):
         group_size: int = 32,
         last_epochs: Optional[int] = None,
         last_fraction: Optional[float] = None,
-        export: bool = True,
-        export_dir: Optional[str] = None,
     ) -> None:
         check_quantization(bits, group_size)
         if bits is None:
@@ -163,10 +150,8 @@ class QuantizationAwareFinishing(Callback):
         self.bits, self.group_size = bits, group_size
         self.last_epochs = last_epochs
         self.last_fraction = 0.25 if last_epochs is None and last_fraction is None else last_fraction
-        self.export, self.export_dir = export, export_dir
         self.start_step: Optional[int] = None
         self.started_at: Optional[int] = None  # global step at which fake quantization was switched on
-        self.report: Optional[dict] = None  # export report + "test_ppl", after fit
 
     @property
     def active(self) -> bool:
@@ -181,8 +166,6 @@ class QuantizationAwareFinishing(Callback):
         if not isinstance(network, nn.Module):
             raise LMInputError(f"QuantizationAwareFinishing needs a LightningModule with a `network` module, got {type(pl_module).__name__}.")
         quantized_weights(network, self.bits, self.group_size)
-        if self.export:
-            network_spec(network)
         if self.last_epochs is not None:
             if trainer.max_epochs is None or trainer.max_epochs < 1:
                 raise LMInputError("last_epochs needs a finite --trainer.max_epochs: set it, or use last_fraction.")
@@ -191,7 +174,7 @@ class QuantizationAwareFinishing(Callback):
                     f"last_epochs ({self.last_epochs}) is more than trainer.max_epochs ({trainer.max_epochs}): QAT would "
                     "start before the first epoch; lower last_epochs."
                 )
-        self.started_at, self.report = None, None
+        self.started_at = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.last_fraction is None:
@@ -216,43 +199,15 @@ class QuantizationAwareFinishing(Callback):
         pl_module.log("qat/active", float(self.active))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.export or not trainer.is_global_zero:
-            return
         if not self.active:
-            log.warning("QAT never started (training stopped at step %d): the export is post-training quantization.", trainer.global_step)
-        folder = (Path(self.export_dir) if self.export_dir else Path(trainer.log_dir or trainer.default_root_dir) / f"export-int{self.bits}").absolute()
-        datamodule = trainer.datamodule
-        metadata = {"qat": self.active, "qat_start_step": self.started_at, "global_step": trainer.global_step, "epoch": trainer.current_epoch}
-        report = export_model(pl_module.network, folder, self.bits, self.group_size, getattr(datamodule, "vocab", None), metadata)
-        report["test_ppl"] = self._test_perplexity(trainer, folder, pl_module.device)
-        self.report = report
-        metrics = {"export/bytes": float(report["bytes"])}
-        if report["test_ppl"] is not None:
-            metrics["export/test_ppl"] = report["test_ppl"]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
-        ppl = f"{report['test_ppl']:.2f}" if report["test_ppl"] is not None else "n/a (no test split)"
-        print(
-            f"Exported int{self.bits} model to {folder}: {report['bytes']:,} bytes "
-            f"({report['bytes'] / report['float32_bytes']:.0%} of float32 weights), test perplexity {ppl}"
-        )
+            log.warning("QAT never started (training stopped at step %d): an integer export is post-training quantization.", trainer.global_step)
 
-    def _test_perplexity(self, trainer: L.Trainer, folder: Path, device: torch.device) -> Optional[float]:
-        """Perplexity of the *loaded* export on the datamodule's test split (``limit_test_batches`` applies)."""
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "test_dataloader"):
-            return None
-        datamodule.setup("test")
-        batches = datamodule.test_dataloader()
-        limit = trainer.limit_test_batches
-        max_batches = limit if isinstance(limit, int) else (None if limit >= 1.0 else int(len(batches) * limit))
-        if max_batches == 0:  # --trainer.limit_test_batches 0: no test evaluation wanted
-            return None
-        return perplexity(load_exported(folder).to(device), batches, max_batches)
+    def export_metadata(self) -> dict[str, Any]:
+        """What the export step records about this strategy (its presence also tells the step to export)."""
+        return {"bits": self.bits, "group_size": self.group_size, "active": self.active, "start_step": self.started_at}
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # The trained module goes back to plain nn modules (deep-copyable, picklable as usual); the export holds
-        # the quantized model.
+        # The trained module goes back to plain nn modules (deep-copyable, picklable as usual); the export step,
+        # which runs before this, holds the quantized model.
         if stage == "fit" and isinstance(getattr(pl_module, "network", None), nn.Module):
             disable_fake_quantization(pl_module.network)

@@ -1,8 +1,12 @@
-from lm_lightning.data.bow import BagWindows, BoWDataModule
-from lm_lightning.data.datamodule import LMDataModule
+"""Data in: text sources, NLTK preprocessing, the vocabulary and its cache, and the stream windows both paths share."""
+
+from lm_lightning.data.bag import BagDataModule, BagRows
+from lm_lightning.data.base import StreamDataModule
 from lm_lightning.data.preprocessing import Preprocessor
 from lm_lightning.data.sources import Corpus, load_corpus
-from lm_lightning.data.streams import StreamWindows, batchify
+from lm_lightning.data.tokens import TokenDataModule
 from lm_lightning.data.vocabulary import Vocabulary
+from lm_lightning.data.windows import Batch, StreamWindows, TokenRows, batchify
 
-__all__ = ["BagWindows", "BoWDataModule", "Corpus", "LMDataModule", "Preprocessor", "StreamWindows", "Vocabulary", "batchify", "load_corpus"]
+__all__ = ["BagDataModule", "BagRows", "Batch", "Corpus", "Preprocessor", "StreamDataModule", "StreamWindows", "TokenDataModule",
+           "TokenRows", "Vocabulary", "batchify", "load_corpus"]

@@ -7,8 +7,11 @@ With ``tie_weights`` the decoder reuses the embedding matrix (Press & Wolf 2017,
 Improve Language Models", arXiv:1608.05859; Inan et al. 2017): it removes ``vocab_size x hidden_dim``
 parameters, often the largest single matrix, and usually lowers perplexity.
 
-This file knows nothing about Lightning. Any ``nn.Module`` with the same ``forward(ids, hidden=None)`` ->
-``(logits, hidden)`` contract can replace it (see the GRU in tests/); ``hidden=None`` means a zero state.
+This file knows nothing about Lightning. The network contract, which any replacement keeps (see the GRU in
+tests/): ``forward(inputs, hidden=None) -> (logits, hidden)`` with ``inputs`` ``(streams, time)`` token ids, ``logits``
+``(streams, time, vocab)``, and ``hidden`` whatever state the network carries to the next window (``None`` means a
+zero state; tensors, or tuples of them, which the system detaches between windows). A network that sets ``config``
+to its constructor arguments can be rebuilt from an export without code (``lm_lightning/export.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,34 @@ def init_weights(embedding: nn.Module, lstm: nn.LSTM, decoder: nn.Linear) -> Non
                 param[h : 2 * h].fill_(1.0)  # gate order: input, forget, cell, output
 
 
-class LSTMLanguageModel(nn.Module):
+def check_network_args(vocab_size: int, embedding_dim: int, hidden_dim: int, num_layers: int, dropout: float, tie_weights: bool) -> None:
+    """The settings every embedding + LSTM network shares, checked once with a sentence that names the fix."""
+    if vocab_size < 2:
+        raise LMInputError(f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary.")
+    for name, value in (("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
+        if value < 1:
+            raise LMInputError(f"--model.{name} must be a positive integer, got {value}.")
+    if tie_weights and embedding_dim != hidden_dim:
+        raise LMInputError(
+            f"tie_weights needs embedding_dim == hidden_dim (got {embedding_dim} and {hidden_dim}): "
+            "make them equal or pass --model.tie_weights false."
+        )
+    if not 0 <= dropout < 1:
+        raise LMInputError(f"dropout must be in [0, 1), got {dropout}.")
+
+
+class LSTMNetwork(nn.Module):
+    """Token ids -> logits over the next token (the ``nn.Module``; ``systems/tokens.py`` trains it).
+
+    Args:
+        vocab_size: Tokens in the vocabulary.
+        embedding_dim: Width of the token embedding.
+        hidden_dim: Width of each LSTM layer.
+        num_layers: Stacked LSTM layers.
+        dropout: Dropout on embeddings, between LSTM layers and before the decoder.
+        tie_weights: Share the embedding and decoder matrices; needs embedding_dim == hidden_dim.
+    """
+
     def __init__(
         self,
         vocab_size: int,
@@ -49,15 +79,10 @@ class LSTMLanguageModel(nn.Module):
         tie_weights: bool = True,
     ) -> None:
         super().__init__()
-        if vocab_size < 2:
-            raise LMInputError(f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary.")
-        if tie_weights and embedding_dim != hidden_dim:
-            raise LMInputError(
-                f"tie_weights needs embedding_dim == hidden_dim (got {embedding_dim} and {hidden_dim}): "
-                "make them equal or pass --model.tie_weights false."
-            )
-        if not 0 <= dropout < 1:
-            raise LMInputError(f"dropout must be in [0, 1), got {dropout}.")
+        check_network_args(vocab_size, embedding_dim, hidden_dim, num_layers, dropout, tie_weights)
+        # What an export needs to rebuild this network (dropout is off at inference).
+        self.config = {"vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim,
+                       "num_layers": num_layers, "tie_weights": tie_weights}
         self.vocab_size, self.hidden_dim, self.num_layers = vocab_size, hidden_dim, num_layers
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.dropout = nn.Dropout(dropout)

@@ -14,32 +14,32 @@ from conftest import write_corpus
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-from lm_lightning.bow_system import BoWLanguageModel
+from lm_lightning.systems.bag import BagLanguageModel
 from lm_lightning.cli import build_cli, main
 from lm_lightning.data import bow as bow_data
-from lm_lightning.data.bow import BagWindows, BoWDataModule, batch_bytes, build_vocabulary, count_matrix
+from lm_lightning.data.bag import BagWindows, BagDataModule, batch_bytes, build_vocabulary, count_matrix
 from lm_lightning.errors import LMInputError
-from lm_lightning.models.bow import BagOfWordsLSTM, Bags, bag_nll
+from lm_lightning.models.bag import BagLSTMNetwork, Bags, bag_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # The recipe, not --model/--data class paths: a class switched on the command line keeps the token classes' values
 # for arguments of the same name (remove_stopwords: false, tie_weights: true, ...).
-BOW = ["-c", str(ROOT / "configs" / "bow_embedded.yaml")]
+BOW = ["-c", str(ROOT / "configs" / "bag_embedded.yaml")]
 # Stop words (NLTK's list from ../shared, or scikit-learn's) and punctuation go, Porter stems stay:
 # "cats" -> cat, "dogs" -> dog. The blank line separates; "..." and "The and the." come out empty.
 HAND_TRAIN = "The cats sat on the mat with the cat.\nA dog sat.\n\n...\nThe dogs and the cats.\nThe and the.\nSat, sat, sat!\nOn the mat.\n"
 HAND_VALID = "The bird sat.\nCats!\n"  # "bird" is not in train: <unk>
 
 
-def hand_datamodule(tmp_path: Path, **kwargs) -> BoWDataModule:
+def hand_datamodule(tmp_path: Path, **kwargs) -> BagDataModule:
     corpus = write_corpus(tmp_path / "hand", HAND_TRAIN, HAND_VALID, HAND_VALID)
     settings = {"min_df": 1, "batch_size": 2, "eval_batch_size": 1, "bptt": 1, "segment": "line", "cache_dir": str(tmp_path / "cache"), **kwargs}
-    return BoWDataModule(str(corpus), **settings)
+    return BagDataModule(str(corpus), **settings)
 
 
 def test_a_csr_batch_equals_the_hand_computed_one(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="lm_lightning.data.bow"):
+    with caplog.at_level(logging.INFO, logger="lm_lightning.data.bag"):
         dm = hand_datamodule(tmp_path)
         # Train counts: sat 1+1+3 = 5, cat 2+1 = 3, dog 2, mat 2; ordered by count, then alphabetically.
         assert dm.vocab.itos == ["<unk>", "sat", "cat", "dog", "mat"]
@@ -70,7 +70,7 @@ def test_a_literal_unk_in_the_text_is_the_unk_column():
 
 def test_cache_hit_gives_the_same_counts(tmp_path, caplog):
     first = hand_datamodule(tmp_path)
-    with caplog.at_level(logging.INFO, logger="lm_lightning.data.bow"):
+    with caplog.at_level(logging.INFO, logger="lm_lightning.data.bag"):
         second = hand_datamodule(tmp_path)
         assert second.vocab == first.vocab
     assert "cache hit" in caplog.text
@@ -103,7 +103,7 @@ def random_bags(streams: int, time: int, vocab: int, seed: int) -> Bags:
 def test_sparse_and_dense_inputs_give_the_same_loss_and_gradients(bag_weighting, tie_weights):
     """Float32 with a different summation order (EmbeddingBag vs a matmul): held to 1e-5 relative, 1e-6 absolute."""
     torch.manual_seed(0)
-    net = BagOfWordsLSTM(23, 16, 16 if tie_weights else 12, 2, dropout=0.0, tie_weights=tie_weights, bag_weighting=bag_weighting)
+    net = BagLSTMNetwork(23, 16, 16 if tie_weights else 12, 2, dropout=0.0, tie_weights=tie_weights, bag_weighting=bag_weighting)
     inputs, targets = random_bags(3, 4, 23, seed=1), random_bags(3, 4, 23, seed=2)
     grads = []
     for x, y in ((inputs, targets), (inputs.to_dense(23), targets.to_dense(23))):
@@ -168,7 +168,7 @@ def test_validate_from_the_saved_config_and_checkpoint_matches_fit(bow_fit, tmp_
     best = run / "checkpoints" / Path(fit_cli.trainer.checkpoint_callback.best_model_path).name
     validate = build_cli(["validate", "-c", str(run / "config.yaml"), *QUIET, "--ckpt_path", str(best)])
     assert float(validate.trainer.callback_metrics["val/ppl"]) == pytest.approx(float(fit_cli.trainer.checkpoint_callback.best_model_score), rel=1e-5)
-    assert BoWLanguageModel.load_from_checkpoint(best).hparams.bag_weighting == "sum"  # re-created from its own arguments
+    assert BagLanguageModel.load_from_checkpoint(best).hparams.bag_weighting == "sum"  # re-created from its own arguments
 
 
 def test_predict_lists_the_likeliest_next_words(bow_fit, tmp_path, monkeypatch, capsys):
@@ -182,10 +182,10 @@ def test_predict_lists_the_likeliest_next_words(bow_fit, tmp_path, monkeypatch, 
 def test_errors_name_the_input_and_the_fix(tmp_path, monkeypatch):
     stop = write_corpus(tmp_path / "stop", "The and the.\nOf a the.\n" * 20, "A cat.\n" * 20, "A cat.\n" * 20)
     with pytest.raises(LMInputError, match=r"train split of 'stop' has no words after preprocessing: 40 of its line segments .*\(40 held only stop words\); set --data.remove_stopwords false"):
-        _ = BoWDataModule(str(stop), segment="line", cache_dir=str(tmp_path / "c")).vocab
+        _ = BagDataModule(str(stop), segment="line", cache_dir=str(tmp_path / "c")).vocab
     empty = write_corpus(tmp_path / "empty", "A cat sat.\n" * 40, "...\n--\n" * 20, "A cat.\n" * 40)
     with pytest.raises(LMInputError, match=r"valid split of 'empty' has no words after preprocessing: 40 of its line segments .*\(0 held only stop words\); check the text"):
-        _ = BoWDataModule(str(empty), segment="line", cache_dir=str(tmp_path / "c")).vocab
+        _ = BagDataModule(str(empty), segment="line", cache_dir=str(tmp_path / "c")).vocab
     with pytest.raises(LMInputError, match=r"The vocabulary is empty: no word occurs in 1000 or more of the 5 train segments \(--data.min_df\): lower --data.min_df"):
         _ = hand_datamodule(tmp_path, min_df=1000).vocab
     with pytest.raises(LMInputError, match=r"valid split has 2 non-empty segments, fewer than one window needs .* = 3 x 1 x 2 = 6\): lower --data.eval_batch_size or"):
@@ -257,7 +257,7 @@ def test_pruning_applies_without_its_export_and_quantization_fails_clearly(tiny_
         assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
     monkeypatch.chdir(tmp_path)
     for callback, message in [
-        ("pruning.MagnitudePruning", "MagnitudePruning exports LSTMLanguageModel networks only, not BagOfWordsLSTM: set its export to false."),
+        ("pruning.MagnitudePruning", "MagnitudePruning exports LSTMNetwork networks only, not BagLSTMNetwork: set its export to false."),
         ("quantization.QuantizationAwareFinishing", "QuantizationAwareFinishing quantizes nn.Embedding, nn.Linear and nn.LSTM weights; 'embedding' is a EmbeddingBag"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

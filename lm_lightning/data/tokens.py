@@ -1,32 +1,25 @@
-"""The LightningDataModule: raw text -> NLTK tokens -> cached ids -> truncated-BPTT stream batches."""
+"""The token path's LightningDataModule: raw text -> NLTK tokens -> cached ids -> truncated-BPTT stream windows."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
+from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
 from lm_lightning.data.cache import TokenCache, cache_key
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
-from lm_lightning.data.streams import StreamWindows
 from lm_lightning.data.vocabulary import EOS, Vocabulary
+from lm_lightning.data.windows import TokenRows
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)
-
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("LM_LIGHTNING_CACHE") or str(Path.home() / ".cache" / "lm_lightning" / "tokens")
 
 
 def tokenize_lines(text: str, preprocess: Preprocessor, keep_empty_lines: bool) -> list[str]:
@@ -40,7 +33,7 @@ def tokenize_lines(text: str, preprocess: Preprocessor, keep_empty_lines: bool) 
     return tokens
 
 
-class LMDataModule(L.LightningDataModule):
+class TokenDataModule(StreamDataModule):
     """Text corpus as batches of parallel token streams for truncated BPTT.
 
     Args:
@@ -90,31 +83,13 @@ class LMDataModule(L.LightningDataModule):
         num_prompts: int = 1,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt), ("num_prompts", num_prompts)):
-            if value < 1:
-                raise LMInputError(f"--data.{name} must be a positive integer, got {value}.")
+        check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt, num_prompts=num_prompts)
         self.save_hyperparameters()
         # Built here, not in setup(): a bad setting should fail before any training starts.
         self.preprocessor = Preprocessor(tokenizer, lowercase, remove_stopwords, stemmer, lemmatize)
-        self._vocab: Optional[Vocabulary] = None
         self._cache: Optional[TokenCache] = None
-        self.datasets: dict[str, StreamWindows] = {}
-        self._micro_batch_size: Optional[Callable[[], Optional[int]]] = None
 
     # --- vocabulary and cache -------------------------------------------------------------------------
-    @property
-    def vocab(self) -> Vocabulary:
-        """Built or loaded on first access: LightningCLI reads ``vocab_size`` before ``prepare_data`` runs."""
-        if self._vocab is None:
-            vocab = self._load_or_build()
-            self._check_lengths()
-            self._vocab = vocab
-        return self._vocab
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
     def _settings(self) -> dict:
         hp = self.hparams
         return {
@@ -155,65 +130,17 @@ class LMDataModule(L.LightningDataModule):
         log.info("Tokenized %s in %.1fs: %s tokens, vocabulary %d -> %s", corpus.name, time.perf_counter() - start, meta["tokens"], len(vocab), cache.path)
         return vocab
 
-    def _check_lengths(self) -> None:
-        """Fail at start-up, not after the first epoch, when a split cannot fill one window."""
-        hp = self.hparams
-        assert self._cache is not None
-        for split in SPLITS:
-            streams = hp.batch_size if split == "train" else hp.eval_batch_size
-            needed = streams * (hp.bptt + 1)
-            have = len(self._cache.load_ids(split))
-            if have < needed:
-                raise LMInputError(
-                    f"The {split} split has {have} tokens, fewer than one window needs "
-                    f"(streams x (bptt + 1) = {streams} x {hp.bptt + 1} = {needed}): lower --data.batch_size, "
-                    "--data.eval_batch_size or --data.bptt, or use a larger corpus."
-                )
-
     def ids(self, split: str) -> np.ndarray:
         """The split's token ids, memory-mapped from the cache."""
-        _ = self.vocab  # builds or loads the cache on first use
+        return self.rows(split).ids
+
+    def _rows(self, split: str) -> TokenRows:
         assert self._cache is not None
-        return self._cache.load_ids(split)
+        return TokenRows(self._cache.load_ids(split))
 
-    # --- Lightning hooks ------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        _ = self.vocab
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        hp = self.hparams
-        rank = self.trainer.global_rank if self.trainer else 0
-        world = self.trainer.world_size if self.trainer else 1
-        wanted = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}.get(stage or "", SPLITS)
-        for split in wanted:
-            batch = hp.batch_size if split == "train" else hp.eval_batch_size
-            micro = self._micro_batch_size if split == "train" else None  # evaluation keeps whole windows
-            self.datasets[split] = StreamWindows(self.ids(split), batch, hp.bptt, rank, world, split, micro)
-
-    def use_micro_batches(self, micro_batch_size: Callable[[], Optional[int]]) -> None:
-        """Yield each training window as micro-batches of ``micro_batch_size()`` streams (gradient accumulation,
-        see ``callbacks/accumulation.py``); the callable is asked at the start of every epoch."""
-        self._micro_batch_size = micro_batch_size
-        if "train" in self.datasets:
-            self.datasets["train"].micro_batch_size = micro_batch_size
-
-    def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each dataset item already is a whole (inputs, targets[, first_stream]) batch.
-        return DataLoader(self.datasets[split], batch_size=None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("valid")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
+    # --- prediction -----------------------------------------------------------------------------------
     def predict_dataloader(self) -> DataLoader:
         """The prompt as ids, ``num_prompts`` times: each copy gives one sample."""
-        import torch
-
         ids = self.vocab.encode(self.preprocessor(self.hparams.prompt)) or [self.vocab.eos_id]
         prompts = [torch.tensor([ids]) for _ in range(self.hparams.num_prompts)]
         return DataLoader(prompts, batch_size=None)

@@ -14,10 +14,9 @@ in the bag-of-words loss of Zhao et al. 2017, arXiv:1703.10960): its negative lo
 ``-sum_w count_w * log p(w)``, and ``exp`` of that divided by the number of words is a per-word perplexity, directly
 comparable with a unigram model's (which predicts the same ``p`` for every segment).
 
-Sum or mean of the word vectors (``bag_weighting``): measured on the embedded corpus (lines, 256-wide embeddings, 128-wide
-LSTM, 20 epochs, 3 seeds), the count-weighted sum reached a validation perplexity of 280-283 and the mean 293-304
-(unigram: 402); on windows of 10 words, 330 and 337. A segment's length is information the mean throws away. The mean
-remains an option for corpora whose segments differ wildly in length, where sums of very different scales reach the LSTM.
+Sum or mean of the word vectors (``bag_weighting``): the count-weighted sum keeps a segment's length, which the mean
+throws away (the README gives the measured difference); the mean suits corpora whose segments differ wildly in length,
+where sums of very different scales reach the LSTM.
 
 This file knows nothing about Lightning. ``forward`` also takes dense ``(streams, time, vocab)`` count tensors, the
 plain reference path that tests hold the sparse path equal to; it is not meant for training.
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.models.lstm import init_weights
+from lm_lightning.models.lstm import check_network_args, init_weights
 
 Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, streams, hidden_dim)
 BagWeighting = Literal["mean", "sum"]
@@ -55,18 +54,6 @@ class Bags(NamedTuple):
     @property
     def num_segments(self) -> int:
         return self.offsets.numel() - 1
-
-    # A token batch is a (streams, time) tensor; Bags answer the same size questions, so code that counts batches
-    # (TokenThroughput's streams/s and items/s) counts streams and segments here.
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.streams, self.num_segments // self.streams))
-
-    def size(self, dim: Optional[int] = None) -> Union[torch.Size, int]:
-        return self.shape if dim is None else self.shape[dim]
-
-    def numel(self) -> int:
-        return self.num_segments
 
     def segment_ids(self) -> torch.Tensor:
         """The row of each nonzero, ``(nnz,)``."""
@@ -107,15 +94,17 @@ def bag_nll(logits: torch.Tensor, targets: Segments) -> torch.Tensor:
     return (targets.totals().to(logits.dtype) * logits.logsumexp(-1)).sum() - (targets.counts.to(logits.dtype) * picked).sum()
 
 
-class BagOfWordsLSTM(nn.Module):
-    """Args:
-    vocab_size: Words in the vocabulary (``<unk>`` included).
-    embedding_dim: Width of a word vector, and so of a segment's bag vector.
-    hidden_dim: Width of each LSTM layer.
-    num_layers: Stacked LSTM layers.
-    dropout: Dropout on bag vectors, between LSTM layers and before the decoder.
-    tie_weights: Decode with the bag embedding matrix (Press & Wolf 2017); needs embedding_dim == hidden_dim.
-    bag_weighting: ``sum`` (count-weighted sum of the word vectors) or ``mean`` (count-weighted mean).
+class BagLSTMNetwork(nn.Module):
+    """Bags of segments -> logits over the words of the next segment (the ``nn.Module``; ``systems/bag.py`` trains it).
+
+    Args:
+        vocab_size: Words in the vocabulary (``<unk>`` included).
+        embedding_dim: Width of a word vector, and so of a segment's bag vector.
+        hidden_dim: Width of each LSTM layer.
+        num_layers: Stacked LSTM layers.
+        dropout: Dropout on bag vectors, between LSTM layers and before the decoder.
+        tie_weights: Decode with the bag embedding matrix (Press & Wolf 2017); needs embedding_dim == hidden_dim.
+        bag_weighting: ``sum`` (count-weighted sum of the word vectors) or ``mean`` (count-weighted mean).
     """
 
     def __init__(
@@ -129,17 +118,12 @@ class BagOfWordsLSTM(nn.Module):
         bag_weighting: BagWeighting = "sum",
     ) -> None:
         super().__init__()
-        if vocab_size < 2:
-            raise LMInputError(f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary.")
-        if tie_weights and embedding_dim != hidden_dim:
-            raise LMInputError(
-                f"tie_weights needs embedding_dim == hidden_dim (got {embedding_dim} and {hidden_dim}): "
-                "make them equal or pass --model.tie_weights false."
-            )
-        if not 0 <= dropout < 1:
-            raise LMInputError(f"dropout must be in [0, 1), got {dropout}.")
+        check_network_args(vocab_size, embedding_dim, hidden_dim, num_layers, dropout, tie_weights)
         if bag_weighting not in ("mean", "sum"):
             raise LMInputError(f"bag_weighting must be 'mean' or 'sum', got {bag_weighting!r}.")
+        # What an export needs to rebuild this network (dropout is off at inference).
+        self.config = {"vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim,
+                       "num_layers": num_layers, "tie_weights": tie_weights, "bag_weighting": bag_weighting}
         self.vocab_size, self.hidden_dim, self.num_layers, self.bag_weighting = vocab_size, hidden_dim, num_layers, bag_weighting
         # mode="sum" because only "sum" takes per-sample weights (the counts); the mean is taken in embed().
         self.embedding = nn.EmbeddingBag(vocab_size, embedding_dim, mode="sum", include_last_offset=True)
@@ -151,7 +135,7 @@ class BagOfWordsLSTM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_weights(self.embedding, self.lstm, self.decoder)  # as the token model (models/lstm.py)
+        init_weights(self.embedding, self.lstm, self.decoder)  # as the token network (models/lstm.py)
 
     def embed(self, segments: Segments) -> torch.Tensor:
         """Bag vectors ``(streams, time, embedding_dim)`` of sparse ``Bags`` or of dense ``(streams, time, vocab)`` counts."""

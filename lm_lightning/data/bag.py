@@ -7,43 +7,41 @@ matrix, one row per segment, stored as CSR and cached like the token ids (conten
 atomically). Words seen in fewer than ``min_df`` train segments count as ``<unk>``, which keeps per-word perplexity
 over every word of a segment.
 
-Segments are then laid out as the token path lays out tokens (``streams.py``): ``batch_size`` parallel streams of
-consecutive segments, walked in windows of ``bptt`` segments, so the model's state carries from one window to the
-next. A window reaches the model as :class:`~lm_lightning.models.bow.Bags`, the CSR rows of its segments (ids,
-offsets, counts): never as a dense batch x vocabulary matrix. ``batch_bytes`` says what that saves.
+Segments are then laid out exactly as the token path lays out tokens, by the same ``StreamWindows`` (``windows.py``):
+``batch_size`` parallel streams of consecutive segments, walked in windows of ``bptt`` segments, so the model's state
+carries from one window to the next. A window reaches the model as :class:`~lm_lightning.models.bag.Bags`, the CSR
+rows of its segments (ids, offsets, counts): never as a dense batch x vocabulary matrix. ``batch_bytes`` says what
+that saves.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 from scipy import sparse
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
 from lm_lightning.data.cache import cache_key
-from lm_lightning.data.datamodule import LMDataModule, default_cache_dir
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
-from lm_lightning.data.streams import batchify
 from lm_lightning.data.vocabulary import UNK, Vocabulary
 from lm_lightning.errors import LMInputError
 from lm_lightning.io import atomic_directory
-from lm_lightning.models.bow import Bags
+from lm_lightning.models.bag import Bags
 
 log = logging.getLogger(__name__)
 
 Segment = Literal["auto", "sentence", "line", "window"]
 WORD = re.compile(r"\w")  # a token with no letter or digit is punctuation
-BOW_CACHE_VERSION = 1
+BAG_CACHE_VERSION = 1
 
 
 class BagVocabulary(Vocabulary):
@@ -143,81 +141,37 @@ def batch_bytes(counts: sparse.csr_matrix, batch_size: int, bptt: int) -> dict[s
             "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "dense_over_sparse": dense_bytes / sparse_bytes}
 
 
-class BagWindows(IterableDataset):
-    """Consecutive windows of ``(inputs, targets)`` ``Bags``, ``(batch_size, <= bptt)`` segments each, over parallel
-    streams of segments; targets are the segments one step later. As ``StreamWindows``: DDP ranks take their own
-    streams, and with micro-batches (``callbacks/accumulation.py``) a window is yielded as stream groups
-    ``(inputs, targets, first_stream, words)``, ``words`` being the window's target words per group, the divisor
-    that makes the mean of the groups' losses the window's per-word loss (groups hold different numbers of words).
+def as_bags(block: sparse.csr_matrix, streams: int) -> Bags:
+    """CSR rows, ``streams`` x time of them in row-major order, as ``Bags`` tensors."""
+    arrays = ((block.indices, np.int32), (block.indptr, np.int32), (block.data, np.float32))
+    return Bags(*(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a, dtype in arrays), streams)
 
-    Args:
-        counts: The split's segments as CSR rows.
-        batch_size, bptt, rank, world_size, split, micro_batch_size: As for ``StreamWindows``.
-    """
 
-    def __init__(self, counts: sparse.csr_matrix, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1, split: str = "train",
-                 micro_batch_size: Union[int, Callable[[], Optional[int]], None] = None) -> None:
-        if batch_size < 1 or bptt < 1:
-            raise LMInputError(f"batch_size and bptt must be positive, got {batch_size} and {bptt}.")
-        needed = batch_size * world_size * (bptt + 1)
-        if counts.shape[0] < needed:
-            raise LMInputError(
-                f"The {split} split has {counts.shape[0]} non-empty segments, fewer than one window needs (streams x devices x "
-                f"(bptt + 1) = {batch_size} x {world_size} x {bptt + 1} = {needed}): lower --data.{'batch_size' if split == 'train' else 'eval_batch_size'} "
-                "or --data.bptt, use shorter segments, or a larger corpus."
-            )
+class BagRows:
+    """A split's segments as rows for ``StreamWindows``: one CSR row per segment, weighted by its words."""
+
+    unit = "non-empty segments"
+
+    def __init__(self, counts: sparse.csr_matrix) -> None:
         self.counts = counts
-        self.grid = batchify(np.arange(counts.shape[0]), batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size].numpy()
         self.words = np.asarray(counts.sum(axis=1)).ravel()
-        self.bptt, self.micro_batch_size = bptt, micro_batch_size
-        self._current_micro_batch_size()
-
-    def _current_micro_batch_size(self) -> Optional[int]:
-        size = self.micro_batch_size() if callable(self.micro_batch_size) else self.micro_batch_size
-        if size is not None and (size < 1 or self.grid.shape[0] % size):
-            raise LMInputError(f"micro_batch_size must divide batch_size ({self.grid.shape[0]}), got {size}.")
-        return size
-
-    @staticmethod
-    def as_bags(block: sparse.csr_matrix, streams: int) -> Bags:
-        """CSR rows, ``streams`` x time of them in row-major order, as ``Bags`` tensors."""
-        arrays = ((block.indices, np.int32), (block.indptr, np.int32), (block.data, np.float32))
-        return Bags(*(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a, dtype in arrays), streams)
-
-    def bags(self, rows: np.ndarray) -> Bags:
-        """The segments of a ``(streams, time)`` grid of row numbers."""
-        return self.as_bags(self.counts[rows.reshape(-1)], rows.shape[0])
 
     def __len__(self) -> int:
-        windows = math.ceil((self.grid.shape[1] - 1) / self.bptt)
-        size = self._current_micro_batch_size()
-        return windows if size is None else windows * (self.grid.shape[0] // size)
+        return self.counts.shape[0]
 
-    def __iter__(self):
-        size = self._current_micro_batch_size()
-        length = self.grid.shape[1]
-        for start in range(0, length - 1, self.bptt):
-            end = min(start + self.bptt, length - 1)
-            inputs, targets = self.grid[:, start:end], self.grid[:, start + 1 : end + 1]
-            if size is None:
-                yield self.bags(inputs), self.bags(targets)
-                continue
-            share = float(self.words[targets].sum()) * size / self.grid.shape[0]
-            for first in range(0, self.grid.shape[0], size):
-                yield self.bags(inputs[first : first + size]), self.bags(targets[first : first + size]), first, share
+    def take(self, index: np.ndarray) -> Bags:
+        return as_bags(self.counts[index.reshape(-1)], index.shape[0])
 
-    @property
-    def num_words(self) -> int:
-        """Target words per epoch (what perplexity averages over)."""
-        return int(self.words[self.grid[:, 1:]].sum())
+    def weight(self, index: np.ndarray) -> float:
+        return float(self.words[index].sum())
 
 
-class BoWDataModule(LMDataModule):
-    """Text corpus as windows of bag-of-words segments over parallel streams (the token path's ``LMDataModule``, with
-    segments in place of tokens): ``--data lm_lightning.data.bow.BoWDataModule``.
+class BagDataModule(StreamDataModule):
+    """Text corpus as windows of bag-of-words segments over parallel streams (the token path's ``TokenDataModule``,
+    with segments in place of tokens): ``--data lm_lightning.data.BagDataModule``.
 
     Args:
-        source: As for ``LMDataModule``: ``embedded``, ``wikitext-2``, ``ptb``, ``nltk:<corpus>`` or a path.
+        source: As for ``TokenDataModule``: ``embedded``, ``wikitext-2``, ``ptb``, ``nltk:<corpus>`` or a path.
         data_dir: Folder holding (or receiving) ``wikitext-2``/``ptb`` files.
         segment: ``sentence`` (needs NLTK's Punkt model), ``line``, ``window`` (``window`` words each), or ``auto``:
             sentences when Punkt is installed, otherwise lines.
@@ -262,58 +216,48 @@ class BoWDataModule(LMDataModule):
         cache_dir: Optional[str] = None,
         prompt: str = "The for statement is used to iterate over the elements of a sequence.",
     ) -> None:
-        for name, value in (("window", window), ("min_df", min_df)):
-            if value < 1:
-                raise LMInputError(f"--data.{name} must be a positive integer, got {value}.")
+        super().__init__()
+        check_positive(window=window, min_df=min_df, batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt)
         if segment not in ("auto", "sentence", "line", "window"):
             raise LMInputError(f"--data.segment must be auto, sentence, line or window, got {segment!r}.")
         if tokenizer == "char":
             raise LMInputError("A bag of characters says little about the next segment: use --data.tokenizer treebank or whitespace.")
         if max_vocab_size is not None and max_vocab_size < 2:
             raise LMInputError(f"--data.max_vocab_size must be at least 2 (<unk> and one word), got {max_vocab_size}.")
-        super().__init__(source, data_dir, tokenizer, lowercase, remove_stopwords, stemmer, lemmatize, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, bptt=bptt, valid_fraction=valid_fraction, test_fraction=test_fraction,
-                         cache_dir=cache_dir, prompt=prompt)
-        self.save_hyperparameters()  # again, from this frame only: the token path's own settings do not apply
+        self.save_hyperparameters()
+        # Built here, not in setup(): a bad setting should fail before any training starts.
+        self.preprocessor = Preprocessor(tokenizer, lowercase, remove_stopwords, stemmer, lemmatize)
         self.segment = resolve_segment(segment)  # hparams keep what was asked, this what is used
         self._counts: dict[str, sparse.csr_matrix] = {}
         self._unigram: Optional[torch.Tensor] = None
 
     # --- vocabulary, counts and cache -----------------------------------------------------------------
-    @property
-    def vocab(self) -> BagVocabulary:
-        """Built or loaded on first access: LightningCLI reads ``vocab_size`` before ``prepare_data`` runs."""
-        if self._vocab is None:
-            self._vocab = self._load_or_build_bags()
-            self._check_lengths()
-        return self._vocab
-
     def counts(self, split: str) -> sparse.csr_matrix:
         """The split's ``(segments, vocab)`` float32 count matrix (CSR)."""
-        _ = self.vocab
+        _ = self.vocab  # builds or loads the cache on first use
         return self._counts[split]
 
-    def ids(self, split: str) -> np.ndarray:
-        raise LMInputError("A bag-of-words datamodule has no token ids: use counts(split), its segments' count matrix.")
+    def _rows(self, split: str) -> BagRows:
+        return BagRows(self._counts[split])
 
     def _settings(self) -> dict:
         hp = self.hparams
-        return {"representation": "bow", "bow_version": BOW_CACHE_VERSION, **self.preprocessor.settings(), "segment": self.segment,
+        return {"representation": "bow", "bag_version": BAG_CACHE_VERSION, **self.preprocessor.settings(), "segment": self.segment,
                 "window": hp.window if self.segment == "window" else None, "drop_punctuation": hp.drop_punctuation, "min_df": hp.min_df,
                 "max_vocab_size": hp.max_vocab_size, "valid_fraction": hp.valid_fraction, "test_fraction": hp.test_fraction}
 
-    def _load_or_build_bags(self) -> BagVocabulary:
+    def _load_or_build(self) -> BagVocabulary:
         hp = self.hparams
         corpus = load_corpus(hp.source, hp.data_dir, hp.valid_fraction, hp.test_fraction)
         # Same cache root as the token ids, an entry per corpus content + settings, written atomically (cache.py).
         folder = Path(hp.cache_dir or default_cache_dir()).expanduser() / f"bow-{cache_key(corpus.content_hash(), self._settings())}"
         if not all((folder / name).exists() for name in ("vocab.json", "meta.json", *(f"{s}.npz" for s in SPLITS))):
-            return self._build_bags(corpus, folder)
+            return self._build(corpus, folder)
         log.info("Bag-of-words cache hit: %s", folder)
         self._counts = {split: sparse.load_npz(folder / f"{split}.npz").tocsr() for split in SPLITS}
         return BagVocabulary.load(folder / "vocab.json")
 
-    def _build_bags(self, corpus: Corpus, folder: Path) -> BagVocabulary:
+    def _build(self, corpus: Corpus, folder: Path) -> BagVocabulary:
         start, hp = time.perf_counter(), self.hparams
         segmenter = Segmenter(self.preprocessor, self.segment, hp.window, hp.drop_punctuation)
         segments, stats = {}, {}
@@ -343,14 +287,6 @@ class BoWDataModule(LMDataModule):
         if empty:
             log.info("Dropped from %s: %s.", split, why)
 
-    def _check_lengths(self) -> None:
-        """Fail at start-up, not after the first epoch, when a split cannot fill one window."""
-        for split in SPLITS:
-            BagWindows(self._counts[split], self._streams(split), self.hparams.bptt, split=split)
-
-    def _streams(self, split: str) -> int:
-        return self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
-
     # --- baseline -------------------------------------------------------------------------------------
     def unigram_log_probs(self) -> torch.Tensor:
         """Log-probabilities ``(vocab,)``, float64, of train's add-one-smoothed unigram distribution: the baseline to beat."""
@@ -361,22 +297,15 @@ class BoWDataModule(LMDataModule):
 
     def unigram_perplexity(self, split: str = "valid") -> float:
         """Per-word perplexity of that distribution on the target (next) segments of ``split``'s evaluation streams."""
-        grid = BagWindows(self.counts(split), self._streams(split), self.hparams.bptt, split=split).grid
-        targets = self.counts(split)[grid[:, 1:].reshape(-1)]
+        targets = self.counts(split)[self.windows(split).grid(1).reshape(-1)]
         logp = self.unigram_log_probs().numpy()
         return float(np.exp(-(targets @ logp).sum() / targets.sum()))
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        hp = self.hparams
-        rank = self.trainer.global_rank if self.trainer else 0
-        world = self.trainer.world_size if self.trainer else 1
-        wanted = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}.get(stage or "", SPLITS)
-        for split in wanted:
-            micro = self._micro_batch_size if split == "train" else None  # evaluation keeps whole windows
-            self.datasets[split] = BagWindows(self.counts(split), self._streams(split), hp.bptt, rank, world, split, micro)
-        if "train" in wanted:
-            b = batch_bytes(self.counts("train"), hp.batch_size, hp.bptt)
+        super().setup(stage)
+        if stage in (None, "fit"):
+            b = batch_bytes(self.counts("train"), self.hparams.batch_size, self.hparams.bptt)
             log.info(
                 "Bag-of-words batch of %d segments (%.1f distinct words each, vocabulary %d): %s as ids, offsets and counts, "
                 "%s as a dense float32 matrix (%.0fx); targets cost the same again.", b["segments"], b["distinct_words_per_segment"],
@@ -386,7 +315,7 @@ class BoWDataModule(LMDataModule):
     def prompt_bags(self) -> Bags:
         """The prompt as one segment of one stream."""
         words = Segmenter(self.preprocessor, "line", self.hparams.window, self.hparams.drop_punctuation).words(self.hparams.prompt)
-        return BagWindows.as_bags(count_matrix([words], self.vocab), streams=1)
+        return as_bags(count_matrix([words], self.vocab), streams=1)
 
     def predict_dataloader(self) -> DataLoader:
         """The prompt as one segment; ``predict`` lists the likeliest words of the segment after it."""

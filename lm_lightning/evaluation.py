@@ -1,0 +1,50 @@
+"""The loss and the perplexity, written once for every path: the systems train with :func:`nll`, and
+:func:`perplexity` scores any network over stream windows (exports, benchmarks, tests) with the same function.
+
+Perplexity is ``exp`` of the summed negative log-likelihood over the summed target weight (tokens, or words of the
+target bags), with the hidden state carried from one window to the next, as the systems' validation does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities import move_data_to_device
+from torch import nn
+
+from lm_lightning.errors import LMInputError
+from lm_lightning.models.bag import Bags, bag_nll
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor | Bags) -> torch.Tensor:
+    """Summed negative log-likelihood of ``targets`` (token ids, or ``Bags`` of the next segments) under ``logits``.
+
+    Half-precision logits are upcast for a stable log-softmax; float64 (precision 64-true) is kept.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if isinstance(targets, Bags):
+        return bag_nll(logits, targets)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+
+
+@torch.no_grad()
+def perplexity(network: nn.Module, batches: Iterable, max_batches: Optional[int] = None, device: Optional[torch.device | str] = None) -> float:
+    """Perplexity of ``network`` over consecutive windows (``Batch`` items, e.g. ``datamodule.test_dataloader()``)."""
+    was_training = network.training
+    network.eval()
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    hidden, total, weight = None, 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits, hidden = network(move_data_to_device(batch.inputs, device), hidden)
+        total += float(nll(logits, move_data_to_device(batch.targets, device)))
+        weight += batch.divisor
+    network.train(was_training)
+    if weight == 0:
+        raise LMInputError("perplexity needs at least one batch: the evaluation split is empty.")
+    return math.exp(total / weight)

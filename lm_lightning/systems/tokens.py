@@ -1,0 +1,114 @@
+"""The token path's LightningModule: the training system around a token network (``models/lstm.py`` by default).
+
+Everything about training over stream windows comes from :class:`~lm_lightning.systems.base.StreamSystem`; this
+class adds what is particular to tokens: its hyper-parameters, the network it builds, and text generation (a sample
+logged at each validation, and ``predict``).
+
+To train another network, subclass and override :meth:`build_network` (see ``tests/gru_model.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lm_lightning.errors import LMInputError
+from lm_lightning.models import LSTMNetwork
+from lm_lightning.systems.base import StreamSystem
+
+
+class LanguageModel(StreamSystem):
+    """Embedding + LSTM language model trained with truncated backpropagation through time.
+
+    Args:
+        vocab_size: Set from the datamodule by the CLI; give it only when using the class on its own.
+        embedding_dim: Width of the token embedding.
+        hidden_dim: Width of each LSTM layer.
+        num_layers: Stacked LSTM layers.
+        dropout: Dropout on embeddings, between LSTM layers and before the decoder.
+        tie_weights: Share the embedding and decoder matrices (Press & Wolf 2017); needs embedding_dim == hidden_dim.
+        optimizer: Optimizer class and arguments, e.g. ``--model.optimizer SGD --model.optimizer.lr 1``.
+        lr_scheduler: Optional schedule, stepped once per epoch (``ReduceLROnPlateau`` watches ``val/ppl``).
+        sample_length: Tokens of text generated and logged at each validation (0 turns it off).
+        max_new_tokens: Tokens generated per sample by ``predict``.
+        temperature: Sampling temperature (0 = greedy).
+        top_k: Sample only among the ``top_k`` most likely tokens; ``None`` for all.
+        seed: Seed of the sampler, so generated text is reproducible.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 256,
+        hidden_dim: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        tie_weights: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        sample_length: int = 40,
+        max_new_tokens: int = 60,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 50,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler)
+        if temperature < 0:
+            raise LMInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        if top_k is not None and top_k < 1:
+            raise LMInputError(f"top_k must be a positive integer or unset, got {top_k}.")
+        if sample_length < 0 or max_new_tokens < 0:
+            raise LMInputError(f"sample_length and max_new_tokens must be >= 0, got {sample_length} and {max_new_tokens}.")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.attach(self.build_network())
+
+    def build_network(self) -> nn.Module:
+        """Override to train another network with the same ``forward(ids, hidden) -> (logits, hidden)`` contract."""
+        hp = self.hparams
+        return LSTMNetwork(hp.vocab_size, hp.embedding_dim, hp.hidden_dim, hp.num_layers, hp.dropout, hp.tie_weights)
+
+    # --- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue ``prompt`` (1, T) by ``max_new_tokens`` sampled tokens; returns (1, T + max_new_tokens)."""
+        was_training = self.training
+        self.eval()
+        logits, hidden = self(prompt)
+        tokens = [prompt]
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1].float()
+            if temperature == 0:
+                token = next_logits.argmax(-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None and top_k < next_logits.size(-1):
+                    kth = torch.topk(next_logits, top_k).values[:, -1:]
+                    next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
+                token = torch.multinomial(next_logits.softmax(-1), 1, generator=generator)
+            tokens.append(token)
+            logits, hidden = self(token, hidden)
+        self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+    def _sample_text(self, prompt: torch.Tensor, max_new_tokens: int, seed: int) -> str:
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        hp = self.hparams
+        ids = self.generate(prompt.to(self.device), max_new_tokens, hp.temperature, hp.top_k, generator)
+        return self.trainer.datamodule.decode(ids[0].tolist())
+
+    def _log_sample(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "decode"):
+            return
+        prompt = torch.tensor([[datamodule.vocab.eos_id]])
+        self._log_text("samples/generated", self._sample_text(prompt, self.hparams.sample_length, self.hparams.seed))
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, str]:
+        prompt = self.trainer.datamodule.decode(batch[0].tolist())
+        text = self._sample_text(batch, self.hparams.max_new_tokens, self.hparams.seed + batch_idx)
+        return {"prompt": prompt, "text": text}
