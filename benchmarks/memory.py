@@ -88,18 +88,19 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def export_ppl(folder: Path, datamodule) -> float:
-    from benchmarks.plain_loop import evaluate
-    from lm_lightning.data import StreamWindows
-    from lm_lightning.export import load_exported
-
-    network = load_exported(folder)
-    return evaluate(network, StreamWindows(datamodule.ids("test"), datamodule.hparams.eval_batch_size, datamodule.hparams.bptt, split="test"))
+def export_label(folder: Path) -> str:
+    """``export-int8``, ``export-sparse``, ``export-int8+sparse``: what the export step wrote, read from its manifest."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    kinds = [f"int{manifest['bits']}"] if manifest["bits"] else []
+    if any(t["storage"] != "dense" for t in manifest["tensors"].values() if len(t["shape"]) == 2):
+        kinds.append("sparse")
+    return "export-" + ("+".join(kinds) or "fp32")
 
 
 def run_one(name: str, cli_args: list[str], out: Path, group_size: int) -> None:
     from lm_lightning.cli import build_cli
-    from lm_lightning.export import export_model
+    from lm_lightning.evaluation import perplexity
+    from lm_lightning.export import export_model, load_exported
 
     cli = build_cli(["fit", *cli_args])
     test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
@@ -113,16 +114,18 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int) -> None:
         "test_ppl": test["test/ppl"],
         "exports": {},
     }
-    # The strategies' own exports (QAT: integers; pruning: sparse); for the baseline, fp32 and post-training
-    # quantization (PTQ) of its final weights, the reference the QAT and pruning exports are judged against.
-    exports = {p.name: p for p in sorted(log_dir.glob("export*")) if (p / "manifest.json").exists()}
+    # The run's export (the export step writes one when a strategy calls for it); for the baseline, fp32 and
+    # post-training quantization (PTQ) of its final weights, the reference the QAT and pruning exports are judged against.
+    exports = {export_label(log_dir / "export"): log_dir / "export"} if (log_dir / "export" / "manifest.json").exists() else {}
     if name == BASELINE:
         network = cli.model.network
         for bits, label in ((None, "export-fp32"), (8, "export-ptq-int8"), (4, "export-ptq-int4")):
             export_model(network, log_dir / label, bits=bits, group_size=group_size)
             exports[label] = log_dir / label
+    cli.datamodule.setup("test")
     for label, folder in exports.items():
-        result["exports"][label] = {"bytes": folder_bytes(folder), "test_ppl": export_ppl(folder, cli.datamodule)}
+        ppl = perplexity(load_exported(folder), cli.datamodule.test_dataloader())
+        result["exports"][label] = {"bytes": folder_bytes(folder), "test_ppl": ppl}
     out.write_text(json.dumps(result, indent=2))
 
 

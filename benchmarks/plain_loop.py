@@ -10,26 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import time
 
 import torch
 import torch.nn.functional as F
 
-from lm_lightning.data import TokenDataModule, StreamWindows
+from lm_lightning.data import StreamWindows, TokenDataModule
+from lm_lightning.evaluation import perplexity
 from lm_lightning.models import LSTMNetwork
-
-
-def evaluate(network: torch.nn.Module, windows: StreamWindows) -> float:
-    network.eval()
-    total, count, hidden = 0.0, 0, None
-    with torch.no_grad():
-        for inputs, targets in windows:
-            logits, hidden = network(inputs, hidden)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
-            count += targets.numel()
-    return math.exp(total / count)
 
 
 def main() -> None:
@@ -72,7 +61,8 @@ def main() -> None:
     for _ in range(args.epochs):
         network.train()
         hidden = None
-        for step, (inputs, targets) in enumerate(train):
+        for step, batch in enumerate(train):
+            inputs, targets = batch.inputs, batch.targets
             if args.limit_train_batches is not None and step >= args.limit_train_batches:
                 break
             if args.max_steps is not None and steps >= args.max_steps:
@@ -94,8 +84,8 @@ def main() -> None:
         "name": "plain PyTorch loop",
         "tokens_per_sec": tokens / seconds if seconds else float("nan"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-        "val_ppl": evaluate(network, valid),
-        "test_ppl": evaluate(network, test),
+        "val_ppl": perplexity(network, valid),
+        "test_ppl": perplexity(network, test),
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -13,7 +13,6 @@ What this adds to LightningCLI:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import warnings
@@ -28,11 +27,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from lm_lightning.callbacks import Export, GenerationWriter, QuantizationAwareFinishing, TokenThroughput  # noqa: E402
-from lm_lightning.callbacks.export import describe, export_network  # noqa: E402
-from lm_lightning.data import TokenDataModule  # noqa: E402
+from lm_lightning.callbacks import Export, GenerationWriter, PrecisionGuard, QuantizationAwareFinishing, TokenThroughput  # noqa: E402
+from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
+from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError  # noqa: E402
-from lm_lightning.systems import LanguageModel  # noqa: E402
+from lm_lightning.systems import StreamSystem  # noqa: E402
 
 # Stream batches are slices of one in-memory tensor: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -70,6 +69,12 @@ class LMCLI(LightningCLI):
         # Always present, exporting only when the run calls for it (see callbacks/export.py): one export per run.
         parser.add_lightning_class_args(Export, "export")
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:  # `export`: a run's config.yaml holds the fit subcommand's keys, and the checkpoint is one
+            self.parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="The checkpoint to export.")
+            self.parser.add_argument("--weights_only", type=Optional[bool], default=None, help="Ignored by export.")
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         # Swap Lightning's default tqdm bar for a rich one, unless the user chose a bar or turned bars off.
@@ -77,6 +82,9 @@ class LMCLI(LightningCLI):
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) is TQDMProgressBar:
                 trainer.callbacks[i] = RichProgressBar()
+        # Reduced precision always gets its guard: unsafe optimizer settings refused, CPU kernels checked, dtypes reported.
+        if "16" in str(trainer.precision) and not any(isinstance(c, PrecisionGuard) for c in trainer.callbacks):
+            trainer.callbacks.append(PrecisionGuard())
         return trainer
 
     def before_predict(self) -> None:
@@ -100,9 +108,10 @@ def trainer_defaults() -> dict:
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
     """The CLI object (tests and notebooks use it to reach ``cli.trainer`` and ``cli.model``)."""
+    # The bases, so that both paths (and forks of either) are accepted by class path; the defaults are the token path.
     return LMCLI(
-        LanguageModel,
-        TokenDataModule,
+        StreamSystem,
+        StreamDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
@@ -122,21 +131,22 @@ def _input_error(err: Optional[BaseException]) -> Optional[LMInputError]:
 def export_checkpoint(args: list[str]) -> dict:
     """``python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT [--export.bits 8] [--export.folder DIR]``:
     the export step of a finished run, on any of its checkpoints."""
-    pre = argparse.ArgumentParser(prog="python -m lm_lightning export", description=export_checkpoint.__doc__, add_help=False)
-    pre.add_argument("--ckpt_path", required=True, help="the checkpoint to export")
-    known, rest = pre.parse_known_args(args)
-    ckpt_path = Path(known.ckpt_path)
+    cli = build_cli(args, run=False)
+    if cli.config.get("ckpt_path") is None:
+        raise LMInputError("export needs --ckpt_path: the checkpoint to export (RUN/checkpoints/*.ckpt), with -c RUN/config.yaml.")
+    ckpt_path = Path(cli.config["ckpt_path"])
     if not ckpt_path.is_file():
         raise LMInputError(f"--ckpt_path {ckpt_path} is not a file: give a checkpoint written by fit (RUN/checkpoints/*.ckpt).")
-    cli = build_cli(rest, run=False)
     import torch
 
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         cli.model.load_state_dict(checkpoint["state_dict"])
     except Exception as err:  # a truncated file, another format, another model or vocabulary
-        raise LMInputError(f"--ckpt_path {ckpt_path} cannot be loaded into this run's model ({type(err).__name__}): "
-                           "give a checkpoint of the run whose config.yaml you pass with -c.") from None
+        raise LMInputError(
+            f"--ckpt_path {ckpt_path} cannot be loaded into this run's model ({type(err).__name__}): "
+            "give a checkpoint of the run whose config.yaml you pass with -c."
+        ) from None
     step = next(c for c in cli.trainer.callbacks if isinstance(c, Export))
     qat = next((c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
     bits = step.bits if step.bits is not None else (qat.bits if qat is not None else None)
@@ -144,8 +154,15 @@ def export_checkpoint(args: list[str]) -> dict:
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     folder = Path(step.folder) if step.folder else run_dir / f"export-{ckpt_path.stem}"
     metadata = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
-    report = export_network(cli.model.network, folder.absolute(), bits, group_size, cli.datamodule, metadata,
-                            test_batches=None if step.evaluate else 0)
+    report = export_network(
+        cli.model.network,
+        folder.absolute(),
+        bits,
+        group_size,
+        cli.datamodule,
+        metadata,
+        test_batches=test_batch_limit(cli.trainer, cli.datamodule) if step.evaluate else 0,
+    )
     print(describe(report))
     return report
 

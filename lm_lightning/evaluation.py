@@ -32,7 +32,9 @@ def nll(logits: torch.Tensor, targets: torch.Tensor | Bags) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(network: nn.Module, batches: Iterable, max_batches: Optional[int] = None, device: Optional[torch.device | str] = None) -> float:
+def perplexity(
+    network: nn.Module, batches: Iterable, max_batches: Optional[int] = None, device: Optional[torch.device | str] = None
+) -> float:
     """Perplexity of ``network`` over consecutive windows (``Batch`` items, e.g. ``datamodule.test_dataloader()``)."""
     was_training = network.training
     network.eval()

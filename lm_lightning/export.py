@@ -108,8 +108,14 @@ def network_tensors(network: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, ties
 
 
-def export_model(network: nn.Module, folder: str | Path, bits: int | None = None, group_size: int = 32,
-                 vocab: Vocabulary | None = None, metadata: dict | None = None) -> dict:
+def export_model(
+    network: nn.Module,
+    folder: str | Path,
+    bits: int | None = None,
+    group_size: int = 32,
+    vocab: Vocabulary | None = None,
+    metadata: dict | None = None,
+) -> dict:
     """Write folder/model.safetensors + folder/manifest.json (+ folder/vocab.json when vocab is given), atomically:
     a crash never leaves a half-written export and a re-export replaces the old one only when complete.
     bits=None keeps float32 values (still stored sparsely where that is smaller); 8 = int8 per output channel; 4 = int4
@@ -124,7 +130,9 @@ def export_model(network: nn.Module, folder: str | Path, bits: int | None = None
     entries: dict[str, dict] = {}
     for name, tensor in tensors.items():
         quantized = bits is not None and tensor.is_floating_point() and tensor.dim() == 2
-        dtype = f"int{bits}" if quantized else ("float32" if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch."))
+        dtype = (
+            f"int{bits}" if quantized else ("float32" if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch."))
+        )
         info: dict[str, Any] = {"shape": list(tensor.shape), "dtype": dtype, "quantized": quantized}
         if quantized:
             info["block"] = block_width(tensor.shape, bits, group_size, name)
@@ -146,11 +154,22 @@ def export_model(network: nn.Module, folder: str | Path, bits: int | None = None
         if vocab is not None:
             vocab.save(tmp / VOCAB)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "version": VERSION, "bits": bits, "group_size": group_size, "network": spec,
-                    "tensors": entries, "ties": ties, "files": files, "metadata": metadata or {}}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "bits": bits,
+            "group_size": group_size,
+            "network": spec,
+            "tensors": entries,
+            "ties": ties,
+            "files": files,
+            "metadata": metadata or {},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
-    formats = {n: {"format": e["dtype"] if e["storage"] == "dense" else f"{e['dtype']}+{e['storage']}", "bytes": e["bytes"]}
-               for n, e in entries.items()}
+    formats = {
+        n: {"format": e["dtype"] if e["storage"] == "dense" else f"{e['dtype']}+{e['storage']}", "bytes": e["bytes"]}
+        for n, e in entries.items()
+    }
     return {
         "folder": str(folder),
         "bits": bits,

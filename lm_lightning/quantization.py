@@ -44,8 +44,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 32) -> tu
     """Symmetric codes (int8 tensor, values in [-2^(bits-1), 2^(bits-1)-1]) and float32 scales (rows, blocks)."""
     block = (1, block_width(weight.shape, bits, group_size))
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scale, zero_point = choose_qparams_affine(weight, MappingType.SYMMETRIC, block, torch.int8, qmin, qmax,
-                                              scale_dtype=torch.float32, zero_point_dtype=torch.int8)
+    scale, zero_point = choose_qparams_affine(
+        weight, MappingType.SYMMETRIC, block, torch.int8, qmin, qmax, scale_dtype=torch.float32, zero_point_dtype=torch.int8
+    )
     codes = quantize_affine(weight, block, scale, zero_point, torch.int8, qmin, qmax)
     return codes, scale.reshape(weight.shape[0], -1)
 

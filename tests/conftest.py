@@ -5,7 +5,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import nltk
 import pytest
+from nltk.corpus.reader import StopwordsCorpusReader
+from nltk.corpus.util import LazyCorpusLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -42,6 +45,75 @@ def tiny_corpus(tmp_path: Path) -> Path:
     lines = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]
     text = "\n".join(lines * 30) + "\n"
     return write_corpus(tmp_path / "tiny", text, text, text)
+
+
+
+
+def shared(*parts: str) -> Path | None:
+    """A path under the shared read-only data folder (next to the repository, or inside it), if present."""
+    for base in (ROOT.parent / "shared", ROOT / "shared"):
+        if base.joinpath(*parts).exists():
+            return base.joinpath(*parts)
+    return None
+
+
+SHARED_NLTK = shared("nltk_data")
+SHARED_PTB = shared("data", "ptb")
+SHARED_WT2 = shared("data", "wikitext-2")
+
+
+@pytest.fixture
+def shared_nltk(monkeypatch):
+    """NLTK searches ../shared/nltk_data first (skipped where that folder is absent)."""
+    if SHARED_NLTK is None:
+        pytest.skip("../shared/nltk_data is not present")
+    monkeypatch.setattr(nltk.data, "path", [str(SHARED_NLTK), *nltk.data.path])
+    return SHARED_NLTK
+
+
+@pytest.fixture
+def no_nltk_data(monkeypatch, tmp_path):
+    """NLTK searches only an empty folder: every corpus (stopwords, wordnet, ...) is missing."""
+    empty = tmp_path / "empty_nltk_data"
+    empty.mkdir()
+    monkeypatch.setattr(nltk.data, "path", [str(empty)])
+    return empty
+
+
+def fresh_stopwords_loader(monkeypatch) -> None:
+    """A not-yet-loaded ``nltk.corpus.stopwords``: once loaded, NLTK's lazy loader never looks at the path again."""
+    loader = LazyCorpusLoader("stopwords", StopwordsCorpusReader, r"(?!README|\.).*", encoding="utf8")
+    monkeypatch.setattr(nltk.corpus, "stopwords", loader)
+
+
+# A corpus small enough to encode by hand (whitespace tokens, min_freq=1):
+#   train counts: the 3, sat 2, cat/dog/mat/on 1 -> itos <unk> <eos> the sat cat dog mat on
+TRAIN = "the cat sat on the mat\nthe dog sat\n"
+VALID = "the cat ran\n"
+TEST = "a dog sat\n"
+ITOS = ["<unk>", "<eos>", "the", "sat", "cat", "dog", "mat", "on"]
+TRAIN_IDS = [2, 4, 3, 7, 2, 6, 1, 2, 5, 3, 1]
+VALID_IDS = [2, 4, 0, 1]  # "ran" is unknown
+TEST_IDS = [0, 5, 3, 1]  # "a" is unknown
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    return write_corpus(tmp_path / "tiny", TRAIN, VALID, TEST)
+
+
+def make_dm(source: Path, cache: Path, **overrides):
+    """The token data module on a hand-encodable corpus (whitespace tokens, min_freq=1, tiny windows)."""
+    from lm_lightning.data import TokenDataModule  # after the environment above is set
+
+    settings = dict(tokenizer="whitespace", min_freq=1, batch_size=2, eval_batch_size=1, bptt=2)
+    settings.update(overrides)
+    return TokenDataModule(source=str(source), cache_dir=str(cache), **settings)
+
+
+def cache_entries(cache: Path) -> list[str]:
+    """Everything in the cache root, hidden temporary folders included."""
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
 
 
 sys.path.insert(0, str(ROOT / "tests"))

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.testing import assert_close
 
 from lm_lightning.cli import build_cli, main
-from lm_lightning.data.windows import StreamWindows
+from lm_lightning.data.windows import Batch, StreamWindows
 from lm_lightning.systems import LanguageModel
 
 ACCUMULATION = "lm_lightning.callbacks.accumulation.MicroBatchAccumulation"
@@ -47,7 +47,7 @@ class Probe(L.Callback):
         self.initial: dict[str, torch.Tensor] = {}
         self.log_dir = Path()
         self.stepping_batches = 0
-        self.val_batches: set[tuple[int, ...]] = set()  # (items, streams)
+        self.val_batches: set[tuple[int, ...]] = set()  # (first stream, streams, rows of inputs)
 
     def on_train_start(self, trainer, pl_module):
         self.log_dir = Path(trainer.log_dir).resolve()
@@ -58,10 +58,11 @@ class Probe(L.Callback):
         self.epochs.append((trainer.num_training_batches, trainer.accumulate_grad_batches))
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.val_batches.add((len(batch), batch[0].size(0)))
+        self.val_batches.add((batch.first_stream, batch.num_streams, batch.inputs.size(0)))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append((trainer.current_epoch, batch[0].size(0), batch[2] if len(batch) > 2 else 0))
+        assert batch.inputs.size(0) == batch.targets.size(0) == batch.num_streams
+        self.batches.append((trainer.current_epoch, batch.num_streams, batch.first_stream))
 
 
 def train(workdir: Path, corpus: Path, *extra: str) -> tuple[L.Trainer, LanguageModel, Probe]:
@@ -115,7 +116,7 @@ def test_schedule_and_short_last_window_keep_every_step_exact(tiny_corpus, tmp_p
     )  # fmt: skip
     assert plain.global_step == acc.global_step == 14  # one optimizer step per window, as without accumulation
     assert plain_probe.stepping_batches == probe.stepping_batches == 14  # what configure_optimizers would read
-    assert probe.val_batches == {(2, 4)}  # validation keeps whole windows of eval_batch_size streams
+    assert probe.val_batches == {(0, 4, 4)}  # validation keeps whole windows of eval_batch_size streams
     # Lightning counts (progress bar, len) the micro-batches of each epoch with that epoch's k
     assert probe.epochs == [(7 * 2, 2), (7 * 4, 4)]
     assert [b[:2] for b in probe.batches] == [(0, 4)] * 14 + [(1, 2)] * 28
@@ -134,10 +135,12 @@ def test_micro_batches_are_the_stream_groups_of_each_window_and_eval_is_untouche
     micro = StreamWindows(ids, batch_size=4, bptt=5, rank=1, world_size=2, micro_batch_size=lambda: size["value"])
     items = list(micro)
     assert len(micro) == len(items) == 2 * len(whole) == 6  # 3 windows (the last 1 token long) x 2 groups
-    for w, (x, y) in enumerate(whole):  # rank 1's rows, cut into groups [0:2] and [2:4] of each window
-        assert [i[2] for i in items[2 * w : 2 * w + 2]] == [0, 2]
-        assert torch.equal(torch.cat([items[2 * w][0], items[2 * w + 1][0]]), x)
-        assert torch.equal(torch.cat([items[2 * w][1], items[2 * w + 1][1]]), y)
+    for w, window in enumerate(whole):  # rank 1's rows, cut into groups [0:2] and [2:4] of each window
+        assert window.first_stream == 0 and window.num_streams == 4
+        group = items[2 * w : 2 * w + 2]
+        assert [i.first_stream for i in group] == [0, 2] and [i.num_streams for i in group] == [2, 2]
+        assert torch.equal(torch.cat([group[0].inputs, group[1].inputs]), window.inputs)
+        assert torch.equal(torch.cat([group[0].targets, group[1].targets]), window.targets)
     size["value"] = 1  # read again at the next epoch
     assert len(micro) == len(list(micro)) == 12
 
@@ -186,8 +189,9 @@ def test_saved_activations_shrink_with_the_micro_batch():
 
         model._reset_hidden("train")  # a fresh (zero) state of the right width
         ids = torch.randint(0, 1000, (streams, 36))
+        batch = Batch(ids[:, :-1], ids[:, 1:], first_stream=0, num_streams=streams, length=35, divisor=streams * 35)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model._loss((ids[:, :-1], ids[:, 1:]), "train")
+            loss = model._loss(batch, "train")
         loss.backward()
         return total
 

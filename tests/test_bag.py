@@ -14,12 +14,12 @@ from conftest import write_corpus
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-from lm_lightning.systems.bag import BagLanguageModel
 from lm_lightning.cli import build_cli, main
 from lm_lightning.data import bow as bow_data
-from lm_lightning.data.bag import BagWindows, BagDataModule, batch_bytes, build_vocabulary, count_matrix
+from lm_lightning.data.bag import BagDataModule, BagWindows, batch_bytes, build_vocabulary, count_matrix
 from lm_lightning.errors import LMInputError
 from lm_lightning.models.bag import BagLSTMNetwork, Bags, bag_nll
+from lm_lightning.systems.bag import BagLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

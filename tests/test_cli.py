@@ -1,6 +1,8 @@
 """The command line end to end: fit -> validate -> test -> predict, recipes, --help, TensorBoard, a forked model."""
 
+import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.cli import build_cli, main
+from lm_lightning.evaluation import perplexity
+from lm_lightning.export import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -67,6 +71,47 @@ def test_validate_test_predict_from_saved_config_and_checkpoint(fitted, tmp_path
     assert "the function" in out and str(written) in out
 
 
+def test_export_command_writes_the_export_of_a_saved_checkpoint(fitted, tmp_path, monkeypatch, capsys):
+    """`python -m lm_lightning export`: a float32 export scores exactly the checkpoint's test perplexity, int8 within 1%."""
+    run, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    last, config = str(run / "checkpoints" / "last.ckpt"), ["-c", str(run / "config.yaml"), *QUIET]
+    test_ppl = float(build_cli(["test", *config, "--ckpt_path", last]).trainer.callback_metrics["test/ppl"])
+    capsys.readouterr()
+    main(["export", *config, "--ckpt_path", last, "--export.folder", str(tmp_path / "fp32")])
+    main(["export", *config, "--ckpt_path", last, "--export.bits", "8"])  # default folder: next to the checkpoints
+    out = capsys.readouterr().out
+    assert f"Exported the float32 model to {tmp_path / 'fp32'}" in out and f"Exported the int8 model to {run / 'export-last'}" in out
+    datamodule = build_cli([*config], run=False).datamodule
+    datamodule.setup("test")
+    # The debug preset's --trainer.limit_test_batches 2 applies to the export's own test perplexity as to `test`.
+    fp32 = perplexity(load_exported(tmp_path / "fp32"), datamodule.test_dataloader(), max_batches=2)
+    int8 = perplexity(load_exported(run / "export-last"), datamodule.test_dataloader(), max_batches=2)
+    assert f"test perplexity {fp32:.2f}" in out and f"test perplexity {int8:.2f}" in out
+    assert fp32 == pytest.approx(test_ppl, rel=1e-5)
+    assert int8 == pytest.approx(test_ppl, rel=0.01) and int8 != fp32
+    manifest = json.loads((run / "export-last" / "manifest.json").read_text())
+    assert manifest["bits"] == 8 and manifest["metadata"]["checkpoint"] == last and manifest["network"]["class"] == "LSTMNetwork"
+
+
+@pytest.mark.parametrize(
+    "make_ckpt, message",
+    [
+        (lambda d: d / "missing.ckpt", r"--ckpt_path .*missing.ckpt is not a file"),
+        (lambda d: d, r"--ckpt_path .* is not a file"),
+        (lambda d: (d / "noise.ckpt").write_bytes(b"not a checkpoint" * 10) and d / "noise.ckpt", r"noise.ckpt cannot be loaded into this run's model"),
+    ],
+    ids=["missing", "folder", "random-bytes"],
+)
+def test_export_command_with_a_bad_checkpoint_is_one_sentence(fitted, tmp_path, capsys, make_ckpt, message):
+    run, _ = fitted
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "-c", str(run / "config.yaml"), *QUIET, "--ckpt_path", str(make_ckpt(tmp_path))])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search(message, err) and err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_tensorboard_has_the_documented_scalars_text_and_hparams(fitted):
     run, _ = fitted
     events = EventAccumulator(str(run))
@@ -85,11 +130,15 @@ def test_tensorboard_has_the_documented_scalars_text_and_hparams(fitted):
     assert any("hparams" in (m.plugin_data.plugin_name or "") for m in summary.values())
 
 
-def test_a_model_defined_outside_the_package_trains_by_class_path(tmp_path, monkeypatch):
+def test_a_model_defined_outside_the_package_trains_by_class_path_and_learns(tiny_corpus, tmp_path, monkeypatch):
+    """The GRU of tests/gru_model.py, by class path only, trains on the tiny corpus to well below its unigram baseline."""
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", "-c", str(ROOT / "configs/presets/debug.yaml"), *QUIET, "--model", "gru_model.GRULanguageModel", *SMALL])
+    data = ["--data.source", str(tiny_corpus), "--data.tokenizer", "whitespace", "--data.min_freq", "1", "--data.batch_size", "4",
+            "--data.eval_batch_size", "2", "--data.bptt", "8", "--trainer.max_epochs", "6"]
+    cli = build_cli(["fit", *QUIET, "--model", "gru_model.GRULanguageModel", *SMALL, *data])
     assert type(cli.model).__name__ == "GRULanguageModel" and isinstance(cli.model.network.gru, torch.nn.GRU)
-    assert math.isfinite(float(cli.trainer.callback_metrics["val/ppl"]))
+    ppl, unigram = float(cli.trainer.callback_metrics["val/ppl"]), cli.datamodule.unigram_perplexity("valid")
+    assert ppl < unigram / 2, f"GRU validation perplexity {ppl:.2f} does not beat the unigram baseline {unigram:.2f} by 2x"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

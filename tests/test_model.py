@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lm_lightning.data import TokenDataModule
+from lm_lightning.data import Batch, TokenDataModule
 from lm_lightning.errors import LMInputError
 from lm_lightning.models import LSTMNetwork
 from lm_lightning.systems import LanguageModel
@@ -29,18 +29,18 @@ def test_system_carries_and_detaches_hidden_state_between_windows():
     torch.manual_seed(0)
     model = LanguageModel(vocab_size=30, embedding_dim=8, hidden_dim=8, num_layers=1, dropout=0.0).eval()
     ids = torch.randint(0, 30, (2, 21))
-    windows = [(ids[:, s : s + 5], ids[:, s + 1 : s + 6]) for s in range(0, 20, 5)]
+    windows = [Batch(ids[:, s : s + 5], ids[:, s + 1 : s + 6], first_stream=0, num_streams=2, length=5, divisor=2 * 5) for s in range(0, 20, 5)]
     with torch.no_grad():
-        losses = [model._loss(w, "val") * w[1].numel() for w in windows]
+        losses = [model._loss(w, "val") * w.targets.numel() for w in windows]
         logits, _ = model(ids[:, :-1])
         whole = torch.nn.functional.cross_entropy(logits.reshape(-1, 30), ids[:, 1:].reshape(-1), reduction="sum")
     assert_close(sum(losses), whole, rtol=1e-6, atol=1e-5)
     model.train()
     model._loss(windows[0], "train")
-    h, c = model._hidden["train"]
+    h, c = model._hidden["train/0"]  # the state of the stream group starting at stream 0 (here: the whole window)
     assert h.grad_fn is None and c.grad_fn is None and not h.requires_grad  # graph cut between windows
     model.on_train_epoch_start()
-    assert "train" not in model._hidden  # each epoch starts from a zero state
+    assert not [key for key in model._hidden if key.startswith("train/")]  # each epoch starts from a zero state
 
 
 def test_tied_weights_share_one_matrix_and_save_parameters():

@@ -1,7 +1,9 @@
 """Precision from one flag: bf16 runs track float32, PrecisionGuard reports the dtypes that ran and rejects 16-true + Adam."""
 
+import math
 import os
 import warnings
+from types import SimpleNamespace
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +12,7 @@ import torch
 from conftest import write_corpus
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lm_lightning.callbacks.precision import PrecisionGuard
+from lm_lightning.callbacks.precision import PrecisionGuard, bf16_lstm_supported
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 
@@ -82,11 +84,13 @@ def test_guard_reports_the_dtypes_that_ran(runs):
     assert all(m["params"] == "float32" for m in mixed["modules"].values())
     assert mixed["modules"]["network.embedding"]["output"] == "float32"
     assert mixed["modules"]["network.decoder"]["output"] == "bfloat16"
-    # The LSTM's output dtype is whatever autocast does with nn.LSTM on this CPU (bfloat16 via oneDNN here).
+    # The LSTM's output dtype is whatever autocast does with nn.LSTM on this CPU: bfloat16 through oneDNN where it has a
+    # bfloat16 LSTM kernel (AVX-512 BF16), float32 through PyTorch's own kernels where the guard had to turn oneDNN off.
     lstm = torch.nn.LSTM(8, 8, batch_first=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.backends.mkldnn.flags(enabled=bf16_lstm_supported()), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = str(lstm(torch.randn(2, 3, 8))[0].dtype).removeprefix("torch.")
     assert mixed["modules"]["network.lstm"]["output"] == expected
+    assert torch.backends.mkldnn.enabled  # the guard put oneDNN back after its run
     assert (true["plugin"], true["autocast"], true["loss"]) == ("HalfPrecision", None, "float32")  # the system upcasts logits
     assert all(m == {"params": "bfloat16", "output": "bfloat16"} for m in true["modules"].values())
 
@@ -144,3 +148,53 @@ def test_16_mixed_on_cuda_scales_the_loss_and_runs_in_float16(tiny_corpus, tmp_p
     events = EventAccumulator(str(log_dir))
     events.Reload()
     assert events.Scalars("precision/loss_scale")[0].value > 1
+
+
+def test_the_cli_adds_the_guard_for_16_bit_precision_only(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*QUIET, "--data.source", str(tiny_corpus), "--data.min_freq", "1", "--data.batch_size", "4", "--data.bptt", "8"]
+    for precision, guarded in (("bf16-mixed", True), ("bf16-true", True), ("32-true", False)):
+        cli = build_cli([*args, "--trainer.precision", precision], run=False)
+        assert sum(isinstance(c, PrecisionGuard) for c in cli.trainer.callbacks) == guarded, precision
+    # A preset's own guard is kept, not doubled.
+    cli = build_cli([*args, "-c", str(ROOT / "configs/memory/bf16.yaml")], run=False)
+    assert sum(isinstance(c, PrecisionGuard) for c in cli.trainer.callbacks) == 1
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_onednn_is_off_only_where_it_has_no_bf16_lstm_kernel_and_back_on_after(monkeypatch, caplog, supported):
+    monkeypatch.setattr("lm_lightning.callbacks.precision.bf16_lstm_supported", lambda: supported)
+    trainer = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    guard = PrecisionGuard()
+    guard.setup(trainer, None, "fit")
+    assert torch.backends.mkldnn.enabled == supported
+    assert ("no bfloat16 LSTM kernel" in caplog.text) != supported
+    guard.teardown(trainer, None, "fit")
+    assert torch.backends.mkldnn.enabled
+
+
+def test_a_bf16_fit_runs_with_onednn_as_this_cpu_allows(tiny_corpus, tmp_path, monkeypatch):
+    """End to end on this machine: oneDNN is on during the steps exactly where it has the kernel, and on again after."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            seen.append(torch.backends.mkldnn.enabled)
+
+    cli = build_cli([*tiny_args(tiny_corpus, "--trainer.max_steps", "3", "--trainer.precision", "bf16-mixed")], run=False)
+    cli.trainer.callbacks.append(Probe())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert seen == [bf16_lstm_supported()] * 3 and torch.backends.mkldnn.enabled
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+def test_bf16_lstm_probe_agrees_with_what_autocast_does_here():
+    lstm = torch.nn.LSTM(4, 4, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.randn(2, 3, 4))
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert bf16_lstm_supported() == runs

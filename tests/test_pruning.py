@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
+from lm_lightning.callbacks.export import Export, export_network
 from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
@@ -51,7 +52,7 @@ def fit(workdir: Path, args: list[str]):
 
 
 def pruning_args(**init_args) -> list[str]:
-    args = [f"--trainer.callbacks+={PRUNING}", "--trainer.callbacks.export", "false"]
+    args = [f"--trainer.callbacks+={PRUNING}", "--export.enabled", "false"]
     for key, value in init_args.items():
         args += [f"--trainer.callbacks.{key}", str(value)]
     return args
@@ -76,7 +77,7 @@ class MaskProbe(L.Callback):
 
 def set_up(model: LanguageModel, **kwargs) -> MagnitudePruning:
     """The callback driven by hand, without a Trainer."""
-    cb = MagnitudePruning(export=False, **kwargs)
+    cb = MagnitudePruning(**kwargs)
     cb.setup(SimpleNamespace(max_epochs=5), model, "fit")
     return cb
 
@@ -84,7 +85,7 @@ def set_up(model: LanguageModel, **kwargs) -> MagnitudePruning:
 # --- schedule and arguments ------------------------------------------------------------------------------
 def test_schedules_at_given_epochs():
     def values(schedule):
-        cb = MagnitudePruning(sparsity=0.8, schedule=schedule, start_epoch=1, end_epoch=4, export=False)
+        cb = MagnitudePruning(sparsity=0.8, schedule=schedule, start_epoch=1, end_epoch=4)
         return [cb.sparsity_at(epoch) for epoch in range(7)]
 
     assert values("constant") == [0.0, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
@@ -92,43 +93,43 @@ def test_schedules_at_given_epochs():
     # Zhu & Gupta: s_f * (1 - (1 - k/n)^3), n = 4 steps
     assert values("cubic") == pytest.approx([0.0, 0.4625, 0.7, 0.7875, 0.8, 0.8, 0.8], abs=1e-12)
     # Defaults: one dense epoch, the target reached at the last epoch (a one-epoch run prunes at its start).
-    assert MagnitudePruning(export=False).resolve_epochs(15) == (1, 14)
-    assert MagnitudePruning(export=False).resolve_epochs(1) == (0, 0)
-    assert MagnitudePruning(start_epoch=0, export=False).resolve_epochs(3) == (0, 2)
+    assert MagnitudePruning().resolve_epochs(15) == (1, 14)
+    assert MagnitudePruning().resolve_epochs(1) == (0, 0)
+    assert MagnitudePruning(start_epoch=0).resolve_epochs(3) == (0, 2)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "step, kwargs, message",
     [
-        ({"sparsity": 1.0}, "sparsity must be a fraction in [0, 1)"),
-        ({"sparsity": -0.1}, "sparsity must be a fraction in [0, 1)"),
-        ({"schedule": "exponential"}, "schedule must be one of constant, linear, cubic"),
-        ({"scope": "local"}, "scope must be 'global' or 'layer'"),
-        ({"start_epoch": -1}, "start_epoch and end_epoch must be >= 0"),
-        ({"start_epoch": 3, "end_epoch": 2}, "end_epoch (2) comes before start_epoch (3)"),
-        ({"export_bits": 16}, "bits must be 8"),
+        (MagnitudePruning, {"sparsity": 1.0}, "sparsity must be a fraction in [0, 1)"),
+        (MagnitudePruning, {"sparsity": -0.1}, "sparsity must be a fraction in [0, 1)"),
+        (MagnitudePruning, {"schedule": "exponential"}, "schedule must be one of constant, linear, cubic"),
+        (MagnitudePruning, {"scope": "local"}, "scope must be 'global' or 'layer'"),
+        (MagnitudePruning, {"start_epoch": -1}, "start_epoch and end_epoch must be >= 0"),
+        (MagnitudePruning, {"start_epoch": 3, "end_epoch": 2}, "end_epoch (2) comes before start_epoch (3)"),
+        (Export, {"bits": 16}, "bits must be 8"),  # the export's bits (--export.bits) are the export step's now
     ],
 )
-def test_bad_arguments_at_construction(kwargs, message):
+def test_bad_arguments_at_construction(step, kwargs, message):
     with pytest.raises(LMInputError) as error:
-        MagnitudePruning(**kwargs)
+        step(**kwargs)
     assert message in str(error.value) and str(error.value).count("\n") == 0
 
 
 @pytest.mark.parametrize(
-    "init_args, message",
+    "init_args, export_args, message",
     [
-        ({"end_epoch": 3}, "end_epoch (3) must be below max_epochs (3)"),
-        ({"start_epoch": 3}, "start_epoch (3) must be below max_epochs (3)"),
-        ({"parameters": "[lstm.weight_xx_l0]"}, "parameters ['lstm.weight_xx_l0'] are not weights of the network"),
-        ({"export": "true", "export_bits": 4, "export_group_size": 5}, "group_size 5 does not divide the input width 16"),
+        ({"end_epoch": 3}, [], "end_epoch (3) must be below max_epochs (3)"),
+        ({"start_epoch": 3}, [], "start_epoch (3) must be below max_epochs (3)"),
+        ({"parameters": "[lstm.weight_xx_l0]"}, [], "parameters ['lstm.weight_xx_l0'] are not weights of the network"),
+        ({}, ["--export.enabled", "true", "--export.bits", "4", "--export.group_size", "5"], "group_size 5 does not divide the input width 16"),
     ],
     ids=["end-after-max-epochs", "start-after-max-epochs", "unknown-weight", "export-group-size"],
 )
-def test_bad_arguments_fail_at_start_up_with_one_sentence(tiny_corpus, tmp_path, monkeypatch, capsys, init_args, message):
+def test_bad_arguments_fail_at_start_up_with_one_sentence(tiny_corpus, tmp_path, monkeypatch, capsys, init_args, export_args, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *base_args(tiny_corpus), "--trainer.max_epochs", "3", *pruning_args(**init_args)])
+        main(["fit", *base_args(tiny_corpus), "--trainer.max_epochs", "3", *pruning_args(**init_args), *export_args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err, err
@@ -300,9 +301,9 @@ def test_sparse_export_is_small_and_loads_to_the_same_logits(tmp_path):
     dense = export.export_model(copy.deepcopy(model.network), tmp_path / "dense")
     cb = set_up(model, scope="layer")
     cb.apply_pruning(0.9)
-    sparse = cb.export_network(model.network, str(tmp_path / "sparse"))
-    cb.export_bits = 8  # what --trainer.callbacks.export_bits 8 sets
-    int8 = cb.export_network(model.network, str(tmp_path / "int8"))
+    # The export step's own function: a plain copy of the network, exported (float32, then --export.bits 8).
+    sparse = export_network(model.network, tmp_path / "sparse", None, 32, metadata={"MagnitudePruning": cb.export_metadata()})
+    int8 = export_network(model.network, tmp_path / "int8", 8, 32, metadata={"MagnitudePruning": cb.export_metadata()})
     ratio, ratio_int8 = sparse["bytes"] / dense["bytes"], int8["bytes"] / dense["bytes"]
     assert ratio < 0.35, f"sparse fp32 export is {ratio:.1%} of dense"
     assert ratio_int8 < 0.7 * ratio, f"sparse int8 export is {ratio_int8:.1%} of dense, sparse fp32 {ratio:.1%}"

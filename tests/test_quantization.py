@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.testing import assert_close
 
+from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.quantization import (
     FakeQuantizedLSTM,
     QuantizationAwareFinishing,
@@ -20,8 +21,10 @@ from lm_lightning.callbacks.quantization import (
 )
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
-from lm_lightning.export import fake_quantize, load_exported, perplexity
+from lm_lightning.evaluation import perplexity
+from lm_lightning.export import load_exported
 from lm_lightning.models import LSTMNetwork
+from lm_lightning.quantization import fake_quantize
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +103,7 @@ def _fit(workdir: Path, args: list[str]):
 
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory):
-    """2 epochs of 6 steps, int4 QAT in the last epoch, the export at the end."""
+    """2 epochs of 6 steps, int4 QAT in the last epoch, the export step at the end (with QAT's bits)."""
     workdir = tmp_path_factory.mktemp("qat")
     args = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6", *QAT]
     args += ["--trainer.callbacks.bits", "4", "--trainer.callbacks.group_size", "16", "--trainer.callbacks.last_epochs", "1"]
@@ -113,8 +116,9 @@ def test_qat_runs_the_last_epoch_and_the_export_reproduces_it(qat_run):
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareFinishing))
     assert callback.started_at == 6
     assert _scalars(run, "qat/active") == [0.0] * 6 + [1.0] * 6
-    report = callback.report
-    assert Path(report["folder"]) == run / "export-int4" and (run / "export-int4" / "vocab.json").is_file()
+    report = next(c for c in cli.trainer.callbacks if isinstance(c, Export)).report
+    assert Path(report["folder"]) == run / "export" and (run / "export" / "vocab.json").is_file()
+    assert report["bits"] == 4  # the export follows QAT's bits
     assert _scalars(run, "export/test_ppl") == [pytest.approx(report["test_ppl"], rel=1e-6)]
     assert _scalars(run, "export/bytes") == [report["bytes"]]
     assert report["tensors"]["lstm.weight_hh_l0"]["format"] == "int4"
@@ -145,7 +149,7 @@ def test_checkpoints_saved_during_qat_load_and_resume_with_qat_on(qat_run):
     cwd = Path.cwd()
     os.chdir(workdir)
     try:
-        resumed = build_cli(["fit", "-c", str(config), "--ckpt_path", str(last), "--trainer.max_epochs", "3", "--trainer.callbacks.last_epochs", "2", "--trainer.callbacks.export", "false"])
+        resumed = build_cli(["fit", "-c", str(config), "--ckpt_path", str(last), "--trainer.max_epochs", "3", "--trainer.callbacks.last_epochs", "2", "--export.enabled", "false"])
     finally:
         os.chdir(cwd)
     callback = next(c for c in resumed.trainer.callbacks if isinstance(c, QuantizationAwareFinishing))
@@ -154,12 +158,13 @@ def test_checkpoints_saved_during_qat_load_and_resume_with_qat_on(qat_run):
 
 
 def test_last_fraction_switches_on_at_the_right_step(tmp_path):
-    args = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8", *QAT, "--trainer.callbacks.last_fraction", "0.25", "--trainer.callbacks.export", "false"]
+    args = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8", *QAT, "--trainer.callbacks.last_fraction", "0.25", "--export.enabled", "false"]
     cli = _fit(tmp_path, args)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareFinishing))
-    assert callback.start_step == 6 and callback.started_at == 6 and callback.report is None
+    step = next(c for c in cli.trainer.callbacks if isinstance(c, Export))
+    assert callback.start_step == 6 and callback.started_at == 6 and step.report is None
     assert _scalars(tmp_path / "lightning_logs" / "version_0", "qat/active") == [0.0] * 6 + [1.0] * 2
-    assert not (tmp_path / "lightning_logs" / "version_0" / "export-int8").exists()
+    assert not (tmp_path / "lightning_logs" / "version_0" / "export").exists()
 
 
 def test_preset_stacks_with_other_presets_in_either_order(tmp_path, monkeypatch):

@@ -9,5 +9,13 @@ from lm_lightning.callbacks.pruning import MagnitudePruning
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.callbacks.throughput import TokenThroughput
 
-__all__ = ["Export", "GenerationWriter", "MicroBatchAccumulation", "MagnitudePruning", "MemoryMonitor", "PrecisionGuard",
-           "QuantizationAwareFinishing", "TokenThroughput"]
+__all__ = [
+    "Export",
+    "GenerationWriter",
+    "MicroBatchAccumulation",
+    "MagnitudePruning",
+    "MemoryMonitor",
+    "PrecisionGuard",
+    "QuantizationAwareFinishing",
+    "TokenThroughput",
+]

@@ -10,8 +10,9 @@ step, ``k`` times fewer steps per epoch, and does not lower the memory of a wind
 What this callback adds is the data side. Each ``bptt`` window is yielded as ``k`` micro-batches, the stream
 groups ``0..k-1`` of that window (``data/windows.py``), and the system keeps one hidden state per group
 (``systems/base.py``). Every group divides its loss by the same share of the window's tokens (words, for bags), so
-``(1/k) * sum of the group losses`` is the window's per-token loss, and the step Lightning takes after the ``k`` micro-batches is the step of one batch
-of ``batch_size`` streams: parameters agree to float rounding, gradient clipping included, also when a schedule
+``(1/k) * sum of the group losses`` is the window's per-token loss, and the step Lightning takes after the ``k``
+micro-batches is the step of one batch of ``batch_size`` streams: parameters agree to float rounding, gradient clipping
+included, also when a schedule
 changes ``k`` between epochs and when the last window is shorter than ``bptt`` (``tests/test_accumulation.py``).
 What autograd saves for backward scales with the streams in flight, so activation memory drops about ``k`` times.
 
@@ -72,24 +73,40 @@ class MicroBatchAccumulation(Callback):
         if len(set(self.sizes.values())) > 1 and trainer.reload_dataloaders_every_n_epochs != 1:
             # Lightning counts an epoch's batches when it loads the train dataloader, and that happens before
             # on_train_epoch_start (fit_loop.py: setup_data); reloading every epoch re-counts them with the new k.
-            rank_zero_info("MicroBatchAccumulation: the schedule changes the micro-batch count, so the train dataloader is reloaded every epoch.")
+            rank_zero_info(
+                "MicroBatchAccumulation: the schedule changes the micro-batch count, so the train dataloader is reloaded "
+                "every epoch."
+            )
             trainer.reload_dataloaders_every_n_epochs = 1
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Everything that would otherwise fail, or silently train something else, after the first step."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "use_micro_batches"):
-            raise LMInputError("MicroBatchAccumulation needs a datamodule that yields stream micro-batches (lm_lightning.data.TokenDataModule or BagDataModule).")
+            raise LMInputError(
+                "MicroBatchAccumulation needs a datamodule that yields stream micro-batches "
+                "(lm_lightning.data.TokenDataModule or BagDataModule)."
+            )
         if trainer.accumulate_grad_batches != 1:
             raise LMInputError(
                 f"--trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} conflicts with MicroBatchAccumulation, "
                 "which sets it to batch_size / micro_batch_size: remove --trainer.accumulate_grad_batches."
             )
-        others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (GradientAccumulationScheduler, MicroBatchAccumulation)) and c is not self]
+        others = [
+            type(c).__name__
+            for c in trainer.callbacks
+            if isinstance(c, (GradientAccumulationScheduler, MicroBatchAccumulation)) and c is not self
+        ]
         if others:
-            raise LMInputError(f"MicroBatchAccumulation already schedules gradient accumulation: remove the {others[0]} callback and use MicroBatchAccumulation's schedule.")
+            raise LMInputError(
+                f"MicroBatchAccumulation already schedules gradient accumulation: remove the {others[0]} callback and use "
+                "MicroBatchAccumulation's schedule."
+            )
         if not pl_module.automatic_optimization:
-            raise LMInputError("MicroBatchAccumulation relies on Lightning's automatic optimization: remove it or set automatic_optimization = True.")
+            raise LMInputError(
+                "MicroBatchAccumulation relies on Lightning's automatic optimization: remove it or set "
+                "automatic_optimization = True."
+            )
         self._batch_size = batch_size = datamodule.hparams.batch_size
         for epoch, size in self.sizes.items():
             where = f" (schedule, epoch {epoch})" if epoch else ""
@@ -99,7 +116,10 @@ class MicroBatchAccumulation(Callback):
                 raise LMInputError(f"MicroBatchAccumulation micro_batch_size must be a positive integer, got {size!r}{where}.")
             if batch_size % size:  # also catches size > batch_size
                 divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
-                raise LMInputError(f"MicroBatchAccumulation micro_batch_size {size}{where} must divide --data.batch_size {batch_size}: use one of {divisors}.")
+                raise LMInputError(
+                    f"MicroBatchAccumulation micro_batch_size {size}{where} must divide --data.batch_size {batch_size}: use "
+                    f"one of {divisors}."
+                )
 
     def micro_batch_size(self, epoch: int) -> int:
         """Streams per micro-batch in ``epoch``."""
@@ -119,7 +139,9 @@ class MicroBatchAccumulation(Callback):
         assert self._scheduler is not None
         self._scheduler.on_train_epoch_start(trainer, pl_module)
         steps, size = trainer.accumulate_grad_batches, self.micro_batch_size(trainer.current_epoch)
-        pl_module.log_dict({"accumulation/micro_batch_size": float(size), "accumulation/steps": float(steps)}, on_step=False, on_epoch=True)
+        pl_module.log_dict(
+            {"accumulation/micro_batch_size": float(size), "accumulation/steps": float(steps)}, on_step=False, on_epoch=True
+        )
         cut = trainer.num_training_batches % steps if math.isfinite(trainer.num_training_batches) else 0
         if cut:
             rank_zero_warn(

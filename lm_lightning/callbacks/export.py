@@ -63,8 +63,14 @@ class Export(Callback):
         evaluate: Score the loaded export on the test split (``--trainer.limit_test_batches`` applies).
     """
 
-    def __init__(self, enabled: Optional[bool] = None, bits: Optional[int] = None, group_size: Optional[int] = None,
-                 folder: Optional[str] = None, evaluate: bool = True) -> None:
+    def __init__(
+        self,
+        enabled: Optional[bool] = None,
+        bits: Optional[int] = None,
+        group_size: Optional[int] = None,
+        folder: Optional[str] = None,
+        evaluate: bool = True,
+    ) -> None:
         check_quantization(bits, group_size or 32)
         self.enabled, self.bits, self.group_size, self.folder, self.evaluate = enabled, bits, group_size, folder, evaluate
         self.report: Optional[dict] = None  # export report + "test_ppl", after fit
@@ -76,11 +82,17 @@ class Export(Callback):
             raise LMInputError("Export is in trainer.callbacks twice: keep one (the CLI adds it; set it with --export.*).")
         qat = next((c for c in trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
         if qat is not None and self.bits is not None and self.bits != qat.bits:
-            raise LMInputError(f"--export.bits {self.bits} differs from the int{qat.bits} that QuantizationAwareFinishing trains for: "
-                               "drop --export.bits (the export follows QAT) or change the QAT bits.")
+            raise LMInputError(
+                f"--export.bits {self.bits} differs from the int{qat.bits} that QuantizationAwareFinishing trains for: "
+                "drop --export.bits (the export follows QAT) or change the QAT bits."
+            )
         self._bits = self.bits if self.bits is not None else (qat.bits if qat is not None else None)
         self._group_size = self.group_size or (qat.group_size if qat is not None else 32)
-        self._enabled = self.enabled if self.enabled is not None else (self.bits is not None or any(hasattr(c, "export_metadata") for c in trainer.callbacks))
+        self._enabled = (
+            self.enabled
+            if self.enabled is not None
+            else (self.bits is not None or any(hasattr(c, "export_metadata") for c in trainer.callbacks))
+        )
         if self._enabled and self._bits is not None:  # fail now, not after training, if the export cannot be written
             for name, tensor in network_tensors(pl_module.network)[0].items():
                 if tensor.is_floating_point() and tensor.dim() == 2:
@@ -93,8 +105,15 @@ class Export(Callback):
         folder = (Path(self.folder) if self.folder else Path(trainer.log_dir or trainer.default_root_dir) / "export").absolute()
         metadata: dict[str, Any] = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         metadata.update({type(c).__name__: c.export_metadata() for c in trainer.callbacks if hasattr(c, "export_metadata")})
-        self.report = export_network(pl_module.network, folder, self._bits, self._group_size, trainer.datamodule, metadata,
-                                     test_batches=_test_batch_limit(trainer) if self.evaluate else 0)
+        self.report = export_network(
+            pl_module.network,
+            folder,
+            self._bits,
+            self._group_size,
+            trainer.datamodule,
+            metadata,
+            test_batches=test_batch_limit(trainer, trainer.datamodule) if self.evaluate else 0,
+        )
         metrics = {"export/bytes": float(self.report["bytes"])}
         if self.report["test_ppl"] is not None:
             metrics["export/test_ppl"] = self.report["test_ppl"]
@@ -104,8 +123,15 @@ class Export(Callback):
         print(describe(self.report))
 
 
-def export_network(network: nn.Module, folder: Path, bits: Optional[int], group_size: int, datamodule: Any = None,
-                   metadata: Optional[dict] = None, test_batches: Optional[int] = None) -> dict:
+def export_network(
+    network: nn.Module,
+    folder: Path,
+    bits: Optional[int],
+    group_size: int,
+    datamodule: Any = None,
+    metadata: Optional[dict] = None,
+    test_batches: Optional[int] = None,
+) -> dict:
     """Export a plain copy of ``network`` with the datamodule's vocabulary, then score the loaded export on the test
     split (``test_batches``: at most that many windows; 0 skips it). Returns ``export_model``'s report + ``test_ppl``."""
     plain = plain_copy(network)
@@ -123,15 +149,16 @@ def describe(report: dict) -> str:
     kind = f"int{report['bits']}" if report["bits"] else "float32"
     ppl = f"{report['test_ppl']:.2f}" if report["test_ppl"] is not None else "not measured"
     share = report["bytes"] / report["float32_bytes"]
-    return f"Exported the {kind} model to {report['folder']}: {report['bytes']:,} bytes ({share:.0%} of float32 weights), test perplexity {ppl}"
+    size = f"{report['bytes']:,} bytes ({share:.0%} of float32 weights)"
+    return f"Exported the {kind} model to {report['folder']}: {size}, test perplexity {ppl}"
 
 
-def _test_batch_limit(trainer: L.Trainer) -> Optional[int]:
+def test_batch_limit(trainer: L.Trainer, datamodule: Any) -> Optional[int]:
     """``--trainer.limit_test_batches`` as a window count (``None``: all); 0 means no test evaluation is wanted."""
     limit = trainer.limit_test_batches
     if isinstance(limit, int):
         return limit
     if limit >= 1.0:
         return None
-    trainer.datamodule.setup("test")
-    return int(len(trainer.datamodule.test_dataloader()) * limit)
+    datamodule.setup("test")
+    return int(len(datamodule.test_dataloader()) * limit)

@@ -22,7 +22,9 @@ class GenerationWriter(BasePredictionWriter):
         self.output_path = output_path
         self.written: Optional[Path] = None
 
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+    ) -> None:
         samples = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         text = "\n\n".join(f"--- sample {i} (prompt: {s['prompt']!r})\n{s['text']}" for i, s in enumerate(samples))
         path = Path(self.output_path or Path(trainer.log_dir or ".") / "generated.txt")

@@ -1,8 +1,8 @@
 """Where the training memory goes: parameters, gradients, optimizer state, activations, peak.
 
 Lightning's ``DeviceStatsMonitor`` logs device-wide statistics (CUDA allocator counters, or CPU and RAM utilisation)
-and ``ThroughputMonitor`` logs speed; neither says *what* the memory is. :class:`MemoryMonitor` adds that breakdown, on CPU as well as GPU, and a one-screen
-summary at the end of ``fit``. Tokens/s are not logged again here: the CLI always adds
+and ``ThroughputMonitor`` logs speed; neither says *what* the memory is. :class:`MemoryMonitor` adds that breakdown,
+on CPU as well as GPU, and a one-screen summary at the end of ``fit``. Tokens/s are not logged again here: the CLI always adds
 :class:`~lm_lightning.callbacks.throughput.TokenThroughput` (Lightning's ``ThroughputMonitor``, logged as
 ``train/device/items_per_sec``); the summary quotes its last reading when there is one.
 
@@ -187,7 +187,9 @@ class MemoryMonitor(Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._stop_counting()  # what backward itself allocates is not "saved for backward"
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._stop_counting()
         if self._saved is None:
             return
@@ -196,7 +198,9 @@ class MemoryMonitor(Callback):
         metrics = {
             "memory/params_bytes": storage_bytes(params),
             "memory/grads_bytes": storage_bytes(p.grad for p in params),
-            "memory/optimizer_bytes": storage_bytes(t for opt in trainer.optimizers for t in tree_leaves(list(opt.state.values()))),
+            "memory/optimizer_bytes": storage_bytes(
+                t for opt in trainer.optimizers for t in tree_leaves(list(opt.state.values()))
+            ),
             "memory/activations_bytes": self._activations or 0,
             "memory/peak_bytes": peak_bytes(pl_module.device),
         }

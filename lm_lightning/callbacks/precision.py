@@ -43,6 +43,18 @@ log = logging.getLogger(__name__)
 MIN_EPS_16_TRUE = 1e-4
 
 
+def bf16_lstm_supported() -> bool:
+    """Whether oneDNN runs ``nn.LSTM`` under bfloat16 autocast on this CPU: on CPUs without AVX-512 BF16 it may have no
+    such kernel and fails with "could not create a primitive descriptor for the LSTM forward propagation primitive"."""
+    lstm = torch.nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 1, 2))
+    except RuntimeError:
+        return False
+    return True
+
+
 def _first_tensor(output: Any) -> Optional[torch.Tensor]:
     return next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
 
@@ -67,14 +79,28 @@ class PrecisionGuard(Callback):
         self.report: dict[str, Any] = {}
         self._outputs: dict[str, Optional[torch.dtype]] = {}
         self._handles: list[Any] = []
+        self._mkldnn_enabled: Optional[bool] = None  # oneDNN's flag before this run turned it off, to restore it
 
     # --- validation ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         precision, device = str(trainer.precision), trainer.strategy.root_device
         if precision.startswith("bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            log.warning(f"{torch.cuda.get_device_name(device)} has no native bfloat16: {precision} will be emulated and slow; --trainer.precision 16-mixed is the fast choice on this GPU.")
+            log.warning(
+                f"{torch.cuda.get_device_name(device)} has no native bfloat16: {precision} will be emulated and slow; "
+                "--trainer.precision 16-mixed is the fast choice on this GPU."
+            )
         if precision == "bf16-mixed" and device.type == "cpu":
-            log.info("precision bf16-mixed on CPU (Lightning also runs a `16-mixed` request this way on CPU: it warns and switches to bf16-mixed, without a GradScaler).")
+            log.info(
+                "precision bf16-mixed on CPU (Lightning also runs a `16-mixed` request this way on CPU: it warns and "
+                "switches to bf16-mixed, without a GradScaler)."
+            )
+            if torch.backends.mkldnn.enabled and not bf16_lstm_supported():
+                # PyTorch's own LSTM kernels run under autocast everywhere: gate matmuls in bfloat16, state in float32.
+                self._mkldnn_enabled, torch.backends.mkldnn.enabled = True, False
+                log.warning(
+                    "This CPU's oneDNN has no bfloat16 LSTM kernel (it needs AVX-512 BF16), so oneDNN is off for this run: "
+                    "the LSTM runs on PyTorch's own kernels, gate matmuls in bfloat16 and state in float32, slower than float32."
+                )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if str(trainer.precision) == "16-true":
@@ -105,31 +131,46 @@ class PrecisionGuard(Callback):
         return hook
 
     # --- reporting ----------------------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._handles:
             self._remove_hooks()
             loss = _first_tensor(outputs)
             self.report = self._build_report(trainer, pl_module, loss.dtype if loss is not None else None)
             self._log_report(trainer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self.log_loss_scale and scaler is not None and trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
+        if (
+            self.log_loss_scale
+            and scaler is not None
+            and trainer.log_every_n_steps
+            and trainer.global_step % trainer.log_every_n_steps == 0
+        ):
             for logger in trainer.loggers:
                 logger.log_metrics({"precision/loss_scale": float(scaler.get_scale())}, step=trainer.global_step)
 
-    def _build_report(self, trainer: L.Trainer, pl_module: L.LightningModule, loss_dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    def _build_report(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss_dtype: Optional[torch.dtype]
+    ) -> dict[str, Any]:
         plugin = trainer.precision_plugin
         autocast = None
         if hasattr(plugin, "autocast_context_manager"):
             context = plugin.autocast_context_manager()
             autocast = f"{context.device} {_dtype_name(context.fast_dtype)}"
-        params = {name: _dtype_name(next(m.parameters(recurse=False)).dtype) for name, m in pl_module.named_modules() if next(m.parameters(recurse=False), None) is not None}
+        params = {
+            name: _dtype_name(next(m.parameters(recurse=False)).dtype)
+            for name, m in pl_module.named_modules()
+            if next(m.parameters(recurse=False), None) is not None
+        }
         return {
             "precision": str(trainer.precision),
             "plugin": type(plugin).__name__,
             "autocast": autocast,
             "grad_scaler": getattr(plugin, "scaler", None) is not None,
             "device": str(trainer.strategy.root_device),
-            "modules": {name: {"params": params.get(name, "-"), "output": _dtype_name(dtype)} for name, dtype in self._outputs.items()},
+            "modules": {
+                name: {"params": params.get(name, "-"), "output": _dtype_name(dtype)} for name, dtype in self._outputs.items()
+            },
             "loss": _dtype_name(loss_dtype),
         }
 
@@ -162,3 +203,5 @@ class PrecisionGuard(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if self._mkldnn_enabled is not None:
+            torch.backends.mkldnn.enabled, self._mkldnn_enabled = self._mkldnn_enabled, None

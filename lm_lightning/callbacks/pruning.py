@@ -101,15 +101,23 @@ class MagnitudePruning(ModelPruning):
         parameters: Optional[list[str]] = None,
     ) -> None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise LMInputError(f"MagnitudePruning sparsity must be a fraction in [0, 1), got {sparsity!r}: e.g. 0.8 zeroes 80% of the weights.")
+            raise LMInputError(
+                f"MagnitudePruning sparsity must be a fraction in [0, 1), got {sparsity!r}: e.g. 0.8 zeroes 80% of the weights."
+            )
         if schedule not in SCHEDULES:
             raise LMInputError(f"MagnitudePruning schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
         if scope not in ("global", "layer"):
             raise LMInputError(f"MagnitudePruning scope must be 'global' or 'layer', got {scope!r}.")
         if (start_epoch is not None and start_epoch < 0) or (end_epoch is not None and end_epoch < 0):
-            raise LMInputError(f"MagnitudePruning start_epoch and end_epoch must be >= 0 (epochs count from 0), got {start_epoch} and {end_epoch}.")
+            raise LMInputError(
+                f"MagnitudePruning start_epoch and end_epoch must be >= 0 (epochs count from 0), got {start_epoch} and "
+                f"{end_epoch}."
+            )
         if end_epoch is not None and start_epoch is not None and end_epoch < start_epoch:
-            raise LMInputError(f"MagnitudePruning end_epoch ({end_epoch}) comes before start_epoch ({start_epoch}): give end_epoch >= start_epoch.")
+            raise LMInputError(
+                f"MagnitudePruning end_epoch ({end_epoch}) comes before start_epoch ({start_epoch}): give end_epoch >= "
+                "start_epoch."
+            )
         # "l1_unstructured" is turned into torch's L1Unstructured here, never stored in the config (see module doc).
         super().__init__(
             "l1_unstructured",
@@ -156,7 +164,10 @@ class MagnitudePruning(ModelPruning):
         if self.parameter_names is not None:
             unknown = [n for n in self.parameter_names if n not in targets and n not in mirrors]
             if unknown:
-                raise LMInputError(f"MagnitudePruning parameters {unknown} are not weights of the network; choose among {sorted(targets) + sorted(mirrors)}.")
+                raise LMInputError(
+                    f"MagnitudePruning parameters {unknown} are not weights of the network; choose among "
+                    f"{sorted(targets) + sorted(mirrors)}."
+                )
             chosen = {mirrors[n][2] if n in mirrors else n for n in self.parameter_names}
             targets = {n: t for n, t in targets.items() if n in chosen}
         self._targets = targets
@@ -167,10 +178,15 @@ class MagnitudePruning(ModelPruning):
     def resolve_epochs(self, max_epochs: Optional[int]) -> tuple[int, int]:
         """``(start_epoch, end_epoch)`` for a run of ``max_epochs`` (``None``: unlimited), defaults filled in."""
         if max_epochs is None and self.end_epoch is None:
-            raise LMInputError("MagnitudePruning needs end_epoch when trainer.max_epochs is unlimited: give --trainer.max_epochs or end_epoch.")
+            raise LMInputError(
+                "MagnitudePruning needs end_epoch when trainer.max_epochs is unlimited: give --trainer.max_epochs or end_epoch."
+            )
         for name, epoch in (("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch)):
             if max_epochs is not None and epoch is not None and epoch >= max_epochs:
-                raise LMInputError(f"MagnitudePruning {name} ({epoch}) must be below max_epochs ({max_epochs}): epochs count from 0, and pruning happens at the start of an epoch.")
+                raise LMInputError(
+                    f"MagnitudePruning {name} ({epoch}) must be below max_epochs ({max_epochs}): epochs count from 0, and "
+                    "pruning happens at the start of an epoch."
+                )
         end = self.end_epoch if self.end_epoch is not None else max(max_epochs - 1, self.start_epoch or 0)
         start = self.start_epoch if self.start_epoch is not None else min(1, end)
         self._start_epoch, self._end_epoch = start, end
@@ -210,7 +226,9 @@ class MagnitudePruning(ModelPruning):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # ModelPruning prunes here; this class at the start of the epoch (see the module docstring)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # torch's pre-hook left ``orig * mask`` with its autograd history on the module; a detached view costs
         # nothing and lets other callbacks (EMA, SWA) deep-copy the model between steps.
         for module, attr in self._pruned():
@@ -256,7 +274,9 @@ class MagnitudePruning(ModelPruning):
 
     # --- checkpoints: pruned weights in the state dict (ModelPruning), masks in the callback state ------
     def state_dict(self) -> dict[str, Any]:
-        masks = {n: getattr(m, f"{a}_mask").to(torch.bool).cpu() for n, (m, a) in self._targets.items() if hasattr(m, f"{a}_mask")}
+        masks = {
+            n: getattr(m, f"{a}_mask").to(torch.bool).cpu() for n, (m, a) in self._targets.items() if hasattr(m, f"{a}_mask")
+        }
         return {"masks": masks, "sparsity": self.sparsity_by_tensor()} if masks else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -270,7 +290,10 @@ class MagnitudePruning(ModelPruning):
         with torch.no_grad():
             for name, mask in masks.items():
                 if name not in self._targets:
-                    raise LMInputError(f"The checkpoint has a pruning mask for {name!r}, which this run does not prune: resume with the same MagnitudePruning parameters.")
+                    raise LMInputError(
+                        f"The checkpoint has a pruning mask for {name!r}, which this run does not prune: resume with the "
+                        "same MagnitudePruning parameters."
+                    )
                 module, attr = self._targets[name]
                 weight = getattr(module, attr)
                 if hasattr(module, f"{attr}_mask"):
@@ -281,4 +304,9 @@ class MagnitudePruning(ModelPruning):
     # --- export ---------------------------------------------------------------------------------------
     def export_metadata(self) -> dict[str, Any]:
         """What the export step records about this strategy (its presence also tells the step to export)."""
-        return {"target": self.sparsity, "scope": self.scope, "schedule": self.schedule, **(self.sparsity_by_tensor() if self._targets else {})}
+        return {
+            "target": self.sparsity,
+            "scope": self.scope,
+            "schedule": self.schedule,
+            **(self.sparsity_by_tensor() if self._targets else {}),
+        }

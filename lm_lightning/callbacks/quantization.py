@@ -67,7 +67,9 @@ class FakeQuantizedLSTM(nn.LSTM):
         # nn.LSTM.forward notices the change itself and rebuilds the list, dropping the substitution below.
         self._update_flat_weights()
         flat = self._flat_weights
-        self._flat_weights = [self.weight_fake_quantizer(w) if n.startswith("weight") else w for n, w in zip(self._flat_weights_names, flat)]
+        self._flat_weights = [
+            self.weight_fake_quantizer(w) if n.startswith("weight") else w for n, w in zip(self._flat_weights_names, flat)
+        ]
         try:
             return super().forward(input, hx)
         finally:
@@ -164,7 +166,9 @@ class QuantizationAwareFinishing(Callback):
             raise LMInputError("QuantizationAwareFinishing is in trainer.callbacks twice: keep one.")
         network = getattr(pl_module, "network", None)
         if not isinstance(network, nn.Module):
-            raise LMInputError(f"QuantizationAwareFinishing needs a LightningModule with a `network` module, got {type(pl_module).__name__}.")
+            raise LMInputError(
+                f"QuantizationAwareFinishing needs a LightningModule with a `network` module, got {type(pl_module).__name__}."
+            )
         quantized_weights(network, self.bits, self.group_size)
         if self.last_epochs is not None:
             if trainer.max_epochs is None or trainer.max_epochs < 1:
@@ -195,12 +199,21 @@ class QuantizationAwareFinishing(Callback):
         if not self.active and self._due(trainer):
             names = enable_fake_quantization(pl_module.network, self.bits, self.group_size)
             self.started_at = trainer.global_step
-            log.info("QAT: int%d fake quantization on from step %d (epoch %d): %s", self.bits, trainer.global_step, trainer.current_epoch, ", ".join(names))
+            log.info(
+                "QAT: int%d fake quantization on from step %d (epoch %d): %s",
+                self.bits,
+                trainer.global_step,
+                trainer.current_epoch,
+                ", ".join(names),
+            )
         pl_module.log("qat/active", float(self.active))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:
-            log.warning("QAT never started (training stopped at step %d): an integer export is post-training quantization.", trainer.global_step)
+            log.warning(
+                "QAT never started (training stopped at step %d): an integer export is post-training quantization.",
+                trainer.global_step,
+            )
 
     def export_metadata(self) -> dict[str, Any]:
         """What the export step records about this strategy (its presence also tells the step to export)."""

@@ -8,5 +8,17 @@ from lm_lightning.data.tokens import TokenDataModule
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import Batch, StreamWindows, TokenRows, batchify
 
-__all__ = ["BagDataModule", "BagRows", "Batch", "Corpus", "Preprocessor", "StreamDataModule", "StreamWindows", "TokenDataModule",
-           "TokenRows", "Vocabulary", "batchify", "load_corpus"]
+__all__ = [
+    "BagDataModule",
+    "BagRows",
+    "Batch",
+    "Corpus",
+    "Preprocessor",
+    "StreamDataModule",
+    "StreamWindows",
+    "TokenDataModule",
+    "TokenRows",
+    "Vocabulary",
+    "batchify",
+    "load_corpus",
+]

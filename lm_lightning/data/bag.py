@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,102 +30,16 @@ from torch.utils.data import DataLoader
 from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
 from lm_lightning.data.cache import cache_key
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
+from lm_lightning.data.segments import BagVocabulary, Segment, Segmenter, build_vocabulary, count_matrix, resolve_segment
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
-from lm_lightning.data.vocabulary import UNK, Vocabulary
+from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.io import atomic_directory
 from lm_lightning.models.bag import Bags
 
 log = logging.getLogger(__name__)
 
-Segment = Literal["auto", "sentence", "line", "window"]
-WORD = re.compile(r"\w")  # a token with no letter or digit is punctuation
 BAG_CACHE_VERSION = 1
-
-
-class BagVocabulary(Vocabulary):
-    """Words of the bags; id 0 is ``<unk>``. No ``<eos>``: a bag has no end of sequence to predict."""
-
-    specials = (UNK,)
-
-
-def punkt_available() -> bool:
-    import nltk
-
-    for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
-        try:
-            nltk.data.find(resource)
-            return True
-        except LookupError:
-            pass
-    return False
-
-
-def split_segments(text: str, segment: Segment) -> list[str]:
-    """Raw text of each sentence (paragraphs cut by Punkt) or line; blank lines separate and are not segments."""
-    if segment == "sentence":
-        from nltk.tokenize import sent_tokenize
-
-        paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
-        return [s for p in paragraphs if p for s in sent_tokenize(p)]
-    return [line for line in text.splitlines() if line.strip()]
-
-
-class Segmenter:
-    """Raw text -> word lists, one per segment, and a count of the segments that came out empty (and why)."""
-
-    def __init__(self, preprocess: Preprocessor, segment: Segment, window: int, drop_punctuation: bool) -> None:
-        self.preprocess, self.segment, self.window, self.drop_punctuation = preprocess, segment, window, drop_punctuation
-        self._tokenize = Preprocessor(preprocess.tokenizer, preprocess.lowercase)  # only to tell why a segment is empty
-
-    def words(self, text: str) -> list[str]:
-        words = self.preprocess(text)
-        return [w for w in words if WORD.search(w)] if self.drop_punctuation else words
-
-    def __call__(self, text: str) -> tuple[list[list[str]], dict[str, int]]:
-        if self.segment == "window":
-            stream = [w for line in text.splitlines() for w in self.words(line)]
-            segments = [stream[i : i + self.window] for i in range(0, len(stream), self.window)]
-            return segments, {"segments": len(segments), "empty": 0, "only_stopwords": 0}
-        segments, empty, only_stopwords = [], 0, 0
-        for raw in split_segments(text, self.segment):
-            words = self.words(raw)
-            if words:
-                segments.append(words)
-                continue
-            empty += 1
-            tokens = [t for t in self._tokenize(raw) if WORD.search(t)]
-            only_stopwords += bool(tokens) and all(t in self.preprocess.stopwords for t in tokens)
-        return segments, {"segments": len(segments), "empty": empty, "only_stopwords": only_stopwords}
-
-
-def count_matrix(segments: list[list[str]], vocab: Vocabulary) -> sparse.csr_matrix:
-    """``(segments, vocab)`` float32 counts with scikit-learn's ``CountVectorizer`` on our word lists; OOV -> ``<unk>``."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    stoi = vocab.stoi
-    vectorizer = CountVectorizer(analyzer=lambda words: [w if w in stoi else UNK for w in words], vocabulary=stoi, dtype=np.float32)
-    return vectorizer.transform(segments).tocsr()  # rows with distinct, sorted column ids
-
-
-def build_vocabulary(train: list[list[str]], min_df: int, max_vocab_size: Optional[int]) -> BagVocabulary:
-    """Words in at least ``min_df`` train segments (``CountVectorizer``'s document frequency), most frequent first."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    max_features = None if max_vocab_size is None else max_vocab_size - len(BagVocabulary.specials)
-    vectorizer = CountVectorizer(analyzer=lambda words: words, min_df=min_df, max_features=max_features, dtype=np.int64)
-    try:
-        counts = vectorizer.fit_transform(train)
-    except ValueError:  # "After pruning, no terms remain" or "max_df corresponds to < documents than min_df"
-        raise LMInputError(
-            f"The vocabulary is empty: no word occurs in {min_df} or more of the {len(train)} train segments "
-            "(--data.min_df): lower --data.min_df, or use longer segments or a larger corpus."
-        ) from None
-    words = vectorizer.get_feature_names_out().tolist()
-    totals = np.asarray(counts.sum(axis=0)).ravel()
-    # Most frequent first, then alphabetically, as Vocabulary.build; a literal "<unk>" in the text (PTB) is id 0.
-    order = sorted((i for i, w in enumerate(words) if w != UNK), key=lambda i: (-totals[i], words[i]))
-    return BagVocabulary([UNK, *(words[i] for i in order)])
 
 
 def batch_bytes(counts: sparse.csr_matrix, batch_size: int, bptt: int) -> dict[str, float]:
@@ -137,8 +50,14 @@ def batch_bytes(counts: sparse.csr_matrix, batch_size: int, bptt: int) -> dict[s
     words = counts.nnz / max(counts.shape[0], 1)
     sparse_bytes = segments * words * (4 + 4) + (segments + 1) * 4
     dense_bytes = segments * counts.shape[1] * 4
-    return {"segments": segments, "distinct_words_per_segment": words, "vocab_size": counts.shape[1],
-            "sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes, "dense_over_sparse": dense_bytes / sparse_bytes}
+    return {
+        "segments": segments,
+        "distinct_words_per_segment": words,
+        "vocab_size": counts.shape[1],
+        "sparse_bytes": sparse_bytes,
+        "dense_bytes": dense_bytes,
+        "dense_over_sparse": dense_bytes / sparse_bytes,
+    }
 
 
 def as_bags(block: sparse.csr_matrix, streams: int) -> Bags:
@@ -221,7 +140,9 @@ class BagDataModule(StreamDataModule):
         if segment not in ("auto", "sentence", "line", "window"):
             raise LMInputError(f"--data.segment must be auto, sentence, line or window, got {segment!r}.")
         if tokenizer == "char":
-            raise LMInputError("A bag of characters says little about the next segment: use --data.tokenizer treebank or whitespace.")
+            raise LMInputError(
+                "A bag of characters says little about the next segment: use --data.tokenizer treebank or whitespace."
+            )
         if max_vocab_size is not None and max_vocab_size < 2:
             raise LMInputError(f"--data.max_vocab_size must be at least 2 (<unk> and one word), got {max_vocab_size}.")
         self.save_hyperparameters()
@@ -242,15 +163,26 @@ class BagDataModule(StreamDataModule):
 
     def _settings(self) -> dict:
         hp = self.hparams
-        return {"representation": "bow", "bag_version": BAG_CACHE_VERSION, **self.preprocessor.settings(), "segment": self.segment,
-                "window": hp.window if self.segment == "window" else None, "drop_punctuation": hp.drop_punctuation, "min_df": hp.min_df,
-                "max_vocab_size": hp.max_vocab_size, "valid_fraction": hp.valid_fraction, "test_fraction": hp.test_fraction}
+        return {
+            "representation": "bow",
+            "bag_version": BAG_CACHE_VERSION,
+            **self.preprocessor.settings(),
+            "segment": self.segment,
+            "window": hp.window if self.segment == "window" else None,
+            "drop_punctuation": hp.drop_punctuation,
+            "min_df": hp.min_df,
+            "max_vocab_size": hp.max_vocab_size,
+            "valid_fraction": hp.valid_fraction,
+            "test_fraction": hp.test_fraction,
+        }
 
     def _load_or_build(self) -> BagVocabulary:
         hp = self.hparams
         corpus = load_corpus(hp.source, hp.data_dir, hp.valid_fraction, hp.test_fraction)
         # Same cache root as the token ids, an entry per corpus content + settings, written atomically (cache.py).
-        folder = Path(hp.cache_dir or default_cache_dir()).expanduser() / f"bow-{cache_key(corpus.content_hash(), self._settings())}"
+        folder = (
+            Path(hp.cache_dir or default_cache_dir()).expanduser() / f"bow-{cache_key(corpus.content_hash(), self._settings())}"
+        )
         if not all((folder / name).exists() for name in ("vocab.json", "meta.json", *(f"{s}.npz" for s in SPLITS))):
             return self._build(corpus, folder)
         log.info("Bag-of-words cache hit: %s", folder)
@@ -266,15 +198,27 @@ class BagDataModule(StreamDataModule):
             self._check_segments(corpus.name, split, stats[split])
         vocab = build_vocabulary(segments["train"], hp.min_df, hp.max_vocab_size)
         self._counts = {split: count_matrix(segments[split], vocab) for split in SPLITS}
-        meta = {"corpus": corpus.name, "settings": self._settings(), "segments": stats, "vocab_size": len(vocab),
-                "words": {split: float(self._counts[split].sum()) for split in SPLITS}, "stopwords_source": self.preprocessor.stopwords_source}
+        meta = {
+            "corpus": corpus.name,
+            "settings": self._settings(),
+            "segments": stats,
+            "vocab_size": len(vocab),
+            "words": {split: float(self._counts[split].sum()) for split in SPLITS},
+            "stopwords_source": self.preprocessor.stopwords_source,
+        }
         with atomic_directory(folder) as tmp:
             vocab.save(tmp / "vocab.json")
             for split, matrix in self._counts.items():
                 sparse.save_npz(tmp / f"{split}.npz", matrix, compressed=False)  # read back with allow_pickle=False
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        log.info("Bag-of-words %s in %.1fs: %s segments, vocabulary %d -> %s", corpus.name, time.perf_counter() - start,
-                 {s: stats[s]["segments"] for s in SPLITS}, len(vocab), folder)
+        log.info(
+            "Bag-of-words %s in %.1fs: %s segments, vocabulary %d -> %s",
+            corpus.name,
+            time.perf_counter() - start,
+            {s: stats[s]["segments"] for s in SPLITS},
+            len(vocab),
+            folder,
+        )
         return vocab
 
     def _check_segments(self, corpus: str, split: str, stats: dict[str, int]) -> None:
@@ -282,7 +226,11 @@ class BagDataModule(StreamDataModule):
         empty, stop = stats["empty"], stats["only_stopwords"]
         why = f"{empty} of its {self.segment} segments were empty after preprocessing ({stop} held only stop words)"
         if stats["segments"] == 0:
-            fix = "set --data.remove_stopwords false" if stop else "check the text and the preprocessing settings (--data.drop_punctuation, --data.tokenizer)"
+            fix = (
+                "set --data.remove_stopwords false"
+                if stop
+                else "check the text and the preprocessing settings (--data.drop_punctuation, --data.tokenizer)"
+            )
             raise LMInputError(f"The {split} split of {corpus!r} has no words after preprocessing: {why}; {fix}.")
         if empty:
             log.info("Dropped from %s: %s.", split, why)
@@ -308,32 +256,25 @@ class BagDataModule(StreamDataModule):
             b = batch_bytes(self.counts("train"), self.hparams.batch_size, self.hparams.bptt)
             log.info(
                 "Bag-of-words batch of %d segments (%.1f distinct words each, vocabulary %d): %s as ids, offsets and counts, "
-                "%s as a dense float32 matrix (%.0fx); targets cost the same again.", b["segments"], b["distinct_words_per_segment"],
-                b["vocab_size"], _kib(b["sparse_bytes"]), _kib(b["dense_bytes"]), b["dense_over_sparse"],
+                "%s as a dense float32 matrix (%.0fx); targets cost the same again.",
+                b["segments"],
+                b["distinct_words_per_segment"],
+                b["vocab_size"],
+                _kib(b["sparse_bytes"]),
+                _kib(b["dense_bytes"]),
+                b["dense_over_sparse"],
             )
 
     def prompt_bags(self) -> Bags:
         """The prompt as one segment of one stream."""
-        words = Segmenter(self.preprocessor, "line", self.hparams.window, self.hparams.drop_punctuation).words(self.hparams.prompt)
+        words = Segmenter(self.preprocessor, "line", self.hparams.window, self.hparams.drop_punctuation).words(
+            self.hparams.prompt
+        )
         return as_bags(count_matrix([words], self.vocab), streams=1)
 
     def predict_dataloader(self) -> DataLoader:
         """The prompt as one segment; ``predict`` lists the likeliest words of the segment after it."""
-        return DataLoader([self.prompt_bags()], batch_size=None)
-
-
-def resolve_segment(segment: Segment) -> Segment:
-    """``auto`` -> sentences if NLTK's Punkt is installed, else lines (logged); ``sentence`` without Punkt fails."""
-    if segment not in ("auto", "sentence"):
-        return segment
-    has_punkt = punkt_available()
-    if segment == "sentence" and not has_punkt:
-        raise LMInputError(
-            "--data.segment sentence needs NLTK's Punkt sentence model, which is not installed: run "
-            "`python -m nltk.downloader punkt_tab` (or point NLTK_DATA at a folder that has it), or use --data.segment line or window."
-        )
-    log.info("Segments: %s.", "sentences (NLTK Punkt)" if has_punkt else "lines, because NLTK's Punkt sentence model is not installed")
-    return "sentence" if has_punkt else "line"
+        return DataLoader([Batch.prompt(self.prompt_bags(), 1)], batch_size=None)
 
 
 def _kib(num: float) -> str:

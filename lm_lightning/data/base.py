@@ -74,7 +74,9 @@ class StreamDataModule(L.LightningDataModule):
 
     def windows(self, split: str, rank: int = 0, world_size: int = 1, micro_batch_size=None) -> StreamWindows:
         """The split's stream windows, as training or evaluation reads them."""
-        return StreamWindows(self.rows(split), self.num_streams(split), self.hparams.bptt, rank, world_size, split, micro_batch_size)
+        return StreamWindows(
+            self.rows(split), self.num_streams(split), self.hparams.bptt, rank, world_size, split, micro_batch_size
+        )
 
     def _check_lengths(self) -> None:
         for split in SPLITS:

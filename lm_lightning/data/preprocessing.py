@@ -114,7 +114,9 @@ class Preprocessor:
             from nltk.stem import SnowballStemmer
 
             if language not in SnowballStemmer.languages:
-                raise LMInputError(f"The Snowball stemmer has no {language!r}: use one of {', '.join(SnowballStemmer.languages)}.")
+                raise LMInputError(
+                    f"The Snowball stemmer has no {language!r}: use one of {', '.join(SnowballStemmer.languages)}."
+                )
             self._stem = SnowballStemmer(language).stem
         self._split = self._make_splitter()
 

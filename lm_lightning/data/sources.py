@@ -99,7 +99,9 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def split_documents(blocks: list[str], valid_fraction: float, test_fraction: float, separator: str = "\n") -> tuple[str, str, str]:
+def split_documents(
+    blocks: list[str], valid_fraction: float, test_fraction: float, separator: str = "\n"
+) -> tuple[str, str, str]:
     """Deal blocks in order: a block goes to valid (or test) once that split is half a block behind its share.
 
     Deterministic, within one block of the asked fractions at every prefix, and interleaved through the text.

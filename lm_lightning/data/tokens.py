@@ -16,7 +16,7 @@ from lm_lightning.data.cache import TokenCache, cache_key
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
 from lm_lightning.data.vocabulary import EOS, Vocabulary
-from lm_lightning.data.windows import TokenRows
+from lm_lightning.data.windows import Batch, TokenRows
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,10 @@ class TokenDataModule(StreamDataModule):
         tokens = {split: tokenize_lines(corpus[split], self.preprocessor, keep) for split in SPLITS}
         for split in SPLITS:
             if not tokens[split]:
-                raise LMInputError(f"The {split} split of {corpus.name!r} has no tokens after preprocessing: check the text and the preprocessing settings.")
+                raise LMInputError(
+                    f"The {split} split of {corpus.name!r} has no tokens after preprocessing: check the text and the "
+                    "preprocessing settings."
+                )
         vocab = Vocabulary.build(Counter(tokens["train"]), self.hparams.min_freq, self.hparams.max_vocab_size)
         ids = {split: vocab.encode_array(tokens[split]) for split in SPLITS}
         meta = {
@@ -127,7 +130,14 @@ class TokenDataModule(StreamDataModule):
             "stopwords_source": self.preprocessor.stopwords_source,
         }
         cache.save(vocab, ids, meta)
-        log.info("Tokenized %s in %.1fs: %s tokens, vocabulary %d -> %s", corpus.name, time.perf_counter() - start, meta["tokens"], len(vocab), cache.path)
+        log.info(
+            "Tokenized %s in %.1fs: %s tokens, vocabulary %d -> %s",
+            corpus.name,
+            time.perf_counter() - start,
+            meta["tokens"],
+            len(vocab),
+            cache.path,
+        )
         return vocab
 
     def ids(self, split: str) -> np.ndarray:
@@ -142,7 +152,7 @@ class TokenDataModule(StreamDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The prompt as ids, ``num_prompts`` times: each copy gives one sample."""
         ids = self.vocab.encode(self.preprocessor(self.hparams.prompt)) or [self.vocab.eos_id]
-        prompts = [torch.tensor([ids]) for _ in range(self.hparams.num_prompts)]
+        prompts = [Batch.prompt(torch.tensor([ids]), len(ids)) for _ in range(self.hparams.num_prompts)]
         return DataLoader(prompts, batch_size=None)
 
     def decode(self, ids) -> str:

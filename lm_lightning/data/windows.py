@@ -60,6 +60,11 @@ class Batch(NamedTuple):
         """Target tokens (or segments) in the batch: what throughput counts."""
         return self.num_streams * self.length
 
+    @classmethod
+    def prompt(cls, inputs: Any, length: int) -> Batch:
+        """A prompt for ``predict``: one stream of ``length`` tokens (or segments), no targets."""
+        return cls(inputs, None, 0, 1, length, 0.0)
+
 
 class RowSequence(Protocol):
     """A split as a sequence of rows that windows can be cut from."""
@@ -125,7 +130,7 @@ class StreamWindows(IterableDataset):
     ) -> None:
         if batch_size < 1 or bptt < 1:
             raise LMInputError(f"batch_size and bptt must be positive, got {batch_size} and {bptt}.")
-        self.rows = rows if hasattr(rows, "take") else TokenRows(rows)
+        self.rows = TokenRows(rows) if isinstance(rows, (np.ndarray, torch.Tensor)) else rows
         needed = batch_size * world_size * (bptt + 1)
         if len(self.rows) < needed:
             flag = "batch_size" if split == "train" else "eval_batch_size"

@@ -118,12 +118,11 @@ class BagLSTMNetwork(nn.Module):
         bag_weighting: BagWeighting = "sum",
     ) -> None:
         super().__init__()
+        # The arguments, which an export needs to rebuild this network (first line: locals() holds only them yet).
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dropout")}
         check_network_args(vocab_size, embedding_dim, hidden_dim, num_layers, dropout, tie_weights)
         if bag_weighting not in ("mean", "sum"):
             raise LMInputError(f"bag_weighting must be 'mean' or 'sum', got {bag_weighting!r}.")
-        # What an export needs to rebuild this network (dropout is off at inference).
-        self.config = {"vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim,
-                       "num_layers": num_layers, "tie_weights": tie_weights, "bag_weighting": bag_weighting}
         self.vocab_size, self.hidden_dim, self.num_layers, self.bag_weighting = vocab_size, hidden_dim, num_layers, bag_weighting
         # mode="sum" because only "sum" takes per-sample weights (the counts); the mean is taken in embed().
         self.embedding = nn.EmbeddingBag(vocab_size, embedding_dim, mode="sum", include_last_offset=True)
@@ -144,7 +143,9 @@ class BagLSTMNetwork(nn.Module):
             bags = counts @ self.embedding.weight
             totals = counts.sum(-1, keepdim=True)
         else:
-            bags = self.embedding(segments.indices, segments.offsets, per_sample_weights=segments.counts.to(self.embedding.weight.dtype))
+            bags = self.embedding(
+                segments.indices, segments.offsets, per_sample_weights=segments.counts.to(self.embedding.weight.dtype)
+            )
             bags = bags.view(segments.streams, -1, bags.size(-1))
             totals = segments.totals().view(segments.streams, -1, 1)
         if self.bag_weighting == "mean":

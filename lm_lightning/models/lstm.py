@@ -41,7 +41,9 @@ def init_weights(embedding: nn.Module, lstm: nn.LSTM, decoder: nn.Linear) -> Non
                 param[h : 2 * h].fill_(1.0)  # gate order: input, forget, cell, output
 
 
-def check_network_args(vocab_size: int, embedding_dim: int, hidden_dim: int, num_layers: int, dropout: float, tie_weights: bool) -> None:
+def check_network_args(
+    vocab_size: int, embedding_dim: int, hidden_dim: int, num_layers: int, dropout: float, tie_weights: bool
+) -> None:
     """The settings every embedding + LSTM network shares, checked once with a sentence that names the fix."""
     if vocab_size < 2:
         raise LMInputError(f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary.")
@@ -79,10 +81,9 @@ class LSTMNetwork(nn.Module):
         tie_weights: bool = True,
     ) -> None:
         super().__init__()
+        # The arguments, which an export needs to rebuild this network (first line: locals() holds only them yet).
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dropout")}
         check_network_args(vocab_size, embedding_dim, hidden_dim, num_layers, dropout, tie_weights)
-        # What an export needs to rebuild this network (dropout is off at inference).
-        self.config = {"vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim,
-                       "num_layers": num_layers, "tie_weights": tie_weights}
         self.vocab_size, self.hidden_dim, self.num_layers = vocab_size, hidden_dim, num_layers
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.dropout = nn.Dropout(dropout)

@@ -69,7 +69,9 @@ class BagLanguageModel(StreamSystem):
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        return BagLSTMNetwork(hp.vocab_size, hp.embedding_dim, hp.hidden_dim, hp.num_layers, hp.dropout, hp.tie_weights, hp.bag_weighting)
+        return BagLSTMNetwork(
+            hp.vocab_size, hp.embedding_dim, hp.hidden_dim, hp.num_layers, hp.dropout, hp.tie_weights, hp.bag_weighting
+        )
 
     # --- the unigram baseline beside every evaluation -------------------------------------------------
     def _unigram_metric(self, stage: str) -> MeanMetric:
@@ -123,6 +125,6 @@ class BagLanguageModel(StreamSystem):
         words = self.next_words(datamodule.prompt_bags(), self.hparams.sample_length)
         self._log_text("samples/next_words", f"after {datamodule.hparams.prompt!r}: {words}")
 
-    def predict_step(self, batch: Bags, batch_idx: int) -> dict[str, str]:
-        words = self.next_words(batch, self.hparams.predict_words)
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, str]:
+        words = self.next_words(batch.inputs, self.hparams.predict_words)
         return {"prompt": self.trainer.datamodule.hparams.prompt, "text": f"likeliest words of the next segment: {words}"}

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.models import LSTMNetwork
 from lm_lightning.systems.base import StreamSystem
@@ -73,8 +74,14 @@ class LanguageModel(StreamSystem):
 
     # --- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """Continue ``prompt`` (1, T) by ``max_new_tokens`` sampled tokens; returns (1, T + max_new_tokens)."""
         was_training = self.training
         self.eval()
@@ -108,7 +115,7 @@ class LanguageModel(StreamSystem):
         prompt = torch.tensor([[datamodule.vocab.eos_id]])
         self._log_text("samples/generated", self._sample_text(prompt, self.hparams.sample_length, self.hparams.seed))
 
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, str]:
-        prompt = self.trainer.datamodule.decode(batch[0].tolist())
-        text = self._sample_text(batch, self.hparams.max_new_tokens, self.hparams.seed + batch_idx)
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, str]:
+        prompt = self.trainer.datamodule.decode(batch.inputs[0].tolist())
+        text = self._sample_text(batch.inputs, self.hparams.max_new_tokens, self.hparams.seed + batch_idx)
         return {"prompt": prompt, "text": text}
