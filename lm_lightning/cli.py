@@ -33,6 +33,8 @@ from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
+# main() passes sys.argv on purpose (so that tests and notebooks can pass their own); Lightning warns about both.
+warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
 # Stream batches are slices of one in-memory tensor: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # Our IterableDataset defines __len__ on purpose (every rank has the same number of windows).

@@ -5,10 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import nltk
 import pytest
-from nltk.corpus.reader import StopwordsCorpusReader
-from nltk.corpus.util import LazyCorpusLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -23,7 +20,15 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses started by tests
 
+# isort: off
+# The CLI before nltk: with nltk imported first, jsonargparse parses "--trainer.limit_train_batches 1" as 1.0 (all
+# batches) instead of 1 batch (nltk 3.10.4, jsonargparse 4.53.0). `python -m lm_lightning` imports the CLI first.
+import lm_lightning.cli  # noqa: E402, F401
+import nltk  # noqa: E402
+from nltk.corpus.reader import StopwordsCorpusReader  # noqa: E402
+from nltk.corpus.util import LazyCorpusLoader  # noqa: E402
 import torch  # noqa: E402
+# isort: on
 
 # One intra-op thread, set before any fixture runs: the test models are tiny, so threads only add overhead, and
 # on a loaded 2-core machine two threads per process made small fits ~10-40x slower (measured).

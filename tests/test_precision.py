@@ -3,8 +3,8 @@
 import math
 import os
 import warnings
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
