@@ -2,37 +2,65 @@
 
 Everything is written to a temporary sibling first and moved into place with ``os.replace``, which is atomic
 on POSIX and Windows when source and target are on the same file system (hence a sibling, not ``/tmp``).
+
+File modes follow the umask the way a plain ``open()`` does: the temporary file (folder) is created with
+``os.open(..., 0o666)`` (``os.mkdir(..., 0o777)``), so the kernel applies the umask (and any default ACL). The
+process umask is never read by setting it, which would race with other threads creating files meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+_ATTEMPTS = 100  # unique names to try before giving up (a clash needs another writer with the same random name)
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+
+def _create(target: Path, make: Callable[[Path], None]) -> Path:
+    """A new temporary sibling ``.<name>.<random>.tmp`` of ``target`` (the pattern the cache's clean-up of killed runs
+    looks for), made by ``make``, which must fail if the name exists."""
+    for _ in range(_ATTEMPTS):
+        path = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {target}")
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_folder(path: Path) -> None:
+    os.mkdir(path, 0o777)
 
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; move it onto ``target`` only if the block succeeds."""
+    """Yield a temporary path next to ``target``; move it onto ``target`` only if the block succeeds.
+
+    The block may write the path in place or replace it (safetensors writes its own temporary file and renames it,
+    which leaves it 0600); either way the result gets the mode the umask gave the file when it was created here.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create(target, _new_file)
+    mode = tmp_path.stat().st_mode & 0o777
     try:
         yield tmp_path
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.chmod(tmp_path, mode)
+        # On disk before the rename: after a power cut the target is the old file or the new one, never empty.
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -55,10 +83,9 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _create(target, _new_folder)  # 0777 minus the umask, as a plain mkdir: a shared cache must be readable
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders; a shared cache must be readable
         if replace and target.exists():
             _swap(tmp, target)
             return

@@ -3,14 +3,20 @@ every network (the template's two and a fork's GRU) and a loader that never impo
 
 import builtins
 import copy
+import functools
 import importlib
 import json
+import os
+import random
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.utils.prune as prune
+from safetensors.numpy import load_file, save_file
 from torch.testing import assert_close
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 
@@ -22,6 +28,7 @@ from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export import export_model, load_exported
+from lm_lightning.io import atomic_directory, atomic_write_text
 from lm_lightning.models import BagLSTMNetwork, Bags, LSTMNetwork
 from lm_lightning.quantization import fake_quantize, quantize_weight
 
@@ -154,52 +161,341 @@ def test_reexport_replaces_only_when_complete(tmp_path, monkeypatch):
         export_model(network(), tmp_path / "notes", bits=8)
 
 
-def _tamper(folder: Path, case: str) -> None:
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    if case == "no manifest":
-        manifest_path.unlink()
+# --- tampered exports: the loader checks everything before it reads a weight or builds the network -------------
+OUTSIDE = "outside.txt"  # a file next to the export folder: no manifest may make the loader read it
+
+
+def _exported(tmp_path: Path) -> Path:
+    """An int8 export with a vocabulary and every storage: dense, bit mask (90% zeros), indices (99.5% zeros)."""
+    net = network()
+    with torch.no_grad():
+        for name, keep in (("weight_hh_l0", 0.1), ("weight_ih_l1", 0.005)):
+            weight = getattr(net.lstm, name)
+            weight.mul_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(2)) < keep)
+    export_model(net, tmp_path / "export", bits=8, vocab=Vocabulary(["<unk>", "<eos>"] + [f"w{i}" for i in range(398)]))
+    (tmp_path / OUTSIDE).write_text("not part of the export")
+    return tmp_path / "export"
+
+
+def _rehash(folder: Path, manifest: dict) -> None:
+    """What a careful tamperer does: sizes and hashes in the manifest that match the changed files."""
+    for name in ("model.safetensors", "vocab.json"):
+        if (folder / name).exists():
+            manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": export._sha256(folder / name)}
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    arrays = load_file(str(folder / "model.safetensors"))
+    change(arrays)
+    save_file(arrays, str(folder / "model.safetensors"), metadata={"format": export.FORMAT})
+
+
+def _set_header(folder: Path, header: bytes, length: int | None = None) -> None:
+    """Replace the safetensors header (8-byte little-endian length, then JSON) and keep the data behind it."""
+    data = (folder / "model.safetensors").read_bytes()
+    body = data[8 + int.from_bytes(data[:8], "little") :]
+    (folder / "model.safetensors").write_bytes((len(header) if length is None else length).to_bytes(8, "little") + header + body)
+
+
+def _tamper(folder: Path, manifest: dict, case: str) -> None:
+    tensors, files, config = manifest["tensors"], manifest["files"], manifest["network"]["config"]
+    weights = folder / "model.safetensors"
+    if case == "manifest not JSON":
+        (folder / "manifest.json").write_text("{not json")
+        return
+    if case == "manifest not an object":
+        manifest = [manifest]
     elif case == "other version":
         manifest["version"] = 99
-    elif case == "weights changed":
-        data = bytearray((folder / "model.safetensors").read_bytes())
-        data[-1] ^= 0xFF
-        (folder / "model.safetensors").write_bytes(bytes(data))
+    elif case == "bits not 4 or 8":
+        manifest["bits"] = 8.0
+    elif case == "traversal name":
+        files[f"../{OUTSIDE}"] = {"bytes": 22, "sha256": export._sha256(folder.parent / OUTSIDE)}
+    elif case == "absolute name":
+        files[str(folder.parent / OUTSIDE)] = files.pop("vocab.json")
+    elif case == "subfolder name":
+        files["sub/vocab.json"] = files.pop("vocab.json")
+    elif case == "unknown name":
+        files["notes.txt"] = files["vocab.json"]
+    elif case == "entry without hash":
+        del files["vocab.json"]["sha256"]
+    elif case == "vocab entry removed":
+        del files["vocab.json"]
+    elif case == "weights entry removed":
+        del files["model.safetensors"]
+    elif case == "extra file":
+        (folder / "extra.bin").write_bytes(b"\0")
+    elif case == "extra folder":
+        (folder / "sub").mkdir()
+    elif case == "vocab is a link outside":
+        (folder / "vocab.json").unlink()
+        (folder / "vocab.json").symlink_to(folder.parent / OUTSIDE)
+        _rehash(folder, manifest)
     elif case == "weights missing":
-        (folder / "model.safetensors").unlink()
+        weights.unlink()
+    elif case == "wrong sha":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
     elif case == "tensor missing":
-        del manifest["tensors"]["lstm.weight_hh_l0"]
-    elif case == "wrong shape":
-        manifest["network"]["config"]["vocab_size"] = 399
-    elif case == "bad settings":
-        manifest["network"]["config"]["hidden_dim"] = 32  # tied weights need embedding_dim == hidden_dim
-    if case in ("other version", "tensor missing", "wrong shape", "bad settings"):
-        manifest_path.write_text(json.dumps(manifest))
+        del tensors["lstm.weight_hh_l0"]
+    elif case == "tensor extra":
+        tensors["evil.weight"] = tensors["lstm.bias_hh_l0"]
+    elif case == "ties changed":
+        manifest["ties"] = {}
+    elif case == "settings unknown key":
+        config["command"] = "rm -rf /"
+    elif case == "settings invalid":
+        config["hidden_dim"] = 32  # tied weights need embedding_dim == hidden_dim
+    elif case == "settings wrong type":
+        config["embedding_dim"] = "64"
+    elif case == "settings too many layers":
+        config["num_layers"] = 10**7  # building even on meta would loop ten million times
+    elif case == "config does not fit the tensors":
+        config["vocab_size"] = 399
+    elif case == "wrong declared shape":
+        tensors["lstm.bias_hh_l0"]["shape"] = [999]
+    elif case == "wrong declared dtype":
+        tensors["lstm.bias_hh_l0"]["dtype"] = "float16"
+    elif case == "quantized flag flipped":
+        tensors["lstm.weight_hh_l1"]["quantized"] = False
+    elif case == "wrong block":
+        tensors["lstm.weight_hh_l1"]["block"] = 32
+    elif case == "unknown storage":
+        tensors["lstm.bias_hh_l0"]["storage"] = "pickle"
+    elif case == "more non-zeros than numbers":
+        tensors["lstm.weight_ih_l1"]["nnz"] = 10**12
+    elif case == "stored dtype differs":
+        _rewrite_weights(folder, lambda a: a.update({"lstm.bias_hh_l0": a["lstm.bias_hh_l0"].astype("float64")}))
+        _rehash(folder, manifest)
+    elif case == "extra array in the file":
+        _rewrite_weights(folder, lambda a: a.update({"evil": a["lstm.bias_hh_l0"]}))
+        _rehash(folder, manifest)
+    elif case == "header length beyond the file":
+        _set_header(folder, b"{}", length=2**40)
+        _rehash(folder, manifest)
+    elif case == "header not JSON":
+        _set_header(folder, b"{" * 64)
+        _rehash(folder, manifest)
+    elif case == "header offsets overlap":
+        header = json.loads(weights.read_bytes()[8 : 8 + int.from_bytes(weights.read_bytes()[:8], "little")])
+        assert header["decoder.bias"]["data_offsets"][0] == 0
+        header["lstm.bias_hh_l1"]["data_offsets"] = [0, 4 * 256]  # on top of decoder.bias
+        _set_header(folder, json.dumps(header).encode())
+        _rehash(folder, manifest)
+    elif case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif case == "truncated weights, manifest rehashed":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        _rehash(folder, manifest)
+    elif case == "sparse index out of range":
+        _rewrite_weights(folder, lambda a: a["lstm.weight_ih_l1.index"].__setitem__(-1, 65535))
+        _rehash(folder, manifest)
+    elif case == "sparse indices repeated":
+        _rewrite_weights(folder, lambda a: a["lstm.weight_ih_l1.index"].__setitem__(1, a["lstm.weight_ih_l1.index"][0]))
+        _rehash(folder, manifest)
+    elif case == "bit mask marks another count":
+        _rewrite_weights(folder, lambda a: a["lstm.weight_hh_l0.mask"].__setitem__(0, a["lstm.weight_hh_l0.mask"][0] ^ 1))
+        _rehash(folder, manifest)
+    elif case == "unreadable weights":
+        pass  # the test makes opening it fail: chmod alone does not stop root
+    else:
+        raise AssertionError(f"unknown case {case}")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing folder", "manifest.json is missing"),
-        ("no manifest", "manifest.json is missing"),
-        ("other version", "this version reads"),
-        ("weights changed", "model.safetensors does not match the manifest"),
-        ("weights missing", "model.safetensors is missing"),
-        ("tensor missing", "the LSTMNetwork needs"),
-        ("wrong shape", "a tensor has the wrong shape (size mismatch for embedding.weight"),
-        ("bad settings", "its network settings are invalid (tie_weights needs embedding_dim == hidden_dim"),
-    ],
-)
-def test_broken_exports_give_one_sentence_naming_the_folder(tmp_path, case, message):
-    folder = tmp_path / "export"
-    if case != "missing folder":
-        export_model(network(), folder, bits=4, group_size=32)
-        _tamper(folder, case)
+TAMPERED = [
+    ("manifest not JSON", "manifest.json cannot be read as JSON (Expecting property name"),
+    ("manifest not an object", "its manifest is None, this version reads ('lm_lightning.export', 2)"),
+    ("other version", "its manifest is ('lm_lightning.export', 99), this version reads"),
+    ("bits not 4 or 8", "its manifest declares bits 8.0 and group_size 32"),
+    ("traversal name", "its manifest lists '../outside.txt', a path, not a file name in the folder"),
+    ("absolute name", "outside.txt', a path, not a file name in the folder"),
+    ("subfolder name", "its manifest lists 'sub/vocab.json', a path, not a file name in the folder"),
+    ("unknown name", "its manifest lists 'notes.txt', not a file an export holds (model.safetensors, vocab.json)"),
+    ("entry without hash", "its manifest's entry for vocab.json has no byte count and SHA-256"),
+    ("vocab entry removed", "vocab.json is in the folder but not in the manifest, which must list and hash every file"),
+    ("weights entry removed", "its manifest does not list model.safetensors"),
+    ("extra file", "extra.bin is in the folder but not in the manifest"),
+    ("extra folder", "sub is in the folder but not in the manifest"),
+    ("vocab is a link outside", "vocab.json is not a regular file"),
+    ("weights missing", "model.safetensors is missing"),
+    ("wrong sha", "model.safetensors does not match the manifest (size or SHA-256 differ)"),
+    ("tensor missing", "its manifest does not declare ['lstm.weight_hh_l0'], which the LSTMNetwork needs"),
+    ("tensor extra", "its manifest declares ['evil.weight'], which the LSTMNetwork does not have"),
+    ("ties changed", "its ties {} are not the LSTMNetwork's {'decoder.weight': 'embedding.weight'}"),
+    ("settings unknown key", "its network settings name ['command'], which the export does not write for a LSTMNetwork"),
+    ("settings invalid", "its network settings are invalid (tie_weights needs embedding_dim == hidden_dim"),
+    ("settings wrong type", "its network setting embedding_dim is '64', not an integer"),
+    ("settings too many layers", "its network settings ask for 10000000 layers, more than the tensors it lists"),
+    ("config does not fit the tensors", "embedding.weight is declared with shape [400, 64], the LSTMNetwork has [399, 64]"),
+    ("wrong declared shape", "lstm.bias_hh_l0 is declared with shape [999], the LSTMNetwork has [256]"),
+    ("wrong declared dtype", "lstm.bias_hh_l0 is declared 'float16' (quantized: False), an export with bits=8 stores it as 'float32'"),
+    ("quantized flag flipped", "lstm.weight_hh_l1 is declared 'int8' (quantized: False), an export with bits=8 stores it as 'int8'"),
+    ("wrong block", "lstm.weight_hh_l1 is declared with blocks of 32, its rule gives 64"),
+    ("unknown storage", "lstm.bias_hh_l0 is declared as 'pickle' storage"),
+    ("more non-zeros than numbers", "lstm.weight_ih_l1 is declared as 'coo' storage with 1000000000000 non-zeros of 16384"),
+    ("stored dtype differs", "model.safetensors stores lstm.bias_hh_l0 as ('F64', [256]), the manifest describes ('F32', [256])"),
+    ("extra array in the file", "model.safetensors holds other arrays than the manifest describes (evil differ)"),
+    ("header length beyond the file", "model.safetensors has no valid safetensors header (it declares 1099511627776 bytes"),
+    ("header not JSON", "the safetensors header of model.safetensors is not JSON"),
+    ("header offsets overlap", "the arrays of model.safetensors overlap or leave gaps"),
+    ("truncated weights", "model.safetensors does not match the manifest (size or SHA-256 differ)"),
+    ("truncated weights, manifest rehashed", "model.safetensors holds"),
+    ("sparse index out of range", "the sparse indices of lstm.weight_ih_l1 are not increasing positions below 16384"),
+    ("sparse indices repeated", "the sparse indices of lstm.weight_ih_l1 are not increasing positions"),
+    ("bit mask marks another count", "the bit mask of lstm.weight_hh_l0 does not mark its"),
+    ("unreadable weights", "model.safetensors cannot be read (Permission denied); check its permissions or export the model again."),
+]
+
+
+@pytest.mark.parametrize("case, message", TAMPERED, ids=[case for case, _ in TAMPERED])
+def test_a_tampered_export_is_one_sentence_and_nothing_outside_is_read_or_built(tmp_path, monkeypatch, case, message):
+    folder = _exported(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {n: t["storage"] for n, t in manifest["tensors"].items() if t["storage"] != "dense"} == {
+        "lstm.weight_hh_l0": "bitmask",
+        "lstm.weight_ih_l1": "coo",
+    }
+    _tamper(folder, manifest, case)
+    if case == "unreadable weights":
+
+        def denied(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(export, "open", denied, raising=False)
+    hashed, built = [], []
+    real_sha256, real_init = export._sha256, LSTMNetwork.__init__
+    monkeypatch.setattr(export, "_sha256", lambda path: hashed.append(Path(path)) or real_sha256(path))
+
+    @functools.wraps(real_init)
+    def counted_init(self, *args, **kwargs):
+        built.append(str(torch.get_default_device()))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LSTMNetwork, "__init__", counted_init)
     with pytest.raises(LMInputError) as error:
         load_exported(folder)
     text = str(error.value)
-    assert text.startswith(f"{folder} is not a readable lm_lightning export: ") and message in text
-    assert "\n" not in text
+    assert text.startswith(f"{folder} is not a readable lm_lightning export: ") and message in text, text
+    assert "\n" not in text and text.count(": ") <= 3
+    assert all(path.parent == folder and not path.is_symlink() for path in hashed), hashed  # nothing outside is read
+    assert "cpu" not in built, built  # refused before the real network is allocated (meta builds allocate nothing)
+
+
+def test_random_damage_is_refused_in_one_sentence_or_still_a_consistent_export(tmp_path):
+    """Beyond the matrix: 120 random changes (manifest values replaced or removed, header bytes, with sizes and hashes
+    made to match) never end in another exception; what loads is an export whose checks all hold."""
+    rng = random.Random(0)
+    source = _exported(tmp_path)
+    original = json.loads((source / "manifest.json").read_text())
+    keys = [path for path in _json_paths(original) if path]
+    values = [None, True, 0, -1, 2**70, 1.5, "x", [], {}, [1], "../x", [10**9, 64], "float32", "int8", "coo", 8, 4, [256]]
+    outcomes = {"refused": 0, "loaded": 0}
+    for case in range(120):
+        folder = tmp_path / f"case{case}"
+        shutil.copytree(source, folder)
+        manifest = copy.deepcopy(original)
+        if case % 2:  # bytes of the safetensors length or JSON header, the manifest rehashed to match
+            data = bytearray((folder / "model.safetensors").read_bytes())
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(8 + int.from_bytes(data[:8], "little"))
+                data[at] = rng.choice(b'{}[]",:0123456789 ') if at >= 8 else rng.randrange(256)
+            (folder / "model.safetensors").write_bytes(bytes(data))
+            _rehash(folder, manifest)
+        else:
+            for _ in range(rng.randint(1, 3)):
+                *parents, last = rng.choice(keys)
+                try:
+                    node = functools.reduce(lambda node, key: node[key], parents, manifest)
+                    if isinstance(node, dict) and rng.random() < 0.2:
+                        del node[last]
+                    else:
+                        node[last] = rng.choice(values)
+                except (KeyError, IndexError, TypeError):
+                    pass  # an earlier change of this case replaced or removed a parent
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            load_exported(folder)
+            outcomes["loaded"] += 1  # e.g. metadata or header spacing changed: still an export its checks accept
+        except LMInputError as error:
+            assert str(error).startswith(f"{folder} ") and "\n" not in str(error)
+            outcomes["refused"] += 1
+        shutil.rmtree(folder)
+    assert outcomes["refused"] >= 100, outcomes
+
+
+def _json_paths(node, prefix: tuple = ()):
+    yield prefix
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield from _json_paths(value, (*prefix, key))
+
+
+def test_a_huge_network_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    folder = _exported(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["network"]["config"]["vocab_size"] = 10**9  # 128 GB of float32 if it were built
+    manifest["tensors"]["embedding.weight"]["shape"] = [10**9, 64]
+    manifest["tensors"]["decoder.bias"]["shape"] = [10**9]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    built: list[str] = []
+    real_init = LSTMNetwork.__init__
+
+    @functools.wraps(real_init)
+    def counted_init(self, *args, **kwargs):
+        built.append(str(torch.get_default_device()))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LSTMNetwork, "__init__", counted_init)
+    with pytest.raises(LMInputError) as error:
+        load_exported(folder)
+    assert str(error.value) == (
+        f"{folder} describes a LSTMNetwork of 65,000,066,560 numbers (242.1 GiB as float32), more than "
+        "max_elements=1,073,741,824: pass a larger max_elements to load_exported if you trust this export."
+    )
+    assert built == ["meta"]  # its shapes came from a meta build; nothing was allocated
+    # The ceiling is a setting: the real export (92,560 numbers) loads under its own size and not under one less.
+    monkeypatch.undo()
+    export_model(network(), folder, bits=8)
+    assert isinstance(load_exported(folder, max_elements=92_560), LSTMNetwork)
+    with pytest.raises(LMInputError, match="of 92,560 numbers .* more than max_elements=92,559"):
+        load_exported(folder, max_elements=92_559)
+
+
+def test_files_follow_the_umask_and_the_process_umask_is_never_changed(tmp_path, monkeypatch):
+    # The umask is set in a child process (one for all three: it spends ~10 s importing torch on a busy machine);
+    # setting it here would change the mode of every file the test run writes meanwhile.
+    script = (
+        "import json, os, sys\n"
+        "from lm_lightning.data import Vocabulary\n"
+        "from lm_lightning.export import export_model\n"
+        "from lm_lightning.models import LSTMNetwork\n"
+        "modes = {}\n"
+        "for umask in ('022', '077', '027'):\n"
+        "    os.umask(int(umask, 8))\n"
+        "    folder = os.path.join(sys.argv[1], umask)\n"
+        "    export_model(LSTMNetwork(10, 8, 8, 1, dropout=0.0), folder, bits=8, vocab=Vocabulary(['<unk>', '<eos>', 'a']))\n"
+        "    modes[umask] = {name: os.stat(os.path.join(folder, name)).st_mode & 0o777 for name in ['', *os.listdir(folder)]}\n"
+        "print(json.dumps(modes))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = json.loads(done.stdout.strip().splitlines()[-1])
+    for umask, files, folder in (("022", 0o644, 0o755), ("077", 0o600, 0o700), ("027", 0o640, 0o750)):
+        assert modes[umask] == {"": folder, "manifest.json": files, "model.safetensors": files, "vocab.json": files}, (umask, modes)
+
+    # And in this process: no code path of the export or the atomic writers reads the umask by setting it.
+    def no_umask(mask: int) -> int:
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    export_model(network(), tmp_path / "here", bits=4, vocab=Vocabulary(["<unk>", "<eos>", "a"]))
+    atomic_write_text(tmp_path / "note.txt", "text")
+    with atomic_directory(tmp_path / "cache") as tmp:
+        (tmp / "x").write_text("x")
+    assert load_exported(tmp_path / "here") is not None and (tmp_path / "note.txt").read_text() == "text"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["022", "027", "077", "cache", "here", "note.txt"]  # no temporaries left
 
 
 def test_bad_arguments_fail_before_writing(tmp_path):
