@@ -6,11 +6,20 @@ skipped, with the reason, otherwise.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import http.client
+import multiprocessing
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import nltk
+import nltk.redos
 import pytest
 from conftest import (
     SHARED_PTB,
@@ -25,7 +34,9 @@ from conftest import (
 from nltk.corpus.reader import PlaintextCorpusReader
 from nltk.corpus.util import LazyCorpusLoader
 
-from lm_lightning.data import TokenDataModule, load_corpus
+import lm_lightning.data.sources as sources
+from lm_lightning.data import Preprocessor, TokenDataModule, load_corpus
+from lm_lightning.data.preprocessing import MAX_CHUNK_CHARS
 from lm_lightning.data.sources import NAMED_DATASETS, NamedDataset, download, named_corpus, split_documents
 from lm_lightning.errors import LMInputError
 
@@ -149,7 +160,7 @@ def test_unknown_source_name_lists_the_valid_ones():
 def test_folder_without_valid_txt_names_the_folder_and_the_file(tmp_path):
     folder = write_corpus(tmp_path / "partial", TRAIN, VALID, TEST)
     (folder / "valid.txt").unlink()
-    with pytest.raises(LMInputError, match=rf"{folder} has no valid.txt: a corpus folder needs"):
+    with pytest.raises(LMInputError, match=rf"{folder} has no valid.txt: a corpus folder given as --data.source needs"):
         load_corpus(str(folder))
 
 
@@ -256,3 +267,253 @@ def test_ptb_from_data_dir_has_the_published_token_counts(tmp_path):
     assert dm.vocab_size == 10_000
     assert {s: len(dm.ids(s)) for s in ("train", "valid", "test")} == {"train": 929_589, "valid": 73_760, "test": 82_430}
     assert dm.vocab.stoi["<unk>"] == 0  # PTB's own <unk> tokens map onto ours
+
+
+# --- 8. Files that are not text, too large, unreadable; lines too long (issue 8) ------------------------
+def test_device_or_pipe_is_refused_before_reading(tmp_path):
+    """/dev/zero would be read until memory runs out, and opening a pipe blocks: both are refused by their type."""
+    with pytest.raises(
+        LMInputError, match=r"^/dev/zero is not a regular file \(a device, pipe or socket\): give a text file as --data.source\.$"
+    ):
+        load_corpus("/dev/zero")
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(LMInputError, match=rf"^{fifo} is not a regular file"):
+        load_corpus(str(fifo))
+    folder = write_corpus(tmp_path / "corpus", TRAIN, VALID, TEST)
+    (folder / "test.txt").unlink()
+    (folder / "test.txt").symlink_to("/dev/zero")
+    with pytest.raises(LMInputError, match=rf"^{folder / 'test.txt'} is not a regular file"):
+        load_corpus(str(folder))
+
+
+def test_file_over_the_size_limit_is_refused_without_reading_it(tmp_path, monkeypatch):
+    """A sparse file of 1 GiB + 1 byte (no disk, no reading) is over the default limit; LM_LIGHTNING_MAX_TEXT_GB sets it."""
+    big = tmp_path / "big.txt"
+    big.touch()
+    os.truncate(big, 2**30 + 1)
+    monkeypatch.delenv("LM_LIGHTNING_MAX_TEXT_GB", raising=False)
+    with pytest.raises(
+        LMInputError,
+        match=rf"^{big} is larger than 1 GiB, the limit on one text file: split it .* raise LM_LIGHTNING_MAX_TEXT_GB if",
+    ):
+        load_corpus(str(big))
+    small = tmp_path / "small.txt"
+    small.write_text("word " * 400)  # 2,000 bytes
+    monkeypatch.setenv("LM_LIGHTNING_MAX_TEXT_GB", str(2000 / 2**30))
+    assert sources.read_text(small) == "word " * 400
+    monkeypatch.setenv("LM_LIGHTNING_MAX_TEXT_GB", str(1999 / 2**30))
+    with pytest.raises(LMInputError, match=rf"^{small} is larger than 1,999 bytes, the limit on one text file"):
+        sources.read_text(small)
+    monkeypatch.setenv("LM_LIGHTNING_MAX_TEXT_GB", "lots")
+    with pytest.raises(LMInputError, match=r"^LM_LIGHTNING_MAX_TEXT_GB='lots' is not a number: set it to a size in GiB"):
+        load_corpus(str(big))
+
+
+def test_file_that_grows_past_the_limit_while_read_is_refused(tmp_path, monkeypatch):
+    """The read is bounded too (a growing file, or a /proc file that reports size 0): at most limit + 1 bytes."""
+    path = tmp_path / "growing.txt"
+    path.write_text("word " * 100)
+    monkeypatch.setenv("LM_LIGHTNING_MAX_TEXT_GB", str(300 / 2**30))
+    real_stat = Path.stat
+    monkeypatch.setattr(
+        Path, "stat", lambda self, **kw: os.stat_result((*real_stat(self, **kw)[:6], 0, *real_stat(self, **kw)[7:]))
+    )
+    with pytest.raises(LMInputError, match=rf"^{path} is larger than 300 bytes"):
+        load_corpus(str(path))
+
+
+def test_unreadable_file_is_one_sentence(tmp_path, monkeypatch):
+    path = tmp_path / "secret.txt"
+    path.write_text("some text\n" * 50)
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads any file whatever its mode: fail the open the way the kernel would for a user
+
+        def denied(file, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+
+        monkeypatch.setattr(sources, "open", denied, raising=False)
+    with pytest.raises(
+        LMInputError,
+        match=rf"^{path} cannot be read \(Permission denied\): make it readable \(chmod a\+r\) or give another --data.source\.$",
+    ):
+        load_corpus(str(path))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (bytes(range(256)) * 8, "is binary, not text (a NUL byte at offset 0)"),
+        (b"\x7fELF\x02\x01\x01" + b"\x00" * 9, "is binary, not text (a NUL byte at offset 7)"),
+        (
+            "some text\n".encode("utf-16"),
+            "is binary, not text (a NUL byte at offset 3): give a UTF-8 text file as --data.source (UTF-16",
+        ),
+        (bytes(range(128, 256)) * 8, "is not UTF-8 text (byte 0x80 at offset 0)"),
+    ],
+    ids=["random-bytes", "elf-header", "utf-16", "high-bytes"],
+)
+def test_binary_file_is_one_sentence(tmp_path, content, message):
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    with pytest.raises(LMInputError) as info:
+        load_corpus(str(path))
+    assert str(info.value).startswith(f"{path} {message}"), str(info.value)
+
+
+def test_a_very_long_line_is_tokenized_in_chunks_within_nltks_time_limit(monkeypatch):
+    """NLTK gives each regular expression 5 s; one 50 MB line exceeded it (or not) depending on machine load. Lines over
+    MAX_CHUNK_CHARS are cut at whitespace: here a 1 MB line passes with the limit 50x tighter (0.1 s), and the same
+    line at once trips even a 1 ms limit, so the limit is live in this test."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog"]
+    line = " ".join(words[i * 7919 % 7] for i in range(300_000))
+    assert len(line) > 16 * MAX_CHUNK_CHARS
+    monkeypatch.setattr(nltk.redos, "DEFAULT_TIMEOUT", 0.001)
+    with pytest.raises(TimeoutError):
+        nltk.tokenize.NLTKWordTokenizer().tokenize(line)
+    monkeypatch.setattr(nltk.redos, "DEFAULT_TIMEOUT", 0.1)
+    assert Preprocessor("treebank")(line) == line.split()
+    assert Preprocessor("treebank")("Short lines don't change.") == ["short", "lines", "do", "n't", "change", "."]
+
+
+def test_chunks_cut_at_whitespace_and_inside_overlong_words():
+    from lm_lightning.data.preprocessing import chunks
+
+    assert list(chunks("aaa bbb ccc", 5)) == ["aaa", " bbb", " ccc"]
+    assert list(chunks("abcdefghijkl mn", 5)) == ["abcde", "fghij", "kl mn"]
+    assert "".join(chunks("x\ty " * 1000, 7)) == "x\ty " * 1000
+
+
+# --- 9. Downloads: size cap, deadline, failures, kills (issue 8) ----------------------------------------
+class FakeResponse:
+    """What urlopen returns, serving ``chunks`` through read1 (``delay`` seconds each), as a slow or hostile server."""
+
+    def __init__(self, chunks, delay: float = 0.0, error: Exception | None = None) -> None:
+        self.chunks, self.delay, self.error = list(chunks), delay, error
+
+    def read1(self, size: int) -> bytes:
+        time.sleep(self.delay)
+        if self.error is not None and not self.chunks:
+            raise self.error
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def serve(monkeypatch, make_response) -> list[str]:
+    """Replace urllib's urlopen; returns the list of URLs asked for."""
+    asked: list[str] = []
+
+    def urlopen(url, timeout=None):
+        asked.append(url)
+        return make_response(url)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return asked
+
+
+@pytest.fixture
+def fake_corpus(monkeypatch) -> str:
+    """A named corpus at http://example.invalid whose files are TRAIN, VALID and TEST."""
+    texts = {"train": TRAIN, "valid": VALID, "test": TEST}
+    spec = NamedDataset(
+        url="http://example.invalid/{split}.txt",
+        sha256={s: hashlib.sha256(t.encode()).hexdigest() for s, t in texts.items()},
+    )
+    monkeypatch.setitem(NAMED_DATASETS, "fake", spec)
+    return "fake"
+
+
+def test_download_over_the_size_cap_stops_and_leaves_no_file(tmp_path, monkeypatch):
+    serve(monkeypatch, lambda url: FakeResponse([b"x" * 65536] * 100))
+    target = tmp_path / "got" / "train.txt"
+    with pytest.raises(
+        LMInputError,
+        match=r"^http://h/t sent more than 100,000 bytes, more than train.txt can be: download .* --data.data_dir\.$",
+    ):
+        download("http://h/t", target, "0" * 64, max_bytes=100_000)
+    assert cache_entries(target.parent) == []
+
+
+def test_download_that_trickles_stops_at_the_deadline(tmp_path, monkeypatch, fake_corpus):
+    """One byte every 20 ms never trips a socket timeout; the corpus deadline (here 0.3 s) stops it."""
+    serve(monkeypatch, lambda url: FakeResponse([b"x"] * 10_000, delay=0.02))
+    monkeypatch.setattr(sources, "DOWNLOAD_SECONDS", 0.3)
+    data_dir = tmp_path / "data"
+    start = time.monotonic()
+    with pytest.raises(
+        LMInputError,
+        match=r"^Downloading http://example.invalid/train.txt did not finish in time \(the limit is 0.3 s for a corpus\)",
+    ):
+        named_corpus(fake_corpus, data_dir)
+    assert time.monotonic() - start < 2.0
+    assert cache_entries(data_dir) == []
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (lambda url: (_ for _ in ()).throw(urllib.error.URLError("no network")), "<urlopen error no network>"),
+        (lambda url: (_ for _ in ()).throw(TimeoutError("timed out")), "timed out"),
+        (
+            lambda url: FakeResponse([b"the cat"], error=http.client.IncompleteRead(b"the cat", 100)),
+            "IncompleteRead(7 bytes read, 100 more expected)",
+        ),
+        (
+            lambda url: FakeResponse([b"the cat"], error=ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")),
+            "Connection reset by peer",
+        ),
+    ],
+    ids=["url-error", "timeout", "incomplete-read", "connection-reset"],
+)
+def test_download_failure_is_one_sentence_and_leaves_no_file(tmp_path, monkeypatch, fake_corpus, failure, message):
+    serve(monkeypatch, failure)
+    data_dir = tmp_path / "data"
+    with pytest.raises(LMInputError) as info:
+        named_corpus(fake_corpus, data_dir)
+    expected = f"{data_dir / 'train.txt'} is missing and could not be downloaded ("
+    assert str(info.value).startswith(expected) and message in str(info.value), str(info.value)
+    assert str(info.value).endswith("put fake's train.txt, valid.txt and test.txt in a folder and pass it as --data.data_dir.")
+    assert cache_entries(data_dir) == []
+
+
+def test_download_with_wrong_sha256_from_a_server(tmp_path, monkeypatch, fake_corpus):
+    serve(monkeypatch, lambda url: FakeResponse([b"not the corpus\n"]))
+    data_dir = tmp_path / "data"
+    with pytest.raises(
+        LMInputError, match=r"^The file downloaded from http://example.invalid/train.txt has sha256 [0-9a-f]{64}, expected"
+    ):
+        named_corpus(fake_corpus, data_dir)
+    assert cache_entries(data_dir) == []
+
+
+def _download_and_die(name: str, data_dir: Path) -> None:
+    def urlopen(url, timeout=None):
+        class Dying(FakeResponse):
+            def read1(self, size: int) -> bytes:
+                if not self.chunks:
+                    os.kill(os.getpid(), signal.SIGKILL)  # killed mid-download, after the first bytes were written
+                return super().read1(size)
+
+        return Dying([TRAIN.encode()[:5]])
+
+    urllib.request.urlopen = urlopen
+    named_corpus(name, data_dir)
+
+
+def test_a_killed_download_leaves_a_temporary_file_that_the_next_start_removes(tmp_path, monkeypatch, fake_corpus):
+    data_dir = tmp_path / "data"
+    process = multiprocessing.get_context("fork").Process(target=_download_and_die, args=(fake_corpus, data_dir))
+    process.start()
+    process.join(60)
+    assert process.exitcode == -signal.SIGKILL
+    left = cache_entries(data_dir)
+    assert sorted(name.rsplit(".", 1)[1] for name in left) == ["lock", "tmp"] and left[1].startswith(".train.txt."), left
+    asked = serve(monkeypatch, lambda url: FakeResponse([{"train": TRAIN, "valid": VALID, "test": TEST}[url[23:-4]].encode()]))
+    corpus = named_corpus(fake_corpus, data_dir)
+    assert (corpus.train, corpus.valid, corpus.test) == (TRAIN, VALID, TEST)
+    assert len(asked) == 3 and cache_entries(data_dir) == ["test.txt", "train.txt", "valid.txt"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,13 +29,12 @@ from scipy import sparse
 from torch.utils.data import DataLoader
 
 from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
-from lm_lightning.data.cache import cache_key
+from lm_lightning.data.cache import CacheDamaged, cache_key, check_files, check_sha256, check_vocab, file_sha256, open_or_build
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.segments import BagVocabulary, Segment, Segmenter, build_vocabulary, count_matrix, resolve_segment
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
 from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
-from lm_lightning.io import atomic_directory
 from lm_lightning.models.bag import Bags
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,45 @@ def as_bags(block: sparse.csr_matrix, streams: int) -> Bags:
     """CSR rows, ``streams`` x time of them in row-major order, as ``Bags`` tensors."""
     arrays = ((block.indices, np.int32), (block.indptr, np.int32), (block.data, np.float32))
     return Bags(*(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a, dtype in arrays), streams)
+
+
+BAG_FILES = ("vocab.json", *(f"{s}.npz" for s in SPLITS))
+
+
+def save_bag_entry(folder: Path, vocab: BagVocabulary, counts: dict[str, sparse.csr_matrix], meta: dict) -> None:
+    vocab.save(folder / "vocab.json")
+    for split, matrix in counts.items():
+        sparse.save_npz(folder / f"{split}.npz", matrix, compressed=False)  # read back with allow_pickle=False
+    meta = {**meta, "sha256": {name: file_sha256(folder / name) for name in BAG_FILES}}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def check_bag_entry(entry: Path) -> tuple[BagVocabulary, dict[str, sparse.csr_matrix]]:
+    """The bag-of-words cache's checks (as the token cache's, ``data/cache.py``): files present, each matrix loadable,
+    float32, ``(segments, vocab_size)`` with the recorded nnz and column ids in range, and every file's sha256."""
+    meta = check_files(entry, BAG_FILES)
+    vocab = check_vocab(entry, meta, BagVocabulary)
+    counts = {}
+    for split in SPLITS:
+        name = f"{split}.npz"
+        try:
+            matrix = sparse.load_npz(entry / name).tocsr()
+            matrix.check_format(full_check=True)  # column ids within the vocabulary, offsets monotone
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise CacheDamaged(f"{name} is unreadable: {err}") from None
+        try:
+            expected = (meta["segments"][split]["segments"], len(vocab)), meta["nnz"][split]
+        except (KeyError, TypeError):
+            raise CacheDamaged(f"meta.json has no shape for {name}") from None
+        if matrix.dtype != np.float32 or (matrix.shape, matrix.nnz) != expected:
+            raise CacheDamaged(
+                f"{name} holds {matrix.dtype} {matrix.shape} with {matrix.nnz} entries, expected float32 {expected}"
+            )
+        if matrix.nnz and not (matrix.data > 0).all():
+            raise CacheDamaged(f"{name} has counts that are not positive")
+        counts[split] = matrix
+    check_sha256(entry, meta, BAG_FILES)
+    return vocab, counts
 
 
 class BagRows:
@@ -183,13 +222,18 @@ class BagDataModule(StreamDataModule):
         folder = (
             Path(hp.cache_dir or default_cache_dir()).expanduser() / f"bow-{cache_key(corpus.content_hash(), self._settings())}"
         )
-        if not all((folder / name).exists() for name in ("vocab.json", "meta.json", *(f"{s}.npz" for s in SPLITS))):
-            return self._build(corpus, folder)
-        log.info("Bag-of-words cache hit: %s", folder)
-        self._counts = {split: sparse.load_npz(folder / f"{split}.npz").tocsr() for split in SPLITS}
-        return BagVocabulary.load(folder / "vocab.json")
+        built = []
 
-    def _build(self, corpus: Corpus, folder: Path) -> BagVocabulary:
+        def write(tmp: Path) -> None:
+            built.append(True)
+            save_bag_entry(tmp, *self._build(corpus))
+
+        # Checked when opened, rebuilt with one warning if damaged, built under a lock other ranks wait on (cache.py).
+        vocab, self._counts = open_or_build(folder, check_bag_entry, write, "Bag-of-words cache")
+        log.info("Bag-of-words cache %s: %s", "written" if built else "hit", folder)
+        return vocab
+
+    def _build(self, corpus: Corpus) -> tuple[BagVocabulary, dict[str, sparse.csr_matrix], dict]:
         start, hp = time.perf_counter(), self.hparams
         segmenter = Segmenter(self.preprocessor, self.segment, hp.window, hp.drop_punctuation)
         segments, stats = {}, {}
@@ -197,29 +241,24 @@ class BagDataModule(StreamDataModule):
             segments[split], stats[split] = segmenter(corpus[split])
             self._check_segments(corpus.name, split, stats[split])
         vocab = build_vocabulary(segments["train"], hp.min_df, hp.max_vocab_size)
-        self._counts = {split: count_matrix(segments[split], vocab) for split in SPLITS}
+        counts = {split: count_matrix(segments[split], vocab) for split in SPLITS}
         meta = {
             "corpus": corpus.name,
             "settings": self._settings(),
             "segments": stats,
+            "nnz": {split: int(counts[split].nnz) for split in SPLITS},
             "vocab_size": len(vocab),
-            "words": {split: float(self._counts[split].sum()) for split in SPLITS},
+            "words": {split: float(counts[split].sum()) for split in SPLITS},
             "stopwords_source": self.preprocessor.stopwords_source,
         }
-        with atomic_directory(folder) as tmp:
-            vocab.save(tmp / "vocab.json")
-            for split, matrix in self._counts.items():
-                sparse.save_npz(tmp / f"{split}.npz", matrix, compressed=False)  # read back with allow_pickle=False
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         log.info(
-            "Bag-of-words %s in %.1fs: %s segments, vocabulary %d -> %s",
+            "Bag-of-words %s in %.1fs: %s segments, vocabulary %d",
             corpus.name,
             time.perf_counter() - start,
             {s: stats[s]["segments"] for s in SPLITS},
             len(vocab),
-            folder,
         )
-        return vocab
+        return vocab, counts, meta
 
     def _check_segments(self, corpus: str, split: str, stats: dict[str, int]) -> None:
         """Empty segments are dropped with a count; a split left with no words at all is an error that says why."""

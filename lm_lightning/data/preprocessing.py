@@ -3,7 +3,9 @@
 Only parts of NLTK that need no downloaded model are used by default, so everything runs offline:
 
 * ``treebank``: NLTK's improved Treebank word tokenizer (``NLTKWordTokenizer``, what ``word_tokenize`` runs
-  after its Punkt sentence splitter). Applied per line, it needs no Punkt model.
+  after its Punkt sentence splitter). Applied per line, it needs no Punkt model. A line longer than
+  ``MAX_CHUNK_CHARS`` is tokenized in pieces cut at whitespace: NLTK runs each regular expression under a 5-second
+  limit (``nltk.redos``), which a 50 MB line exceeds or not depending on machine load (issue 8).
 * ``whitespace``: ``str.split`` for corpora that are already tokenized (WikiText, Penn Treebank).
 * ``char``: one token per character, for text without spaces between words (Chinese, Japanese, Thai).
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, Optional
 
 from lm_lightning.errors import LMInputError
@@ -25,6 +27,22 @@ log = logging.getLogger(__name__)
 
 Tokenizer = Literal["treebank", "whitespace", "char"]
 Stemmer = Literal["porter", "snowball"]
+
+# 64 Ki characters take NLTK's treebank tokenizer about 0.1 s, far inside its 5 s limit per regular expression even on
+# a loaded machine; only lines longer than this (no natural text) are cut, so ordinary corpora tokenize as before.
+MAX_CHUNK_CHARS = 1 << 16
+
+
+def chunks(line: str, size: int = MAX_CHUNK_CHARS) -> Iterator[str]:
+    """``line`` in pieces of at most ``size`` characters, cut at the last space or tab before the limit (or at the
+    limit, inside a word longer than that)."""
+    start = 0
+    while len(line) - start > size:
+        cut = max(line.rfind(" ", start, start + size), line.rfind("\t", start, start + size))
+        cut = cut if cut > start else start + size
+        yield line[start:cut]
+        start = cut
+    yield line[start:]
 
 
 def load_stopwords(language: str = "english") -> tuple[frozenset[str], str]:
@@ -128,7 +146,8 @@ class Preprocessor:
             return lambda line: list(line.strip("\r\n"))
         from nltk.tokenize import NLTKWordTokenizer
 
-        return NLTKWordTokenizer().tokenize
+        tokenize = NLTKWordTokenizer().tokenize
+        return lambda line: tokenize(line) if len(line) <= MAX_CHUNK_CHARS else [t for c in chunks(line) for t in tokenize(c)]
 
     def settings(self) -> dict:
         """Everything that changes the tokens, for the cache key (the stop-word list is hashed in)."""

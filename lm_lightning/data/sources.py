@@ -6,8 +6,12 @@
   no text copied into this repository.
 * a path: a folder with ``train.txt``, ``valid.txt`` and ``test.txt``, or one text file that is split here.
 * ``wikitext-2`` or ``ptb``: read from ``data_dir``; if absent there, downloaded from their canonical public
-  copies, checked against sha256 and written atomically (an interrupted download leaves no file behind).
+  copies, checked against sha256 and written atomically, within a size cap and a deadline; the temporary file of a
+  killed download is removed at the next start.
 * ``nltk:<name>``: an installed NLTK corpus, e.g. ``nltk:brown``.
+
+A text file must be a regular file of UTF-8 text under ``LM_LIGHTNING_MAX_TEXT_GB`` (default 1 GiB): a device
+(``/dev/zero``), a binary file or a huge file stops with one sentence instead of filling the memory.
 
 Splits of a single text are deterministic: paragraphs (or lines, for text with few blank lines) are dealt in
 order, each to valid or test whenever that split falls half a block behind its share. Neighbouring text stays
@@ -17,8 +21,11 @@ together inside a block, and all three splits sample the whole text rather than 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
+import stat
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,13 @@ from lm_lightning.io import atomic_path
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+
+# Tokenizing holds every token of a text as a Python string, tens of bytes each: far more memory than the file.
+MAX_TEXT_GB = 1.0
+# The largest file fetched (WikiText-2 train.txt) is 10.8 MB; anything far larger is not the corpus we asked for.
+MAX_DOWNLOAD_BYTES = 64 << 20
+# All files of one corpus must arrive within this many seconds (urlopen's timeout only bounds each read).
+DOWNLOAD_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -81,15 +95,47 @@ class Corpus:
         return h.hexdigest()
 
 
-def read_text(path: Path) -> str:
-    """Read a UTF-8 text file, or fail with one sentence naming the file and the fix."""
+def max_text_bytes() -> int:
+    value = os.environ.get("LM_LIGHTNING_MAX_TEXT_GB") or str(MAX_TEXT_GB)
+    try:
+        return int(float(value) * 2**30)
+    except ValueError:
+        raise LMInputError(f"LM_LIGHTNING_MAX_TEXT_GB={value!r} is not a number: set it to a size in GiB, e.g. 4.") from None
+
+
+def read_text(path: Path, option: str = "--data.source") -> str:
+    """Read a UTF-8 text file, or fail with one sentence naming the file (given as ``option``) and the fix."""
     if not path.exists():
         raise LMInputError(f"{path} does not exist: check the path given as --data.source or --data.data_dir.")
     if path.is_dir():
         raise LMInputError(f"{path} is a folder; expected a text file.")
-    raw = path.read_bytes()
+    limit = max_text_bytes()
+    try:
+        # Checked before open(): opening a named pipe would block, and a device (/dev/zero) never ends.
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise LMInputError(f"{path} is not a regular file (a device, pipe or socket): give a text file as {option}.")
+        raw = b""
+        if info.st_size <= limit:
+            with open(path, "rb") as f:
+                raw = f.read(limit + 1)  # bounded: a file can grow while we read it, and /proc files report size 0
+    except OSError as err:
+        raise LMInputError(
+            f"{path} cannot be read ({err.strerror}): make it readable (chmod a+r) or give another {option}."
+        ) from None
+    if max(info.st_size, len(raw)) > limit:
+        size = f"{limit / 2**30:g} GiB" if limit >= 2**30 else f"{limit:,} bytes"
+        raise LMInputError(
+            f"{path} is larger than {size}, the limit on one text file: split it into smaller files, or raise "
+            "LM_LIGHTNING_MAX_TEXT_GB if this machine has the memory (tokenizing needs many times the file's size)."
+        )
     if not raw.strip():
         raise LMInputError(f"{path} is empty: a language model needs text to train on.")
+    if (nul := raw.find(b"\0")) >= 0:  # valid UTF-8, but no text has NUL bytes: a binary file, or UTF-16 text
+        raise LMInputError(
+            f"{path} is binary, not text (a NUL byte at offset {nul}): give a UTF-8 text file as {option} "
+            "(UTF-16 text converts with `iconv -f utf-16 -t utf-8`)."
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -148,19 +194,46 @@ def folder_or_file_corpus(path: Path, valid_fraction: float, test_fraction: floa
     if path.is_dir():
         missing = [f"{s}.txt" for s in SPLITS if not (path / f"{s}.txt").exists()]
         if missing:
-            raise LMInputError(f"{path} has no {', '.join(missing)}: a corpus folder needs train.txt, valid.txt and test.txt.")
+            raise LMInputError(
+                f"{path} has no {', '.join(missing)}: a corpus folder given as --data.source needs train.txt, valid.txt and test.txt."
+            )
         return Corpus(path.name, *(read_text(path / f"{s}.txt") for s in SPLITS))
     blocks, separator = blocks_of(read_text(path))
     return Corpus(path.stem, *split_documents(blocks, valid_fraction, test_fraction, separator))
 
 
-def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None:
-    """Fetch ``url`` to ``target``; only a complete file with the expected sha256 ever appears at ``target``."""
+def download(
+    url: str,
+    target: Path,
+    sha256: str,
+    timeout: float = 60.0,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    deadline: Optional[float] = None,
+) -> None:
+    """Fetch ``url`` to ``target``; only a complete file with the expected sha256 ever appears at ``target``.
+
+    Each read waits at most ``timeout`` seconds, the whole file must arrive before ``deadline`` (``time.monotonic()``;
+    default ``DOWNLOAD_SECONDS`` from now) and be at most ``max_bytes`` long; network errors propagate as ``OSError``.
+    """
+    deadline = time.monotonic() + DOWNLOAD_SECONDS if deadline is None else deadline
     log.info("Downloading %s", url)
     with atomic_path(target) as tmp:
-        digest = hashlib.sha256()
+        digest, size = hashlib.sha256(), 0
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-            while chunk := response.read(1 << 20):
+            # read1 returns what has arrived: a server that trickles bytes cannot hold one read past the deadline.
+            read = response.read1 if hasattr(response, "read1") else response.read
+            while chunk := read(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise LMInputError(
+                        f"{url} sent more than {max_bytes:,} bytes, more than {target.name} can be: download the corpus "
+                        "yourself and pass its folder as --data.data_dir."
+                    )
+                if time.monotonic() > deadline:
+                    raise LMInputError(
+                        f"Downloading {url} did not finish in time (the limit is {DOWNLOAD_SECONDS:g} s for a corpus): "
+                        "download the corpus yourself and pass its folder as --data.data_dir."
+                    )
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != sha256:
@@ -171,20 +244,29 @@ def download(url: str, target: Path, sha256: str, timeout: float = 60.0) -> None
 
 
 def named_corpus(name: str, data_dir: Optional[Path]) -> Corpus:
+    # Imported here: cache.py imports SPLITS from this module.
+    from lm_lightning.data.cache import clear_leftovers, entry_lock
+
     spec = NAMED_DATASETS[name]
     folder = data_dir or Path(os.environ.get("LM_LIGHTNING_DATA", Path.home() / ".cache" / "lm_lightning" / "data")) / name
+    deadline = time.monotonic() + DOWNLOAD_SECONDS
+    if not all((folder / f"{split}.txt").exists() for split in SPLITS):
+        clear_leftovers(folder)  # temporary files of a killed download
     for split in SPLITS:
         path = folder / f"{split}.txt"
         if path.exists():
             continue
         try:
-            download(spec.url.format(split=split), path, spec.sha256[split])
-        except OSError as err:
+            folder.mkdir(parents=True, exist_ok=True)
+            with entry_lock(path):  # two ranks starting together download once; the other waits for the file
+                if not path.exists():
+                    download(spec.url.format(split=split), path, spec.sha256[split], deadline=deadline)
+        except (OSError, http.client.HTTPException) as err:
             raise LMInputError(
                 f"{path} is missing and could not be downloaded ({err}): put {name}'s train.txt, valid.txt and "
                 "test.txt in a folder and pass it as --data.data_dir."
             ) from None
-    return Corpus(name, *(read_text(folder / f"{s}.txt") for s in SPLITS))
+    return Corpus(name, *(read_text(folder / f"{s}.txt", "--data.data_dir") for s in SPLITS))
 
 
 def nltk_corpus(name: str, valid_fraction: float, test_fraction: float) -> Corpus:
