@@ -8,18 +8,23 @@ What this adds to LightningCLI:
 * The export step at the end of fit (``--export.*``, ``callbacks/export.py``), and ``export``: the same step on a
   saved checkpoint (``python -m lm_lightning export -c RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt``).
 * ``predict`` prints the generated text and writes it to a file.
-* Bad input (an :class:`LMInputError`) ends with one sentence on stderr and exit status 2, no traceback.
+* Bad input (an :class:`LMInputError`, or a flag or config file the parser refuses) ends with one sentence on stderr
+  and exit status 2, no traceback, no usage text (``errors.parser_error_sentence``), and no run folder: settings that
+  Lightning or torch would refuse only after making it are checked first (``preflight.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # torchao logs a failed load of CUDA extensions it was not built for, and a torch deprecation notice at import;
@@ -29,8 +34,17 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from lm_lightning.callbacks import Export, GenerationWriter, PrecisionGuard, QuantizationAwareFinishing, TokenThroughput  # noqa: E402
 from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
+from lm_lightning.checkpointing import (  # noqa: E402
+    BestAndLastCheckpoint,
+    check_compatible,
+    install_atomic_checkpoint_io,
+    is_checked_path,
+    keep_command_line_settings,
+    load_checkpoint_file,
+)
 from lm_lightning.data import StreamDataModule  # noqa: E402
-from lm_lightning.errors import LMInputError  # noqa: E402
+from lm_lightning.errors import LMInputError, parser_error_sentence, undecodable_config  # noqa: E402
+from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
 # main() passes sys.argv on purpose (so that tests and notebooks can pass their own); Lightning warns about both.
@@ -58,7 +72,8 @@ class LMCLI(LightningCLI):
             }
         )
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ModelCheckpoint whose last.ckpt is written after every epoch, not only after improving ones (checkpointing.py).
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/ppl",
@@ -77,13 +92,45 @@ class LMCLI(LightningCLI):
             self.parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="The checkpoint to export.")
             self.parser.add_argument("--weights_only", type=Optional[bool], default=None, help="Ignored by export.")
 
+    # --- --ckpt_path: checked before any run folder exists; architecture from it, generation settings from the flags ---
+    def parse_arguments(self, parser: LightningArgumentParser, args: Optional[list[str]]) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        self.checkpoint, self._model_before_checkpoint = None, None
+        if is_checked_path(config.get("ckpt_path")):
+            # Before LightningCLI reads the checkpoint's hyper-parameters into the config (a traceback on a bad file).
+            self.checkpoint = load_checkpoint_file(config["ckpt_path"], resume=self.config.get("subcommand") == "fit")
+            self._model_before_checkpoint = copy.deepcopy(config.get("model"))
+
+    def before_instantiate_classes(self) -> None:
+        # LightningCLI replaced every --model.* value by the checkpoint's (see LightningCLI._parse_ckpt_path).
+        if self._model_before_checkpoint is not None:
+            config = self.config.get(self.config.get("subcommand") or "", self.config)
+            keep_command_line_settings(self._model_before_checkpoint, config.get("model"))
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.checkpoint is not None:
+            config = self.config.get(self.config.get("subcommand") or "", self.config)
+            check_compatible(self.checkpoint, self.model, config["ckpt_path"])
+            if self.subcommand is not None:  # the trainer loads it again; `export` uses this copy
+                self.checkpoint = None
+
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:  # Lightning's checks of the --trainer.* values
+            if _input_error(err) is not None:
+                raise
+            raise LMInputError(f"Lightning refused the --trainer settings ({' '.join(str(err).split())}): change the value it names.") from None
         # Swap Lightning's default tqdm bar for a rich one, unless the user chose a bar or turned bars off.
         # (A RichProgressBar in the default callbacks would clash with --trainer.enable_progress_bar false.)
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) is TQDMProgressBar:
                 trainer.callbacks[i] = RichProgressBar()
+        # Every checkpoint write is atomic (temporary file in the target folder, fsync, rename), unless the user
+        # passed a CheckpointIO plugin of their own.
+        install_atomic_checkpoint_io(trainer.strategy)
         # Reduced precision always gets its guard: unsafe optimizer settings refused, CPU kernels checked, dtypes reported.
         if "16" in str(trainer.precision) and not any(isinstance(c, PrecisionGuard) for c in trainer.callbacks):
             trainer.callbacks.append(PrecisionGuard())
@@ -92,6 +139,18 @@ class LMCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(c, GenerationWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(GenerationWriter())
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Settings that would fail only once the run folder exists are checked first (preflight.py); bad input found
+        # after that, before the first step, takes the new run folder away with it: a failed start leaves nothing.
+        check_start(self.trainer, self.model, subcommand)
+        created = new_folders(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            if _input_error(err) is not None:
+                remove_failed_start(self.trainer, created)
+            raise
 
 
 def trainer_defaults() -> dict:
@@ -118,6 +177,10 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
         seed_everything_default=0,  # reproducible by default; change with --seed_everything
+        # Parser errors raise instead of printing 70-80 lines of usage and exiting: main() says them in one sentence.
+        # exit_on_error: main() prints one sentence instead of the usage; allow_abbrev: a typo such as
+        # --trainer.max_epoch must be an error, not silently taken as --trainer.max_epochs.
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
         args=args,
         run=run,
     )
@@ -137,18 +200,11 @@ def export_checkpoint(args: list[str]) -> dict:
     if cli.config.get("ckpt_path") is None:
         raise LMInputError("export needs --ckpt_path: the checkpoint to export (RUN/checkpoints/*.ckpt), with -c RUN/config.yaml.")
     ckpt_path = Path(cli.config["ckpt_path"])
-    if not ckpt_path.is_file():
-        raise LMInputError(f"--ckpt_path {ckpt_path} is not a file: give a checkpoint written by fit (RUN/checkpoints/*.ckpt).")
-    import torch
-
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cli.model.load_state_dict(checkpoint["state_dict"])
-    except Exception as err:  # a truncated file, another format, another model or vocabulary
-        raise LMInputError(
-            f"--ckpt_path {ckpt_path} cannot be loaded into this run's model ({type(err).__name__}): "
-            "give a checkpoint of the run whose config.yaml you pass with -c."
-        ) from None
+    # Read and checked against the run's model while the CLI was built (LMCLI.parse_arguments); "last" and the
+    # other words Lightning resolves are file names here.
+    checkpoint = cli.checkpoint if cli.checkpoint is not None else load_checkpoint_file(ckpt_path)
+    check_compatible(checkpoint, cli.model, ckpt_path)
+    cli.model.load_state_dict(checkpoint["state_dict"])
     step = next(c for c in cli.trainer.callbacks if isinstance(c, Export))
     qat = next((c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
     bits = step.bits if step.bits is not None else (qat.bits if qat is not None else None)
@@ -177,12 +233,24 @@ def main(args: Optional[list[str]] = None) -> None:
             export_checkpoint(args[1:])
         else:
             build_cli(args)
+    except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)
+        _exit_with(parser_error_sentence(str(err), args))
+    except UnicodeDecodeError:  # jsonargparse reads -c files without catching this
+        sentence = undecodable_config(args)
+        if sentence is None:
+            raise
+        _exit_with(sentence)
     except Exception as err:
         input_error = _input_error(err)
         if input_error is None:
             raise
-        print(f"error: {input_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(str(input_error))
+
+
+def _exit_with(sentence: str) -> None:
+    """The one line every bad input ends with: ``error: <sentence>`` on stderr, exit status 2, no traceback."""
+    print(f"error: {sentence}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from lm_lightning.data.sources import SPLITS
@@ -29,7 +30,7 @@ def default_cache_dir() -> str:
 def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
-            raise LMInputError(f"--data.{name} must be a positive integer, got {value}.")
+            raise LMInputError(f"--data.{name} must be a positive integer, got {value}: give 1 or more.")
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -101,8 +102,10 @@ class StreamDataModule(L.LightningDataModule):
             self.datasets["train"].micro_batch_size = micro_batch_size
 
     def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each dataset item already is a whole Batch.
-        return DataLoader(self.datasets[split], batch_size=None)
+        # batch_size=None: each dataset item already is a whole Batch. Its own generator: every new iterator draws a
+        # worker seed, and from the global generator that draw would shift the dropout masks of a resumed run (the
+        # first epoch's iterator is made before the RNG state is restored, later ones after; exact resume, issue 8).
+        return DataLoader(self.datasets[split], batch_size=None, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

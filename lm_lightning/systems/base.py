@@ -19,7 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lm_lightning.checkpointing import gather_rng_states, restore_rng_states
 from lm_lightning.data.windows import Batch
+from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
 
 
@@ -30,6 +32,19 @@ def detach_hidden(hidden: Any) -> Any:
     if isinstance(hidden, torch.Tensor):
         return hidden.detach()
     return type(hidden)(detach_hidden(h) for h in hidden)
+
+
+def seed_dropout_per_rank(global_rank: int) -> None:
+    """At fit start, restart torch's generator at the run's seed plus the global rank: each DDP rank draws its own
+    dropout masks, and rank 0 draws those of a 1-process run.
+
+    ``seed_everything`` gives every rank the same seed, so without the offset every rank would drop the same units of
+    its own streams, less regularization than one process drawing masks for all of them. The restart also on rank 0
+    and in a 1-process run because Lightning's DDP set-up re-seeds every rank (``reset_seed``) while one process
+    continues from where weight init left the generator. Weights are unaffected (built before fit; DDP broadcasts
+    rank 0's), and a resumed run puts back each rank's saved random state after this.
+    """
+    torch.manual_seed((torch.initial_seed() + global_rank) % 2**64)
 
 
 class StreamSystem(L.LightningModule):
@@ -43,6 +58,7 @@ class StreamSystem(L.LightningModule):
         self._hidden: dict[str, Any] = {}
         self._micro_losses: list[torch.Tensor] = []
         self._best_val_ppl = math.inf
+        self._rng_states: Optional[list[dict[str, Any]]] = None  # from a loaded checkpoint, put back at train start
 
     def attach(self, network: nn.Module) -> None:
         """The network, then the metrics (in this order, so the model summary lists the network first)."""
@@ -63,6 +79,7 @@ class StreamSystem(L.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(self.hparams, {"hp/best_val_ppl": math.nan})
+        seed_dropout_per_rank(self.trainer.global_rank)
 
     # --- training -------------------------------------------------------------------------------------
     def _loss(self, batch: Batch, stage: str) -> torch.Tensor:
@@ -82,7 +99,10 @@ class StreamSystem(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch, "train")
-        window_loss = self._window_loss(loss.detach(), batch)
+        self._check_finite(loss, batch_idx)
+        # The mean over DDP ranks (each one's own otherwise): every rank holds as many target tokens (StreamWindows),
+        # so it is the loss one process computes at the same global batch, and what DDP's averaged gradients minimize.
+        window_loss = self.trainer.strategy.reduce(self._window_loss(loss.detach(), batch), reduce_op="mean")
         self.log("train/loss", window_loss, prog_bar=True)
         self.log("train/ppl", window_loss.exp())
         return loss
@@ -119,6 +139,8 @@ class StreamSystem(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._reset_hidden("val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._check_finite_weights()  # before the text sample (which cannot sample from NaN) and the checkpoint
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -152,11 +174,47 @@ class StreamSystem(L.LightningModule):
         self._log_evaluation("test")
 
     # --- checkpoints and optimization -----------------------------------------------------------------
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        # Before backward: the weights (and any checkpoint written later) stay those of the last good step. One
+        # host sync per micro-batch, which the progress bar's loss already costs. Under DDP all ranks decide together:
+        # a rank that stopped alone would leave the others waiting in the gradient all-reduce.
+        here = not bool(torch.isfinite(loss.detach()))
+        anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False) if self.trainer.world_size > 1 else here
+        if anywhere:
+            value = loss.item() if here else "not finite on another rank"
+            raise LMInputError(
+                f"The training loss is {value} at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
+                "lower the learning rate (--model.optimizer.init_args.lr) or clip harder (--trainer.gradient_clip_val); "
+                "checkpoints written before this step are kept."
+            )
+
+    def _check_finite_weights(self) -> None:
+        # A finite loss can still leave non-finite weights (an infinite gradient norm); the next loss would stop the
+        # run, but at the end of an epoch validation and the checkpoint come first.
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+            raise LMInputError(
+                f"The weights are not finite at step {self.global_step} (epoch {self.current_epoch}): lower the learning rate "
+                "(--model.optimizer.init_args.lr) or clip harder (--trainer.gradient_clip_val); checkpoints written before "
+                "this step are kept."
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_finite_weights()  # never a checkpoint of a NaN state
         checkpoint["best_val_ppl"] = self._best_val_ppl  # so a resumed run keeps its best-so-far
+        # Exact resume: the dropout masks after a resume are those the uninterrupted run draws. A list indexed by
+        # global rank (every rank draws its own masks); see checkpointing.gather_rng_states.
+        checkpoint["rng_states"] = gather_rng_states(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._best_val_ppl = checkpoint.get("best_val_ppl", math.inf)
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Not at load time: model set-up, the sanity check and callbacks run between load and the first batch, and
+        # the saved state is the one right before the first batch of the next epoch.
+        if self._rng_states is not None:
+            restore_rng_states(self._rng_states, self.trainer)
+            self._rng_states = None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())

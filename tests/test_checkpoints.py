@@ -1,0 +1,295 @@
+"""Checkpoints: atomic writes (a full disk, a SIGKILL inside the save), last.ckpt after every epoch, generation flags
+next to --ckpt_path, one sentence for a bad --ckpt_path, and a NaN loss that stops without saving the NaN state."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_corpus
+
+from lm_lightning.checkpointing import AtomicCheckpointIO, remove_stale_temporary_files
+from lm_lightning.cli import build_cli, main
+from lm_lightning.errors import LMInputError
+from lm_lightning.systems import LanguageModel
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+TINY = [
+    "--data.tokenizer", "whitespace", "--data.min_freq", "1", "--data.batch_size", "4", "--data.bptt", "8",
+    "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.num_layers", "1", "--model.sample_length", "4",
+    *QUIET,
+]  # fmt: skip
+OTHER_WORDS = "\n".join(["one two three four five six seven eight nine ten ."] * 90) + "\n"
+
+
+def data(corpus: Path, cache: Path) -> list[str]:
+    return ["--data.source", str(corpus), "--data.cache_dir", str(cache), *TINY]
+
+
+def in_folder(folder: Path, args: list[str]):
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        return build_cli(args)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(corpus, another corpus with other words, token cache)."""
+    root = tmp_path_factory.mktemp("corpora")
+    text = "\n".join(["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."] * 30) + "\n"
+    return write_corpus(root / "tiny", text, text, text), write_corpus(root / "other", *[OTHER_WORDS] * 3), root / "cache"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, corpora):
+    """Three epochs whose val/ppl falls every epoch, checkpointed with mode max: only epoch 0 is ever "best". A stock
+    Lightning ModelCheckpoint (on val/loss, mode max) runs beside ours, to show what it leaves in last.ckpt."""
+    corpus, _, cache = corpora
+    folder = tmp_path_factory.mktemp("fit")
+    stock = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(folder / "stock")]
+    stock += [
+        "--trainer.callbacks.monitor",
+        "val/loss",
+        "--trainer.callbacks.mode",
+        "max",
+        "--trainer.callbacks.save_last",
+        "true",
+    ]
+    args = ["fit", *data(corpus, cache), "--trainer.max_epochs", "3", "--checkpoint.mode", "max", *stock]
+    cli = in_folder(folder, args)
+    return folder / "lightning_logs" / "version_0" / "checkpoints", cli
+
+
+# --- last.ckpt ----------------------------------------------------------------------------------------------
+def test_last_ckpt_holds_the_last_epoch_even_when_it_did_not_improve(fitted):
+    checkpoints, cli = fitted
+    assert cli.trainer.global_step == 66
+    best = [p.name for p in checkpoints.glob("best-*.ckpt")]
+    assert best == ["best-epoch00-step22.ckpt"]  # val/ppl fell every epoch, so with mode max only epoch 0 was best
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 66
+    # Lightning's own ModelCheckpoint (2.6) leaves last.ckpt at the last improving epoch: the bug of issue 8.
+    stock = checkpoints.parents[2] / "stock" / "last.ckpt"
+    assert torch.load(stock, weights_only=True)["global_step"] == 22
+
+
+# --- atomic writes ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        (
+            errno.ENOSPC,
+            r"^The disk holding .*checkpoints is full, so the checkpoint was not written \(the previous one is kept\)",
+        ),
+        (errno.EACCES, r"^Checkpoints cannot be written to .*checkpoints \(Permission denied\): make it writable or point"),
+    ],
+    ids=["disk-full", "permission-denied"],
+)
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(code, message, tmp_path, monkeypatch):
+    io, target = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.arange(1000)}, target)
+    real_save, written_to = torch.save, []
+
+    def failing_write(obj, f, *args, **kwargs):
+        written_to.append(Path(f.name))
+        f.write(b"x" * 4096)  # some bytes got out before the write failed
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(torch, "save", failing_write)
+    with pytest.raises(LMInputError, match=message):
+        io.save_checkpoint({"step": 2, "w": torch.arange(1000)}, target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert written_to[0].parent == target.parent  # the temporary file is in the target folder (same file system)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_a_full_disk_during_fit_is_one_sentence_and_keeps_last_ckpt(tmp_path, corpora, monkeypatch, capsys):
+    corpus, _, cache = corpora
+    monkeypatch.chdir(tmp_path)
+    real_save, saves = torch.save, []
+
+    def full_on_third_save(obj, f, *args, **kwargs):  # epoch 0 writes best and last; epoch 1's first write fails
+        saves.append(f)
+        if len(saves) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_third_save)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *data(corpus, cache), "--trainer.max_epochs", "2"])
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: The disk holding ") and "--trainer.default_root_dir" in last
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch00-step22.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 22
+
+
+def test_a_sigkill_inside_the_save_leaves_the_previous_last_ckpt(tmp_path, corpora):
+    """A real `python -m lm_lightning fit`, killed with half of epoch 1's last.ckpt written (tests/kill_switch.py)."""
+    corpus, _, cache = corpora
+    kill = ["--trainer.callbacks+=kill_switch.KillAt", "--trainer.callbacks.point", "save", "--trainer.callbacks.epoch", "1"]
+    args = [sys.executable, "-m", "lm_lightning", "fit", *data(corpus, cache), "--trainer.max_epochs", "2", *kill]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 22  # epoch 0, complete
+    leftovers = [p for p in checkpoints.iterdir() if p.name.startswith(".last.ckpt.")]
+    assert len(leftovers) == 1 and 0 < leftovers[0].stat().st_size < (checkpoints / "last.ckpt").stat().st_size
+    # The next run that starts from this folder removes it (its process is gone); a live process's file stays.
+    live = checkpoints / f".last.ckpt.{os.getpid()}.0123abcd.tmp"
+    live.write_bytes(b"in progress")
+    assert remove_stale_temporary_files(checkpoints) == leftovers and live.exists()
+
+
+@pytest.mark.parametrize(
+    "plugin, expected",
+    [
+        (None, "AtomicCheckpointIO"),
+        ("kill_switch.OwnCheckpointIO", "OwnCheckpointIO"),  # the user's own way to save stays
+        ("lightning.pytorch.plugins.io.AsyncCheckpointIO", "AsyncCheckpointIO(AtomicCheckpointIO)"),  # atomic inside
+    ],
+    ids=["default", "own", "async"],
+)
+def test_atomic_checkpoints_are_installed_and_a_users_checkpoint_io_is_kept(plugin, expected, corpora):
+    corpus, _, cache = corpora
+    cli = build_cli([*data(corpus, cache), *(["--trainer.plugins", plugin] if plugin else [])], run=False)
+    io = cli.trainer.strategy.checkpoint_io
+    inner = getattr(io, "checkpoint_io", None)
+    assert type(io).__name__ + (f"({type(inner).__name__})" if inner is not None else "") == expected
+
+
+# --- --model.* flags next to --ckpt_path ---------------------------------------------------------------------
+def test_predict_takes_the_architecture_from_the_checkpoint_and_generation_settings_from_the_flags(
+    fitted, corpora, tmp_path, monkeypatch, caplog
+):
+    checkpoints, _ = fitted
+    corpus, _, cache = corpora
+    monkeypatch.chdir(tmp_path)
+    generated = []
+    real_generate = LanguageModel.generate
+
+    def spy(self, prompt, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        generated.append((prompt.shape[1], max_new_tokens, temperature, top_k))
+        out = real_generate(self, prompt, max_new_tokens, temperature, top_k, generator)
+        generated[-1] += (out.shape[1],)
+        return out
+
+    monkeypatch.setattr(LanguageModel, "generate", spy)
+    flags = ["--model.max_new_tokens", "3", "--model.temperature", "0.5", "--model.top_k", "4", "--model.seed", "7"]
+    args = ["predict", *data(corpus, cache), "--ckpt_path", str(checkpoints / "last.ckpt"), *flags, "--model.hidden_dim", "32"]
+    with caplog.at_level("WARNING"):
+        cli = build_cli([*args, "--data.prompt", "the cat"])
+    assert generated == [(2, 3, 0.5, 4, 2 + 3)]  # 3 new tokens after the 2-token prompt, with the flags' sampler
+    hp = cli.model.hparams
+    assert (hp.max_new_tokens, hp.temperature, hp.top_k, hp.seed) == (3, 0.5, 4, 7)
+    assert hp.hidden_dim == 16 and hp.embedding_dim == 16  # the checkpoint's network, not --model.hidden_dim 32
+    assert "--model.hidden_dim 32 is ignored: the architecture comes from the checkpoint (hidden_dim=16)" in caplog.text
+
+
+# --- a bad --ckpt_path --------------------------------------------------------------------------------------
+def _truncated(folder: Path, last: Path, other: Path) -> Path:
+    data_ = last.read_bytes()
+    (folder / "truncated.ckpt").write_bytes(data_[: len(data_) // 2])
+    return folder / "truncated.ckpt"
+
+
+def _weights_only(folder: Path, last: Path) -> Path:
+    checkpoint = torch.load(last, weights_only=True)
+    torch.save({k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "loops")}, folder / "weights_only.ckpt")
+    return folder / "weights_only.ckpt"
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda folder, last, other: folder / "missing.ckpt", r"missing.ckpt is not a file \(it does not exist\)"),
+    "folder": (
+        lambda folder, last, other: last.parent,
+        r"checkpoints is not a file \(it is a folder\): give a checkpoint file, e.g\.",
+    ),
+    "random-bytes": (
+        lambda folder, last, other: (
+            (folder / "noise.ckpt").write_bytes(random.Random(0).randbytes(4096)) and folder / "noise.ckpt"
+        ),
+        r"noise.ckpt cannot be loaded into this run's model: it is not a complete checkpoint \(",
+    ),
+    "truncated": (_truncated, r"truncated.ckpt cannot be loaded into this run's model: it is not a complete checkpoint"),
+    "weights-only": (
+        lambda folder, last, other: _weights_only(folder, last),
+        r"weights_only.ckpt holds the weights only \(--checkpoint.save_weights_only\), so fit cannot resume from it",
+    ),
+    "other-vocabulary": (
+        lambda folder, last, other: other,
+        r"last.ckpt cannot be loaded into this run's model: network.embedding.weight is \[\d+, 16\] there and \[\d+, 16\] here",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def other_vocabulary(tmp_path_factory, corpora) -> Path:
+    """A checkpoint of the same network trained on other words (another vocabulary size)."""
+    _, other, cache = corpora
+    folder = tmp_path_factory.mktemp("other")
+    in_folder(folder, ["fit", *data(other, cache), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    return folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+# Every subcommand reads --ckpt_path through the same code (LMCLI.parse_arguments, after_instantiate_classes): every
+# case for fit and predict, the two that get furthest (a loadable file; the model built) for validate and test.
+BAD_CKPT_CASES = [(s, c) for s in ("fit", "predict") for c in BAD_CHECKPOINTS if (s, c) != ("predict", "weights-only")]
+BAD_CKPT_CASES += [(s, c) for s in ("validate", "test") for c in ("truncated", "other-vocabulary")]
+
+
+@pytest.mark.parametrize("subcommand, case", BAD_CKPT_CASES, ids=[f"{s}-{c}" for s, c in BAD_CKPT_CASES])
+def test_a_bad_ckpt_path_is_one_sentence_before_any_run_folder(
+    subcommand, case, fitted, other_vocabulary, corpora, tmp_path, monkeypatch, capsys
+):
+    checkpoints, _ = fitted
+    corpus, _, cache = corpora
+    make, message = BAD_CHECKPOINTS[case]
+    ckpt = make(tmp_path, checkpoints / "last.ckpt", other_vocabulary)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, *data(corpus, cache), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # (after any warnings Lightning printed)
+    assert last.startswith("error: --ckpt_path ") and re.search(message, last), err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+# --- NaN ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "when, message",
+    [
+        ("before", r"^error: The training loss is nan at step 27 \(epoch 1, batch 5\): lower the learning rate"),
+        ("after", r"^error: The weights are not finite at step 44 \(epoch 1\): lower the learning rate"),
+    ],
+    ids=["nan-loss", "nan-weights-at-save"],
+)
+def test_a_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(when, message, corpora, tmp_path, monkeypatch, capsys):
+    corpus, _, cache = corpora
+    monkeypatch.chdir(tmp_path)
+    batch = "5" if when == "before" else "21"  # after the last batch of epoch 1: the loss never sees it, the save does
+    poison = ["--trainer.callbacks+=kill_switch.PoisonAt", "--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", batch]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *data(corpus, cache), "--trainer.max_epochs", "3", *poison, "--trainer.callbacks.when", when])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search(message, err.strip().splitlines()[-1]), err
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 22 and all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch00-step22.ckpt", "last.ckpt"]
