@@ -33,6 +33,22 @@ def tokenize_lines(text: str, preprocess: Preprocessor, keep_empty_lines: bool) 
     return tokens
 
 
+def check_words_left(vocab: Vocabulary, counts: Counter, min_freq: int) -> None:
+    """A vocabulary of only ``<unk>`` and ``<eos>`` trains to a low "perplexity" of predicting line ends (1.59 on
+    the tiny test corpus, issue 8) without learning a word: refused, with the ``min_freq`` that would keep words."""
+    words = len(vocab) - len(vocab.specials)
+    if words == 0:
+        seen = [c for w, c in counts.items() if w not in vocab.specials]
+        top = max(seen, default=0)
+        fix = f"lower --data.min_freq to {top} or less" if top else "check --data.source and the preprocessing settings"
+        raise LMInputError(
+            f"--data.min_freq {min_freq} leaves 0 words in the vocabulary (the most frequent of train's {len(seen)} "
+            f"distinct words occurs {top} times): {fix}."
+        )
+    if words < 10:
+        log.warning("Only %d words occur at least --data.min_freq %d times: the model will see mostly <unk>.", words, min_freq)
+
+
 class TokenDataModule(StreamDataModule):
     """Text corpus as batches of parallel token streams for truncated BPTT.
 
@@ -83,7 +99,12 @@ class TokenDataModule(StreamDataModule):
         num_prompts: int = 1,
     ) -> None:
         super().__init__()
-        check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt, num_prompts=num_prompts)
+        check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt, num_prompts=num_prompts, min_freq=min_freq)
+        if max_vocab_size is not None and max_vocab_size <= len(Vocabulary.specials):
+            raise LMInputError(
+                f"--data.max_vocab_size {max_vocab_size} leaves no room for a word ({' and '.join(Vocabulary.specials)} take "
+                f"{len(Vocabulary.specials)} places): give at least {len(Vocabulary.specials) + 1}, or null for no cap."
+            )
         self.save_hyperparameters()
         # Built here, not in setup(): a bad setting should fail before any training starts.
         self.preprocessor = Preprocessor(tokenizer, lowercase, remove_stopwords, stemmer, lemmatize)
@@ -105,12 +126,13 @@ class TokenDataModule(StreamDataModule):
         hp = self.hparams
         corpus = load_corpus(hp.source, hp.data_dir, hp.valid_fraction, hp.test_fraction)
         self._cache = TokenCache(hp.cache_dir or default_cache_dir(), cache_key(corpus.content_hash(), self._settings()))
-        if self._cache.exists():
-            log.info("Token cache hit: %s", self._cache.path)
-            return self._cache.load_vocab()
-        return self._build(corpus, self._cache)
+        built = []
+        # Checked when opened; built (or rebuilt, if damaged) under a lock that other ranks wait on (data/cache.py).
+        vocab = self._cache.open(lambda: built.append(True) or self._build(corpus))
+        log.info("Token cache %s: %s", "written" if built else "hit", self._cache.path)
+        return vocab
 
-    def _build(self, corpus: Corpus, cache: TokenCache) -> Vocabulary:
+    def _build(self, corpus: Corpus) -> tuple[Vocabulary, dict[str, np.ndarray], dict]:
         start = time.perf_counter()
         keep = self.hparams.keep_empty_lines
         tokens = {split: tokenize_lines(corpus[split], self.preprocessor, keep) for split in SPLITS}
@@ -120,7 +142,9 @@ class TokenDataModule(StreamDataModule):
                     f"The {split} split of {corpus.name!r} has no tokens after preprocessing: check the text and the "
                     "preprocessing settings."
                 )
-        vocab = Vocabulary.build(Counter(tokens["train"]), self.hparams.min_freq, self.hparams.max_vocab_size)
+        counts = Counter(tokens["train"])
+        vocab = Vocabulary.build(counts, self.hparams.min_freq, self.hparams.max_vocab_size)
+        check_words_left(vocab, counts, self.hparams.min_freq)
         ids = {split: vocab.encode_array(tokens[split]) for split in SPLITS}
         meta = {
             "corpus": corpus.name,
@@ -129,16 +153,14 @@ class TokenDataModule(StreamDataModule):
             "vocab_size": len(vocab),
             "stopwords_source": self.preprocessor.stopwords_source,
         }
-        cache.save(vocab, ids, meta)
         log.info(
-            "Tokenized %s in %.1fs: %s tokens, vocabulary %d -> %s",
+            "Tokenized %s in %.1fs: %s tokens, vocabulary %d",
             corpus.name,
             time.perf_counter() - start,
             meta["tokens"],
             len(vocab),
-            cache.path,
         )
-        return vocab
+        return vocab, ids, meta
 
     def ids(self, split: str) -> np.ndarray:
         """The split's token ids, memory-mapped from the cache."""

@@ -46,17 +46,20 @@ def check_network_args(
 ) -> None:
     """The settings every embedding + LSTM network shares, checked once with a sentence that names the fix."""
     if vocab_size < 2:
-        raise LMInputError(f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary.")
+        raise LMInputError(
+            f"vocab_size must be at least 2, got {vocab_size}: the corpus produced an (almost) empty vocabulary; "
+            "check --data.source and lower --data.min_freq."
+        )
     for name, value in (("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
         if value < 1:
-            raise LMInputError(f"--model.{name} must be a positive integer, got {value}.")
+            raise LMInputError(f"--model.{name} must be a positive integer, got {value}: give 1 or more (the default is a good start).")
     if tie_weights and embedding_dim != hidden_dim:
         raise LMInputError(
             f"tie_weights needs embedding_dim == hidden_dim (got {embedding_dim} and {hidden_dim}): "
             "make them equal or pass --model.tie_weights false."
         )
-    if not 0 <= dropout < 1:
-        raise LMInputError(f"dropout must be in [0, 1), got {dropout}.")
+    if not 0 <= dropout < 1:  # also refuses NaN
+        raise LMInputError(f"--model.dropout must be in [0, 1), got {dropout}: give a rate such as 0.2 (0 turns dropout off).")
 
 
 class LSTMNetwork(nn.Module):

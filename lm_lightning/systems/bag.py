@@ -59,8 +59,10 @@ class BagLanguageModel(StreamSystem):
         predict_words: int = 15,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
-        if sample_length < 0 or predict_words < 1:
-            raise LMInputError(f"sample_length must be >= 0 and predict_words >= 1, got {sample_length} and {predict_words}.")
+        if sample_length < 0:
+            raise LMInputError(f"--model.sample_length must be >= 0, got {sample_length}: give a number of words (0 turns it off).")
+        if predict_words < 1:
+            raise LMInputError(f"--model.predict_words must be a positive integer, got {predict_words}: give e.g. 15.")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.attach(self.build_network())
         self.val_unigram_loss = MeanMetric()

@@ -58,12 +58,13 @@ class LanguageModel(StreamSystem):
         seed: int = 0,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
-        if temperature < 0:
-            raise LMInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        if not temperature >= 0:  # also refuses NaN
+            raise LMInputError(f"--model.temperature must be >= 0, got {temperature}: give 0 for greedy decoding or e.g. 0.8.")
         if top_k is not None and top_k < 1:
-            raise LMInputError(f"top_k must be a positive integer or unset, got {top_k}.")
-        if sample_length < 0 or max_new_tokens < 0:
-            raise LMInputError(f"sample_length and max_new_tokens must be >= 0, got {sample_length} and {max_new_tokens}.")
+            raise LMInputError(f"--model.top_k must be a positive integer, got {top_k}: give e.g. 50, or null to sample from all tokens.")
+        for name, value in (("sample_length", sample_length), ("max_new_tokens", max_new_tokens)):
+            if value < 0:
+                raise LMInputError(f"--model.{name} must be >= 0, got {value}: give a number of tokens (0 turns it off).")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.attach(self.build_network())
 

@@ -1,0 +1,117 @@
+"""What a run would find out only after Lightning created its run folder, checked before it does (issue 8).
+
+Lightning makes ``lightning_logs/version_N`` as a run starts, before it builds the optimizer: an invalid learning
+rate ended in a traceback from torch and a stray run folder, a folder that cannot be written in a traceback from
+TensorBoard, and ``--trainer.max_epochs 0`` in a "finished" run that trained nothing. :func:`check_start` says each in
+one sentence first. For bad input found later (a callback's ``setup``), :func:`new_folders` and
+:func:`remove_failed_start` take away the folder of a start that failed before its first step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from lm_lightning.errors import LMInputError
+
+SAVE_DIR_FLAG = "--trainer.logger.init_args.save_dir"
+
+
+def check_start(trainer: L.Trainer, model: L.LightningModule, subcommand: str) -> None:
+    """One sentence, before anything is written, for settings Lightning or torch would refuse (or ignore) later."""
+    log_dir = trainer.log_dir
+    if log_dir is not None:
+        check_writable(Path(log_dir), f"run from a writable folder or set {SAVE_DIR_FLAG} to one")
+    if Path(trainer.default_root_dir).absolute() != Path.cwd():
+        check_writable(Path(trainer.default_root_dir), "give --trainer.default_root_dir a writable folder")
+    if subcommand == "fit":
+        check_training_budget(trainer)
+        check_optimizer(model)
+
+
+def check_writable(folder: Path, fix: str) -> None:
+    """``folder`` exists and takes a new file, or can be created: tried with a temporary file, as access() and
+    permission bits say nothing for root or a read-only file system."""
+    folder = folder.absolute()
+    existing = folder
+    while not os.path.exists(existing):  # not Path.exists(), which raises under a folder we may not list
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise LMInputError(f"The folder {folder} cannot be created because {existing} is a file, not a folder: {fix}.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise LMInputError(f"The folder {folder} cannot be written ({existing}: {err.strerror}): {fix}.") from None
+
+
+def check_training_budget(trainer: L.Trainer) -> None:
+    """Lightning accepts a run that trains nothing, ends "successfully" and leaves a run folder with an untrained
+    checkpoint; -1 (no limit) stays Lightning's to handle."""
+    loop = trainer.fit_loop
+    for flag, value in (("max_epochs", loop.max_epochs), ("max_steps", loop.max_steps), ("limit_train_batches", trainer.limit_train_batches)):
+        if value == 0:
+            raise LMInputError(
+                f"--trainer.{flag} 0 trains nothing: give a positive value (-1 means no limit for max_epochs and max_steps), "
+                "or use `validate` to only evaluate."
+            )
+
+
+def check_optimizer(model: L.LightningModule) -> None:
+    """Build the optimizer (and schedule) once, as fit will: torch refuses a negative learning rate only then, and
+    accepts a zero one, which trains nothing."""
+    try:
+        configured = model.configure_optimizers()
+    except ValueError as err:
+        lr = re.search(r"Invalid learning rate: (\S+)", str(err))
+        if lr:
+            raise LMInputError(_lr_sentence(lr.group(1))) from None
+        raise LMInputError(f"--model.optimizer was refused by torch ({err}): fix the value it names.") from None
+    except Exception:  # e.g. a fork's configure_optimizers that needs the trainer: fit will tell
+        return
+    for optimizer in _optimizers(configured):
+        for group in optimizer.param_groups:
+            lr = group.get("lr")
+            if lr is not None and float(lr) <= 0:
+                raise LMInputError(_lr_sentence(float(lr)))
+
+
+def _lr_sentence(lr: Any) -> str:
+    return f"--model.optimizer.lr must be positive, got {lr}: give a learning rate such as 3e-3 (AdamW) or 20 (SGD)."
+
+
+def _optimizers(configured: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers in anything ``configure_optimizers`` may return (one, a dict, a list or tuple of them)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return [configured]
+    if isinstance(configured, dict):
+        return _optimizers(configured.get("optimizer"))
+    if isinstance(configured, (list, tuple)):
+        return [o for item in configured for o in _optimizers(item)]
+    return []
+
+
+def new_folders(trainer: L.Trainer) -> Optional[Path]:
+    """The outermost folder of the run folder that does not exist yet (``lightning_logs`` on a first run)."""
+    log_dir = trainer.log_dir
+    if log_dir is None or not trainer.is_global_zero:
+        return None
+    folder = Path(log_dir).absolute()
+    if os.path.exists(folder):
+        return None
+    while not os.path.exists(folder.parent):
+        folder = folder.parent
+    return folder
+
+
+def remove_failed_start(trainer: L.Trainer, created: Optional[Path]) -> None:
+    """Remove what a failed start created, if it never took a step nor wrote a checkpoint (nothing worth keeping)."""
+    if created is not None and created.is_dir() and trainer.global_step == 0 and not any(created.rglob("*.ckpt")):
+        shutil.rmtree(created, ignore_errors=True)
