@@ -349,6 +349,20 @@ TAMPERED = [
 ]
 
 
+def record_builds(monkeypatch) -> list[str]:
+    """The device of every LSTMNetwork built from now on ("meta" allocates nothing), in order."""
+    built: list[str] = []
+    real_init = LSTMNetwork.__init__
+
+    @functools.wraps(real_init)
+    def counted_init(self, *args, **kwargs):
+        built.append(str(torch.get_default_device()))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LSTMNetwork, "__init__", counted_init)
+    return built
+
+
 @pytest.mark.parametrize("case, message", TAMPERED, ids=[case for case, _ in TAMPERED])
 def test_a_tampered_export_is_one_sentence_and_nothing_outside_is_read_or_built(tmp_path, monkeypatch, case, message):
     folder = _exported(tmp_path)
@@ -364,16 +378,9 @@ def test_a_tampered_export_is_one_sentence_and_nothing_outside_is_read_or_built(
             raise PermissionError(13, "Permission denied", str(path))
 
         monkeypatch.setattr(export, "open", denied, raising=False)
-    hashed, built = [], []
-    real_sha256, real_init = export._sha256, LSTMNetwork.__init__
+    hashed, built = [], record_builds(monkeypatch)
+    real_sha256 = export._sha256
     monkeypatch.setattr(export, "_sha256", lambda path: hashed.append(Path(path)) or real_sha256(path))
-
-    @functools.wraps(real_init)
-    def counted_init(self, *args, **kwargs):
-        built.append(str(torch.get_default_device()))
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(LSTMNetwork, "__init__", counted_init)
     with pytest.raises(LMInputError) as error:
         load_exported(folder)
     text = str(error.value)
@@ -439,15 +446,7 @@ def test_a_huge_network_is_refused_before_it_is_built(tmp_path, monkeypatch):
     manifest["tensors"]["embedding.weight"]["shape"] = [10**9, 64]
     manifest["tensors"]["decoder.bias"]["shape"] = [10**9]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    built: list[str] = []
-    real_init = LSTMNetwork.__init__
-
-    @functools.wraps(real_init)
-    def counted_init(self, *args, **kwargs):
-        built.append(str(torch.get_default_device()))
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(LSTMNetwork, "__init__", counted_init)
+    built = record_builds(monkeypatch)
     with pytest.raises(LMInputError) as error:
         load_exported(folder)
     assert str(error.value) == (
