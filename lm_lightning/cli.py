@@ -85,6 +85,13 @@ class LMCLI(LightningCLI):
         )
         # Always present, exporting only when the run calls for it (see callbacks/export.py): one export per run.
         parser.add_lightning_class_args(Export, "export")
+        parser.add_argument(
+            "--weights_from",
+            type=Optional[str],
+            default=None,
+            help="fit only: start from this checkpoint's weights with a new optimizer, schedule, step count and run "
+            "folder (a finishing phase: QAT, pruning), instead of resuming its training state as --ckpt_path does.",
+        )
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -110,11 +117,26 @@ class LMCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        self._load_weights_from()
         if self.checkpoint is not None:
             config = self.config.get(self.config.get("subcommand") or "", self.config)
             check_compatible(self.checkpoint, self.model, config["ckpt_path"])
             if self.subcommand is not None:  # the trainer loads it again; `export` uses this copy
                 self.checkpoint = None
+
+    def _load_weights_from(self) -> None:
+        """``fit --weights_from CKPT``: the network's weights from a trained run, everything else new."""
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        path = config.get("weights_from")
+        # With --ckpt_path the weights come from that checkpoint: resuming a finishing run (whose config.yaml names
+        # --weights_from), or evaluating one.
+        if path is None or config.get("ckpt_path") is not None:
+            return
+        if self.config.get("subcommand") in ("validate", "test", "predict"):
+            raise LMInputError("--weights_from starts a new fit from a checkpoint's weights: give --ckpt_path to validate, test or predict.")
+        checkpoint = load_checkpoint_file(path, flag="--weights_from")
+        check_compatible(checkpoint, self.model, path, flag="--weights_from")
+        self.model.load_state_dict(checkpoint["state_dict"])
 
     def instantiate_trainer(self, **kwargs):
         try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import write_corpus
@@ -293,3 +294,60 @@ def test_a_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(when, mess
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert last["global_step"] == 22 and all(torch.isfinite(t).all() for t in last["state_dict"].values())
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch00-step22.ckpt", "last.ckpt"]
+
+
+# --- fit --weights_from: a finishing phase from a trained run's weights ---------------------------------------
+class FirstWeights(L.Callback):
+    """The network's weights and the optimizer's state when training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.network.state_dict().items()}
+        self.optimizer_state = dict(trainer.optimizers[0].state)
+        self.step, self.epoch = trainer.global_step, trainer.current_epoch
+
+
+def test_weights_from_starts_a_new_run_from_trained_weights_and_a_fresh_optimizer(fitted, corpora, tmp_path):
+    checkpoints, _ = fitted
+    corpus, other, cache = corpora
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    args = [*data(corpus, cache), "--trainer.max_epochs", "1", "--weights_from", str(checkpoints / "last.ckpt"),
+            "--trainer.callbacks+=lm_lightning.callbacks.quantization.QuantizationAwareFinishing", "--trainer.callbacks.bits", "8",
+            "--trainer.callbacks.last_fraction", "1.0"]  # fmt: skip
+    cli = build_cli(args, run=False)
+    probe = FirstWeights()
+    cli.trainer.callbacks.append(probe)
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        os.chdir(cwd)
+    assert (probe.step, probe.epoch, probe.optimizer_state) == (0, 0, {})  # a new run: step 0, no optimizer state
+    for name, tensor in probe.weights.items():  # ... that starts from the trained weights, not from a new init
+        torch.testing.assert_close(tensor, last["state_dict"][f"network.{name}"], rtol=0, atol=0, msg=name)
+    assert last["global_step"] > 0 and cli.trainer.global_step < last["global_step"]
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "export" / "manifest.json").is_file()  # QAT's int8 export at the end of the finishing phase
+    assert "weights_from" in (run / "config.yaml").read_text()  # the run says where it started
+
+
+@pytest.mark.parametrize(
+    "subcommand, extra, message",
+    [
+        ("fit", ["--weights_from", "missing.ckpt"], r"^--weights_from missing.ckpt is not a file \(it does not exist\)"),
+        ("fit", ["--weights_from", "OTHER"], r"^--weights_from .* cannot be loaded into this run's model: network.embedding.weight is"),
+        ("validate", ["--weights_from", "LAST"], r"^--weights_from starts a new fit .*: give --ckpt_path to validate"),
+    ],
+)
+def test_a_bad_weights_from_is_one_sentence(subcommand, extra, message, fitted, corpora, tmp_path_factory, monkeypatch):
+    checkpoints, _ = fitted
+    corpus, other, cache = corpora
+    other_run = tmp_path_factory.mktemp("other_weights")
+    if "OTHER" in extra and not (other_run / "lightning_logs").exists():
+        in_folder(other_run, ["fit", *data(other, cache), "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1"])
+    paths = {"OTHER": str(other_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"), "LAST": str(checkpoints / "last.ckpt")}
+    extra = [paths.get(e, e) for e in extra]
+    monkeypatch.chdir(tmp_path_factory.mktemp("bad_weights_from"))
+    with pytest.raises(LMInputError, match=message):
+        build_cli([subcommand, *data(corpus, cache), "--trainer.max_epochs", "1", *extra])
+    assert not Path("lightning_logs").exists()
