@@ -21,6 +21,7 @@ from torch.testing import assert_close
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 
 import lm_lightning.export as export
+import lm_lightning.export_checks as export_checks
 from lm_lightning.callbacks.export import plain_copy
 from lm_lightning.callbacks.quantization import disable_fake_quantization, enable_fake_quantization
 from lm_lightning.data import Vocabulary
@@ -377,7 +378,7 @@ def test_a_tampered_export_is_one_sentence_and_nothing_outside_is_read_or_built(
         def denied(path, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr(export, "open", denied, raising=False)
+        monkeypatch.setattr(export_checks, "open", denied, raising=False)  # the first read: the header
     hashed, built = [], record_builds(monkeypatch)
     real_sha256 = export._sha256
     monkeypatch.setattr(export, "_sha256", lambda path: hashed.append(Path(path)) or real_sha256(path))
