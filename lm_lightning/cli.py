@@ -22,10 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 # torchao logs a failed load of CUDA extensions it was not built for, and a torch deprecation notice at import;
 # neither concerns anything used here.
@@ -55,6 +56,23 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*Your `IterableDataset` has `__len__` defined.*")
 # tokens/s is what we report; FLOPs of an LSTM are not something ThroughputMonitor can count for us.
 warnings.filterwarnings("ignore", ".*define a `flops_per_batch` attribute.*")
+
+
+class RunConfig(SaveConfigCallback):
+    """Lightning's config saver, for a run folder that already holds a run's ``config.yaml`` (a version pinned with
+    ``--trainer.logger.init_args.version NAME``): ``validate``/``test``/``predict`` and a resumed fit leave that run's
+    config as it was; a new fit into it is refused before it starts (``LMCLI._run_subcommand``)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite and _existing_run_config(trainer):
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+def _existing_run_config(trainer: L.Trainer) -> Optional[Path]:
+    config_path = Path(trainer.log_dir) / "config.yaml" if trainer.log_dir is not None else None
+    return config_path if config_path is not None and config_path.is_file() else None
 
 
 class LMCLI(LightningCLI):
@@ -165,6 +183,12 @@ class LMCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         # Settings that would fail only once the run folder exists are checked first (preflight.py); bad input found
         # after that, before the first step, takes the new run folder away with it: a failed start leaves nothing.
+        existing = _existing_run_config(self.trainer)
+        if subcommand == "fit" and existing is not None and self.config[subcommand].get("ckpt_path") is None:
+            raise LMInputError(
+                f"{existing.parent} already holds a run (its config.yaml): give another --trainer.logger.init_args.version "
+                "(null for a new version_N), or resume that run with --ckpt_path."
+            )
         check_start(self.trainer, self.model, subcommand)
         created = new_folders(self.trainer)
         try:
@@ -199,8 +223,9 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
         seed_everything_default=0,  # reproducible by default; change with --seed_everything
-        # Parser errors raise instead of printing 70-80 lines of usage and exiting: main() says them in one sentence.
-        # exit_on_error: main() prints one sentence instead of the usage; allow_abbrev: a typo such as
+        save_config_callback=RunConfig,
+        # exit_on_error: parser errors raise instead of printing 70-80 lines of usage, and main() says them in one
+        # sentence; allow_abbrev: a typo such as
         # --trainer.max_epoch must be an error, not silently taken as --trainer.max_epochs.
         parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
         args=args,

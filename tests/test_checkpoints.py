@@ -351,3 +351,27 @@ def test_a_bad_weights_from_is_one_sentence(subcommand, extra, message, fitted, 
     with pytest.raises(LMInputError, match=message):
         build_cli([subcommand, *data(corpus, cache), "--trainer.max_epochs", "1", *extra])
     assert not Path("lightning_logs").exists()
+
+
+def test_a_pinned_run_folder_is_evaluated_and_resumed_in_place_and_never_fitted_over(corpora, tmp_path, monkeypatch, capsys):
+    """--trainer.logger.init_args.version NAME: predict/test/resume use the folder; a second fit into it is one sentence."""
+    corpus, _, cache = corpora
+    monkeypatch.chdir(tmp_path)
+    pinned = ["--trainer.logger.init_args.version", "mine"]
+    build_cli(["fit", *data(corpus, cache), "--trainer.max_epochs", "1", *pinned])
+    run = tmp_path / "lightning_logs" / "mine"
+    config, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    written = config.read_text()
+    test = build_cli(["test", "-c", str(config), "--ckpt_path", str(last)])  # was Lightning's "expected ... to NOT exist"
+    assert float(test.trainer.callback_metrics["test/ppl"]) > 1 and config.read_text() == written
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(config)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {Path('lightning_logs') / 'mine'} already holds a run (its config.yaml): give another "
+        "--trainer.logger.init_args.version (null for a new version_N), or resume that run with --ckpt_path."
+    )
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written, not even an events file
+    resumed = build_cli(["fit", "-c", str(config), "--ckpt_path", str(last), "--trainer.max_epochs", "2"])
+    assert resumed.trainer.current_epoch == 2 and config.read_text() == written
