@@ -281,15 +281,12 @@ def bow_input_bytes(recipe: Path = ROOT / "configs" / "bag_embedded.yaml") -> st
 
 
 def plain_loop_args(args: argparse.Namespace) -> list[str]:
-    """The plain loop trains what the recipe trains (only the default and ptb_small recipes are mirrored)."""
-    extra = []
+    """The plain loop trains what the recipe says (network, data, optimizer, schedule, clipping)."""
+    extra = ["--recipe", args.recipe]
     if args.max_steps:
         extra += ["--max-steps", str(args.max_steps)]
-    if "ptb" in Path(args.recipe).name:
-        extra += ["--source", "ptb", "--tokenizer", "whitespace", "--embedding-dim", "200", "--hidden-dim", "200",
-                  "--batch-size", "20", "--bptt", "20", "--optimizer", "sgd", "--lr", "1", "--dropout", "0", "--clip", "5"]
-        if args.data_dir:
-            extra += ["--data-dir", args.data_dir]
+    if args.data_dir:
+        extra += ["--data-dir", args.data_dir]
     return extra
 
 

@@ -1,96 +1,127 @@
-"""The same model, data and optimizer as `python -m lm_lightning fit`, trained by a plain PyTorch loop.
+"""A recipe trained by a plain PyTorch loop instead of Lightning: the same network, data, optimizer, schedule and
+clipping, read from the recipe's YAML (pytorch/examples word_language_model style: train, validate every epoch, keep
+the best weights, test them).
 
-The reference the Lightning runs are compared with in benchmarks/memory.py: what does the template cost in
-tokens/s and memory over the ~40 lines a user would write by hand (pytorch/examples word_language_model style)?
+The reference the template is compared with: what does Lightning cost in tokens/s and memory over the ~60 lines a
+user would write by hand, and does it reach the same perplexity?
 
-    python benchmarks/plain_loop.py --epochs 2 --out plain.json
+    python benchmarks/plain_loop.py --epochs 2 --out plain.json                             # configs/default.yaml
+    python benchmarks/plain_loop.py --recipe configs/ptb_small.yaml --data-dir ../shared/data/ptb   # all 13 epochs
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
+import inspect
 import json
 import resource
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lm_lightning.data import StreamWindows, TokenDataModule
 from lm_lightning.evaluation import perplexity
 from lm_lightning.models import LSTMNetwork
+from lm_lightning.systems import LanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings(recipe: Path) -> tuple[dict, dict, dict]:
+    """The recipe's (trainer, model, data) arguments, with the classes' own defaults for what it leaves out."""
+    cfg = yaml.safe_load(recipe.read_text())
+    model = {k: p.default for k, p in inspect.signature(LanguageModel.__init__).parameters.items() if p.default is not p.empty}
+    model.update(cfg.get("model", {}).get("init_args", {}))
+    data = {k: p.default for k, p in inspect.signature(TokenDataModule.__init__).parameters.items() if p.default is not p.empty}
+    data.update(cfg.get("data", {}).get("init_args", {}))
+    trainer = {"max_epochs": 1000, "gradient_clip_val": None, **cfg.get("trainer", {}), "seed": cfg.get("seed_everything", 0)}
+    return trainer, model, data
+
+
+def instantiate(spec: dict | None, *args):
+    """``{class_path, init_args}`` from a recipe, as LightningCLI builds it (Lightning's ReduceLROnPlateau subclass
+    only adds the ``monitor`` argument: the loop steps torch's with the validation perplexity itself)."""
+    if spec is None:
+        return None
+    module, name = spec["class_path"].rsplit(".", 1)
+    init = dict(spec.get("init_args", {}))
+    if name == "ReduceLROnPlateau":
+        module, _ = "torch.optim.lr_scheduler", init.pop("monitor", None)
+    return getattr(importlib.import_module(module), name)(*args, **init)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="embedded")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--tokenizer", default="treebank")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--data-dir", default=None, help="folder of the recipe's corpus (e.g. ../shared/data/ptb)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's max_epochs")
     parser.add_argument("--limit-train-batches", type=int, default=None, help="windows per epoch")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (like --trainer.max_steps)")
-    parser.add_argument("--embedding-dim", type=int, default=256)
-    parser.add_argument("--hidden-dim", type=int, default=256)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--bptt", type=int, default=35)
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--clip", type=float, default=0.25)
     parser.add_argument("--out", default=None, help="write the measurements as JSON here")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    lowercase = args.tokenizer != "whitespace"
-    dm = TokenDataModule(source=args.source, data_dir=args.data_dir, tokenizer=args.tokenizer, lowercase=lowercase,
-                      min_freq=2 if lowercase else 1, batch_size=args.batch_size, bptt=args.bptt)
-    train = StreamWindows(dm.ids("train"), args.batch_size, args.bptt)
-    valid = StreamWindows(dm.ids("valid"), 10, args.bptt, split="valid")
-    test = StreamWindows(dm.ids("test"), 10, args.bptt, split="test")
-    tied = args.embedding_dim == args.hidden_dim and args.optimizer == "adamw"  # ptb_small (SGD) is untied
-    network = LSTMNetwork(dm.vocab_size, args.embedding_dim, args.hidden_dim, args.num_layers, args.dropout, tied)
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(network.parameters(), lr=args.lr)
-    else:
-        optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=0.01)
+    trainer, model, data = settings(args.recipe)
+    torch.manual_seed(trainer["seed"])
+    dm = TokenDataModule(**{**data, "data_dir": args.data_dir or data["data_dir"]})
+    train = StreamWindows(dm.ids("train"), data["batch_size"], data["bptt"])
+    valid = StreamWindows(dm.ids("valid"), data["eval_batch_size"], data["bptt"], split="valid")
+    test = StreamWindows(dm.ids("test"), data["eval_batch_size"], data["bptt"], split="test")
+    network = LSTMNetwork(
+        dm.vocab_size, *(model[k] for k in ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights"))
+    )
+    optimizer = instantiate(model["optimizer"], network.parameters())
+    scheduler = instantiate(model["lr_scheduler"], optimizer)
+    epochs = args.epochs or trainer["max_epochs"]
 
     # Tokens over wall time, everything in the loop included (as Lightning's ThroughputMonitor measures it),
-    # after 5 warm-up steps.
-    tokens, seconds, steps = 0, 0.0, 0
-    for _ in range(args.epochs):
+    # after 5 warm-up steps; validation is outside the clock.
+    tokens, seconds, steps, best, val_curve = 0, 0.0, 0, None, []
+    started = time.perf_counter()
+    for _ in range(epochs):
         network.train()
         hidden = None
         for step, batch in enumerate(train):
-            inputs, targets = batch.inputs, batch.targets
-            if args.limit_train_batches is not None and step >= args.limit_train_batches:
-                break
-            if args.max_steps is not None and steps >= args.max_steps:
+            if (args.limit_train_batches is not None and step >= args.limit_train_batches) or steps == args.max_steps:
                 break
             if steps == 5:
-                tokens, started = 0, time.perf_counter()
-            logits, hidden = network(inputs, hidden)
+                tokens, seconds, started = 0, 0.0, time.perf_counter()
+            logits, hidden = network(batch.inputs, hidden)
             hidden = tuple(h.detach() for h in hidden)  # truncated BPTT: keep the state, cut the graph
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.targets.reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), args.clip)
+            if trainer["gradient_clip_val"]:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), trainer["gradient_clip_val"])
             optimizer.step()
-            tokens += targets.numel()
+            tokens += batch.targets.numel()
             steps += 1
-        if steps > 5:
-            seconds = time.perf_counter() - started
+        seconds += time.perf_counter() - started
+        val_curve.append(perplexity(network, valid))
+        if best is None or val_curve[-1] < min(val_curve[:-1]):
+            best = copy.deepcopy(network.state_dict())
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_curve[-1])
+        elif scheduler is not None:
+            scheduler.step()
+        started = time.perf_counter()
+    network.load_state_dict(best)
     result = {
         "name": "plain PyTorch loop",
-        "tokens_per_sec": tokens / seconds if seconds else float("nan"),
+        "recipe": str(args.recipe),
+        "tokens_per_sec": tokens / seconds if steps > 5 and seconds else float("nan"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-        "val_ppl": perplexity(network, valid),
-        "test_ppl": perplexity(network, test),
+        "val_ppl_per_epoch": val_curve,
+        "val_ppl": min(val_curve),
+        "test_ppl": perplexity(network, test),  # of the best-validation weights, as the template's `test` of best-*.ckpt
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

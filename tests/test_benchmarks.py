@@ -1,0 +1,113 @@
+"""benchmarks/converged.py end to end on a tiny run: every row runs, is scored from its export file, and the table's
+sizes and perplexities are the files' own (the real numbers come from converged models; see the README)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm_lightning.cli import build_cli
+from lm_lightning.export import load_exported
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_converged_benchmark_rows_are_their_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs/default.yaml"),
+            "-c",
+            str(ROOT / "configs/presets/debug.yaml"),
+            "--model.embedding_dim",
+            "64",
+            "--model.hidden_dim",
+            "64",
+            "--trainer.limit_train_batches",
+            "8",
+            *FAST,
+        ]
+    )
+    run = Path(cli.trainer.log_dir)
+    out = tmp_path / "bench"
+    limits = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "4"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/converged.py"), "--run", str(run), "--out", str(out), "--", *limits],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    results = json.loads((out / "converged.json").read_text())
+    assert len(results) == 7
+    fp32 = results["float32"]
+    # Finishing lrs follow the recipe's (AdamW 3e-3 here): every row stays near the checkpoint it started from.
+    assert all(1 < r["test_ppl"] < 1.5 * fp32["test_ppl"] for r in results.values()), {
+        n: r["test_ppl"] for n, r in results.items()
+    }
+    # The finishing runs wrote the exports their strategies call for, and the table reports those files.
+    kinds = {name: json.loads((Path(r["folder"]) / "manifest.json").read_text()) for name, r in results.items()}
+    assert [kinds[n]["bits"] for n in results] == [None, 8, 4, 4, 4, 8, 8]
+    assert {"QuantizationAwareFinishing", "MagnitudePruning"} <= set(kinds[list(results)[-1]]["metadata"])
+    assert results["int8 PTQ"]["weights_bytes"] < 0.3 * fp32["weights_bytes"]
+    pruned = next(r for n, r in results.items() if n.startswith("80% pruned"))
+    assert pruned["weights_bytes"] < results["int8 PTQ"]["weights_bytes"] / 2
+    # PTQ rows start from the checkpoint itself: the float32 export's perplexity is the best checkpoint's.
+    network = load_exported(fp32["folder"])
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    state = {k.removeprefix("network."): v for k, v in __import__("torch").load(best, weights_only=True)["state_dict"].items()}
+    assert all((network.state_dict()[k] == v).all() for k, v in state.items() if k in network.state_dict())
+    table = (out / "converged.md").read_text()
+    assert "int4 QAT took back" in table and f"{fp32['test_ppl']:.2f}" in table
+
+
+def test_plain_loop_trains_the_recipe_the_template_trains(tmp_path, monkeypatch):
+    """benchmarks/plain_loop.py reads the recipe (network, optimizer, schedule, clipping): without dropout it takes
+    the template's exact steps, so "the template against a plain loop" compares the same training. (Recipes name every
+    optimizer argument: switching --model.optimizer to SGD keeps the default AdamW's weight_decay 0.01 in the CLI.)"""
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    recipe["trainer"]["max_epochs"] = 2
+    recipe["model"]["init_args"].update(
+        embedding_dim=48,
+        hidden_dim=48,
+        dropout=0.0,
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 5.0, "weight_decay": 0.0}},
+        lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cli = build_cli(["fit", "-c", str(path), "--trainer.limit_train_batches", "6", *FAST])
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    template = [e.value for e in events.Scalars("val/ppl")]
+    out = tmp_path / "plain.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/plain_loop.py"),
+            "--recipe",
+            str(path),
+            "--limit-train-batches",
+            "6",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads(out.read_text())["val_ppl_per_epoch"]
+    assert len(template) == len(plain) == 2 and template[1] < template[0]
+    assert plain == pytest.approx(template, rel=1e-4)
