@@ -110,7 +110,7 @@ def rows(run_config: Path, ckpt: Path, group_size: int, batch_size: int, lr: flo
             args = [*common, "--ckpt_path", str(ckpt), "--export.folder", f"exports/{i}", *how]
         else:
             args = [*common, "--weights_from", str(ckpt), *how, *FINISH, "--trainer.logger.init_args.version", f"finish-{i}"]
-        out[name] = {"kind": kind, "args": args, "how": how}
+        out[name] = {"id": i, "kind": kind, "args": args, "how": how}
     return out
 
 
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=None, help="the checkpoint to start from (default: the run's best-*.ckpt)")
     parser.add_argument("--jobs", type=int, default=2, help="rows run at once")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "lm_lightning_converged")
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out, by the start of their name (e.g. all)")
+    parser.add_argument("--reuse", action="store_true", help="keep the rows already measured in --out (runs/N.json)")
     parser.add_argument("--run-one", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()  # extra: CLI flags for every row (e.g. --data.data_dir, --trainer.limit_*)
     extra = [a for a in extra if a != "--"]
@@ -190,26 +192,33 @@ def main() -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     lr = yaml.safe_load(Path(config).read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"]
     plan = rows(args.run.resolve() / "config.yaml", ckpt.resolve(), group_size, batch_size, lr, out)
+    plan = {name: row for name, row in plan.items() if not any(name.startswith(prefix) for prefix in args.skip)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
     def launch(item: tuple[str, dict]) -> tuple[str, dict]:
         name, row = item
-        target = out / "runs" / f"{list(plan).index(name)}.json"
+        target = out / "runs" / f"{row['id']}.json"
+        if args.reuse and target.is_file() and "seconds" in json.loads(target.read_text()):
+            return name, json.loads(target.read_text())
         start = time.perf_counter()
         cmd = [sys.executable, __file__, "--run-one", row["kind"], str(target), "--", *row["args"], *extra]
         proc = subprocess.run(cmd, cwd=out / "runs", env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(f"done: {name}", flush=True)
-        return name, {**json.loads(target.read_text()), "seconds": time.perf_counter() - start, "how": row["how"]}
+        result = {**json.loads(target.read_text()), "seconds": time.perf_counter() - start, "how": row["how"]}
+        target.write_text(json.dumps(result))
+        return name, result
 
     # Longest first, so that the short exports fill the gaps at the end.
     order = sorted(plan.items(), key=lambda item: item[1]["kind"] == "export")
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(pool.map(launch, order))
     results = {name: done[name] for name in plan}
-    text = f"From `{ckpt}`\n\n{report_table(results)}\n\n{recovery(results)}\n"
+    needed = ("float32", "int4 PTQ", "int4 QAT", "control")
+    found = all(any(n.startswith(k) for n in results) for k in needed)
+    text = f"From `{ckpt}`\n\n{report_table(results)}\n\n{recovery(results) if found else ''}\n"
     (out / "converged.md").write_text(text)
     (out / "converged.json").write_text(json.dumps(results, indent=2))
     print(f"\n{text}\nwrote {out / 'converged.md'}")
