@@ -69,6 +69,25 @@ def test_converged_benchmark_rows_are_their_exports(tmp_path, monkeypatch):
     table = (out / "converged.md").read_text()
     assert "int4 QAT took back" in table and f"{fp32['test_ppl']:.2f}" in table
 
+    # --reuse keeps the measured rows (their files untouched), --skip leaves rows out of the table.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/converged.py"),
+        "--run",
+        str(run),
+        "--out",
+        str(out),
+        "--reuse",
+        "--skip",
+        "all",
+    ]
+    proc = subprocess.run([*command, "--", *limits], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == before
+    again = json.loads((out / "converged.json").read_text())
+    assert list(again) == list(results)[:-1] and again["float32"]["test_ppl"] == fp32["test_ppl"]
+
 
 def test_plain_loop_trains_the_recipe_the_template_trains(tmp_path, monkeypatch):
     """benchmarks/plain_loop.py reads the recipe (network, optimizer, schedule, clipping): without dropout it takes
