@@ -86,6 +86,10 @@ def test_converged_benchmark_rows_are_their_exports(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == before
     again = json.loads((out / "converged.json").read_text())
+    refused = subprocess.run([*command[:-2], "--skip", "float32"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "--skip cannot leave out float32: every row is compared with it."
+    ]
     assert list(again) == list(results)[:-1] and again["float32"]["test_ppl"] == fp32["test_ppl"]
 
 
