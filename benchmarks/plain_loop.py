@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--limit-train-batches", type=int, default=None, help="windows per epoch")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (like --trainer.max_steps)")
     parser.add_argument("--out", default=None, help="write the measurements as JSON here")
+    parser.add_argument(
+        "--state", type=Path, default=None, help="save the loop after every epoch here, and go on from it if it exists"
+    )
     args = parser.parse_args()
 
     trainer, model, data = settings(args.recipe)
@@ -81,8 +84,17 @@ def main() -> None:
     # Tokens over wall time, everything in the loop included (as Lightning's ThroughputMonitor measures it),
     # after 5 warm-up steps; validation is outside the clock.
     tokens, seconds, steps, best, val_curve = 0, 0.0, 0, None, []
+    if args.state is not None and args.state.is_file():  # a long run (WikiText-2: ~3 h here) killed between epochs
+        saved = torch.load(args.state, weights_only=False)
+        network.load_state_dict(saved["network"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        tokens, seconds, steps, best, val_curve = (saved[k] for k in ("tokens", "seconds", "steps", "best", "val_curve"))
+        print(f"resumed from {args.state} after epoch {len(val_curve)}", flush=True)
     started = time.perf_counter()
-    for _ in range(epochs):
+    for _ in range(len(val_curve), epochs):
         network.train()
         hidden = None
         for step, batch in enumerate(train):
@@ -108,6 +120,17 @@ def main() -> None:
             scheduler.step(val_curve[-1])
         elif scheduler is not None:
             scheduler.step()
+        print(f"epoch {len(val_curve)}: val ppl {val_curve[-1]:.2f}", flush=True)
+        if args.state is not None:
+            state = {
+                "network": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": torch.get_rng_state(),
+                **dict(tokens=tokens, seconds=seconds, steps=steps, best=best, val_curve=val_curve),
+            }
+            torch.save(state, args.state.with_suffix(".tmp"))
+            args.state.with_suffix(".tmp").replace(args.state)  # a kill during the save keeps the previous epoch's
         started = time.perf_counter()
     network.load_state_dict(best)
     result = {
