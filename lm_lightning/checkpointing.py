@@ -15,8 +15,8 @@ What Lightning (2.6) lacks and this module adds:
 * :func:`load_checkpoint_file` and :func:`check_compatible`: a missing, folder, unreadable, truncated or foreign
   ``--ckpt_path`` is one :class:`LMInputError`, raised before any run folder exists.
 * :func:`keep_command_line_settings`: with ``--ckpt_path``, LightningCLI replaces every ``--model.*`` value by the
-  checkpoint's hyper-parameters; the architecture must come from the checkpoint, but how to generate text is the
-  caller's choice.
+  checkpoint's hyper-parameters; the architecture must come from the checkpoint, but how to generate text (and to
+  compute the loss) is the caller's choice.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 # run (its process is gone) from the save in progress of a live one.
 TMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
-# --model.* settings that say how to generate text, not what the network is: with --ckpt_path they come from the
-# command line (and config files), everything else from the checkpoint.
-COMMAND_LINE_SETTINGS = ("sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words")
+# --model.* settings that say how to generate text or compute the loss, not what the network is: with --ckpt_path they
+# come from the command line (and config files), everything else from the checkpoint.
+COMMAND_LINE_SETTINGS = ("sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words", "loss_chunk_size")
 
 # Values of --ckpt_path that Lightning resolves itself (fit: "last" in the checkpoint folder).
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -324,7 +324,7 @@ def keep_command_line_settings(before: Any, after: Any) -> None:
     given, stored = before.init_args, after.init_args
     defaults = _init_defaults(getattr(before, "class_path", None))
     for key in vars(given):
-        if key in COMMAND_LINE_SETTINGS and key in stored:
+        if key in COMMAND_LINE_SETTINGS:  # also into a checkpoint older than the setting
             stored[key] = given[key]
         elif key in ("vocab_size", "optimizer", "lr_scheduler") or key not in stored:
             continue

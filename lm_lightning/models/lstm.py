@@ -100,8 +100,14 @@ class LSTMNetwork(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self.embedding, self.lstm, self.decoder)
 
-    def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
-        """``ids``: (batch, time) -> logits (batch, time, vocab) and the new hidden state."""
+    def features(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
+        """What the decoder reads, (batch, time, hidden_dim), and the new hidden state: the chunked loss
+        (``lm_lightning/chunked_loss.py``) starts here instead of from the logits."""
         x = self.dropout(self.embedding(ids))
         output, hidden = self.lstm(x, hidden)
-        return self.decoder(self.dropout(output)), hidden
+        return self.dropout(output), hidden
+
+    def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
+        """``ids``: (batch, time) -> logits (batch, time, vocab) and the new hidden state."""
+        output, hidden = self.features(ids, hidden)
+        return self.decoder(output), hidden

@@ -86,9 +86,15 @@ class StreamSystem(L.LightningModule):
         # Each stream group (a micro-batch, or the whole window) carries its own hidden state, kept under its own
         # key so any hidden-state layout works.
         key = f"{stage}/{batch.first_stream}"
-        logits, hidden = self(batch.inputs, self._hidden.get(key))
+        total, hidden = self._nll(batch.inputs, batch.targets, self._hidden.get(key))
         self._hidden[key] = detach_hidden(hidden)
-        return nll(logits, batch.targets) / batch.divisor
+        return total / batch.divisor
+
+    def _nll(self, inputs: Any, targets: Any, hidden: Any) -> tuple[torch.Tensor, Any]:
+        """Summed negative log-likelihood of ``targets`` and the new hidden state (``LanguageModel`` can compute it
+        without the full logits)."""
+        logits, hidden = self(inputs, hidden)
+        return nll(logits, targets), hidden
 
     def _reset_hidden(self, stage: str) -> None:
         for key in [key for key in self._hidden if key.split("/")[0] == stage]:

@@ -10,12 +10,13 @@ To train another network, subclass and override :meth:`build_network` (see ``tes
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from lm_lightning.chunked_loss import chunked_nll
 from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.models import LSTMNetwork
@@ -39,6 +40,8 @@ class LanguageModel(StreamSystem):
         temperature: Sampling temperature (0 = greedy).
         top_k: Sample only among the ``top_k`` most likely tokens; ``None`` for all.
         seed: Seed of the sampler, so generated text is reproducible.
+        loss_chunk_size: Compute the loss this many tokens at a time, never holding the full logits (saves
+            ~2 x tokens x vocab x 4 bytes; configs/memory/chunked_loss.yaml); 0 for the plain path.
     """
 
     def __init__(
@@ -56,22 +59,42 @@ class LanguageModel(StreamSystem):
         temperature: float = 0.8,
         top_k: Optional[int] = 50,
         seed: int = 0,
+        loss_chunk_size: int = 0,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
         if not temperature >= 0:  # also refuses NaN
             raise LMInputError(f"--model.temperature must be >= 0, got {temperature}: give 0 for greedy decoding or e.g. 0.8.")
         if top_k is not None and top_k < 1:
-            raise LMInputError(f"--model.top_k must be a positive integer, got {top_k}: give e.g. 50, or null to sample from all tokens.")
+            raise LMInputError(
+                f"--model.top_k must be a positive integer, got {top_k}: give e.g. 50, or null to sample from all tokens."
+            )
         for name, value in (("sample_length", sample_length), ("max_new_tokens", max_new_tokens)):
             if value < 0:
                 raise LMInputError(f"--model.{name} must be >= 0, got {value}: give a number of tokens (0 turns it off).")
+        if loss_chunk_size < 0:
+            raise LMInputError(
+                f"--model.loss_chunk_size must be >= 0, got {loss_chunk_size}: give a number of tokens such as 256, or 0 for the plain loss."
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.attach(self.build_network())
+        if loss_chunk_size and not (
+            callable(getattr(self.network, "features", None)) and isinstance(getattr(self.network, "decoder", None), nn.Linear)
+        ):
+            raise LMInputError(
+                f"--model.loss_chunk_size needs a network with a features() method and an nn.Linear decoder (as models/lstm.py has); "
+                f"{type(self.network).__name__} lacks them: add them, or give --model.loss_chunk_size 0."
+            )
 
     def build_network(self) -> nn.Module:
         """Override to train another network with the same ``forward(ids, hidden) -> (logits, hidden)`` contract."""
         hp = self.hparams
         return LSTMNetwork(hp.vocab_size, hp.embedding_dim, hp.hidden_dim, hp.num_layers, hp.dropout, hp.tie_weights)
+
+    def _nll(self, inputs: torch.Tensor, targets: torch.Tensor, hidden: Any) -> tuple[torch.Tensor, Any]:
+        if not self.hparams.loss_chunk_size:
+            return super()._nll(inputs, targets, hidden)
+        features, hidden = self.network.features(inputs, hidden)
+        return chunked_nll(features, self.network.decoder, targets, self.hparams.loss_chunk_size), hidden
 
     # --- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
