@@ -8,13 +8,17 @@ on CPU as well as GPU, and a one-screen summary at the end of ``fit``. Tokens/s 
 
 Activations are measured with ``torch.autograd.graph.saved_tensors_hooks`` (the mechanism behind
 ``torch.autograd.graph.save_on_cpu``), so they need no allocator statistics and work on CPU. A view keeps its whole
-storage alive, so bytes are counted per distinct storage, at the storage's full size, once.
+storage alive, so bytes are counted per distinct storage, at the storage's full size, once. What those hooks cannot
+see -- the gradients a chunked loss computes in its forward pass, the inputs a checkpointed (recomputed) segment keeps
+-- is in ``memory/retained_bytes``: the allocator's bytes in use after the forward pass minus before it (the CUDA
+caching allocator's count, or glibc's ``mallinfo2`` on Linux CPUs).
 """
 
 from __future__ import annotations
 
+import ctypes
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import lightning as L
@@ -30,6 +34,36 @@ try:
     import resource
 except ImportError:  # Windows
     resource = None
+
+
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+    _fields_ = [
+        (name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def _mallinfo2() -> Optional[Callable[[], _MallInfo2]]:
+    try:
+        function = ctypes.CDLL(None).mallinfo2  # the C library this process runs on
+    except (AttributeError, OSError):  # not glibc (macOS, musl, Windows) or glibc < 2.33
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def allocated_bytes(device: torch.device) -> Optional[int]:
+    """Bytes allocated and not yet freed: the CUDA caching allocator's count on GPU; on CPU glibc's count of heap bytes
+    in use plus its mmapped chunks (every arena; a call costs ~2 us), which is where torch's CPU tensors live. ``None``
+    where neither is available."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    if device.type != "cpu" or _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
 
 
 def _plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -145,6 +179,10 @@ class MemoryMonitor(Callback):
       (``on_train_batch_start`` to ``on_before_backward``), excluding the storages of parameters, buffers and the
       batch, which exist with or without autograd. This includes the carried LSTM state, oneDNN's RNN workspace and,
       under ``bf16-mixed``, the bfloat16 copies autocast makes of the weights (new tensors kept for backward).
+    * ``memory/retained_bytes``: what the forward pass left allocated for backward, counted by the allocator (see
+      :func:`allocated_bytes`; not logged where there is no count): the saved activations plus what saved-tensor hooks
+      cannot see (a chunked loss's early gradients, a recomputed segment's inputs, autograd's own nodes), less what
+      the step freed meanwhile (the previous window's hidden state).
     * ``memory/peak_bytes``: ``torch.cuda.max_memory_allocated`` on GPU (reset when fit starts); on CPU the process's
       peak resident set size (``ru_maxrss``), which includes Python, torch and the data and cannot be reset.
 
@@ -165,6 +203,8 @@ class MemoryMonitor(Callback):
         self.history: list[dict[str, float]] = []
         self._saved: Optional[SavedTensorBytes] = None
         self._activations: Optional[int] = None
+        self._allocated: Optional[int] = None  # before the measured forward pass, then what it retained
+        self._device = torch.device("cpu")
         self._batches = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -176,6 +216,7 @@ class MemoryMonitor(Callback):
         self._activations = None
         if self._batches % self.log_every_n_steps == 0:
             exclude = [*pl_module.parameters(), *pl_module.buffers(), *tree_leaves(batch)]
+            self._device, self._allocated = pl_module.device, allocated_bytes(pl_module.device)
             self._saved = SavedTensorBytes(exclude).__enter__()
         self._batches += 1
 
@@ -183,6 +224,11 @@ class MemoryMonitor(Callback):
         if self._saved is not None and self._saved.active:
             self._saved.__exit__(None, None, None)
             self._activations = self._saved.bytes
+            if self._allocated is not None:
+                self._allocated = allocated_bytes(self._device) - self._allocated
+
+    def on_before_zero_grad(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._stop_counting()  # Lightning frees the previous step's gradients between the forward pass and backward
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._stop_counting()  # what backward itself allocates is not "saved for backward"
@@ -202,6 +248,7 @@ class MemoryMonitor(Callback):
                 t for opt in trainer.optimizers for t in tree_leaves(list(opt.state.values()))
             ),
             "memory/activations_bytes": self._activations or 0,
+            **({"memory/retained_bytes": self._allocated} if self._allocated is not None else {}),
             "memory/peak_bytes": peak_bytes(pl_module.device),
         }
         self.history.append({"step": trainer.global_step, **metrics})
@@ -228,6 +275,11 @@ class MemoryMonitor(Callback):
             ("gradients", human_bytes(last["memory/grads_bytes"])),
             ("optimizer state", human_bytes(last["memory/optimizer_bytes"])),
             ("activations per step (max)", human_bytes(max(h["memory/activations_bytes"] for h in self.history))),
+        ]
+        if "memory/retained_bytes" in last:
+            retained = max(h["memory/retained_bytes"] for h in self.history)
+            rows.append(("kept by the forward pass (max)", human_bytes(retained)))
+        rows += [
             ("peak CUDA allocated" if device.type == "cuda" else "peak process RSS", human_bytes(peak)),
         ]
         tokens_per_sec = trainer.logged_metrics.get("train/device/items_per_sec")
