@@ -52,7 +52,9 @@ TMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 # --model.* settings that say how to generate text or compute the loss, not what the network is: with --ckpt_path they
 # come from the command line (and config files), everything else from the checkpoint.
-COMMAND_LINE_SETTINGS = ("sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words", "loss_chunk_size")
+COMMAND_LINE_SETTINGS = (
+    "sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words", "loss_chunk_size", "recompute_segments"
+)  # fmt: skip
 
 # Values of --ckpt_path that Lightning resolves itself (fit: "last" in the checkpoint folder).
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")

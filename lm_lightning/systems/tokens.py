@@ -42,6 +42,8 @@ class LanguageModel(StreamSystem):
         seed: Seed of the sampler, so generated text is reproducible.
         loss_chunk_size: Compute the loss this many tokens at a time, never holding the full logits (saves
             ~2 x tokens x vocab x 4 bytes; configs/memory/chunked_loss.yaml); 0 for the plain path.
+        recompute_segments: Recompute the LSTM in the backward pass, in this many time segments per window, instead
+            of keeping its activations (configs/memory/recompute.yaml); 0 keeps them.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class LanguageModel(StreamSystem):
         top_k: Optional[int] = 50,
         seed: int = 0,
         loss_chunk_size: int = 0,
+        recompute_segments: int = 0,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
         if not temperature >= 0:  # also refuses NaN
@@ -75,6 +78,10 @@ class LanguageModel(StreamSystem):
             raise LMInputError(
                 f"--model.loss_chunk_size must be >= 0, got {loss_chunk_size}: give a number of tokens such as 256, or 0 for the plain loss."
             )
+        if recompute_segments < 0:
+            raise LMInputError(
+                f"--model.recompute_segments must be >= 0, got {recompute_segments}: give a number of segments such as 5, or 0 to keep the activations."
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.attach(self.build_network())
         if loss_chunk_size and not (
@@ -84,6 +91,13 @@ class LanguageModel(StreamSystem):
                 f"--model.loss_chunk_size needs a network with a features() method and an nn.Linear decoder (as models/lstm.py has); "
                 f"{type(self.network).__name__} lacks them: add them, or give --model.loss_chunk_size 0."
             )
+        if recompute_segments:
+            if not hasattr(self.network, "recompute_segments"):
+                raise LMInputError(
+                    f"--model.recompute_segments needs a network with a recompute_segments attribute (as models/lstm.py has); "
+                    f"{type(self.network).__name__} lacks it: add it, or give --model.recompute_segments 0."
+                )
+            self.network.recompute_segments = recompute_segments
 
     def build_network(self) -> nn.Module:
         """Override to train another network with the same ``forward(ids, hidden) -> (logits, hidden)`` contract."""
