@@ -22,6 +22,24 @@ from lm_lightning.errors import LMInputError
 from lm_lightning.models import LSTMNetwork
 from lm_lightning.systems.base import StreamSystem
 
+# torch's optimizers that accept sparse gradients (the others raise at their first step).
+SPARSE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)
+
+
+def check_takes_sparse_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """One sentence before training instead of an error at the first step (custom optimizers are trusted)."""
+    name = type(optimizer).__name__
+    if type(optimizer).__module__.startswith("torch.optim") and not isinstance(optimizer, SPARSE_OPTIMIZERS):
+        raise LMInputError(
+            f"--model.sparse_embedding_grad needs an optimizer that takes sparse gradients, and {name} does not: "
+            "give --model.optimizer SGD (or Adagrad), or --model.sparse_embedding_grad false."
+        )
+    if isinstance(optimizer, torch.optim.SGD) and any(group["weight_decay"] for group in optimizer.param_groups):
+        raise LMInputError(
+            "--model.sparse_embedding_grad with SGD needs --model.optimizer.init_args.weight_decay 0: torch's SGD cannot "
+            "decay a sparse gradient's weights."
+        )
+
 
 class LanguageModel(StreamSystem):
     """Embedding + LSTM language model trained with truncated backpropagation through time.
@@ -44,6 +62,9 @@ class LanguageModel(StreamSystem):
             ~2 x tokens x vocab x 4 bytes; configs/memory/chunked_loss.yaml); 0 for the plain path.
         recompute_segments: Recompute the LSTM in the backward pass, in this many time segments per window, instead
             of keeping its activations (configs/memory/recompute.yaml); 0 keeps them.
+        sparse_embedding_grad: Give the (untied) embedding a sparse gradient, only the rows a batch uses, instead of
+            a vocab x embedding_dim matrix; needs an optimizer that takes sparse gradients (SGD without weight decay,
+            Adagrad).
     """
 
     def __init__(
@@ -63,6 +84,7 @@ class LanguageModel(StreamSystem):
         seed: int = 0,
         loss_chunk_size: int = 0,
         recompute_segments: int = 0,
+        sparse_embedding_grad: bool = False,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
         if not temperature >= 0:  # also refuses NaN
@@ -98,11 +120,49 @@ class LanguageModel(StreamSystem):
                     f"{type(self.network).__name__} lacks it: add it, or give --model.recompute_segments 0."
                 )
             self.network.recompute_segments = recompute_segments
+        if sparse_embedding_grad:
+            if tie_weights:
+                raise LMInputError(
+                    "--model.sparse_embedding_grad needs --model.tie_weights false: a tied decoder reads every row of the "
+                    "embedding, so its gradient is dense."
+                )
+            if not isinstance(getattr(self.network, "embedding", None), nn.Embedding):
+                raise LMInputError(
+                    f"--model.sparse_embedding_grad needs a network with an nn.Embedding named embedding; "
+                    f"{type(self.network).__name__} has none: add it, or give --model.sparse_embedding_grad false."
+                )
+            self.network.embedding.sparse = True
 
     def build_network(self) -> nn.Module:
         """Override to train another network with the same ``forward(ids, hidden) -> (logits, hidden)`` contract."""
         hp = self.hparams
         return LSTMNetwork(hp.vocab_size, hp.embedding_dim, hp.hidden_dim, hp.num_layers, hp.dropout, hp.tie_weights)
+
+    # --- sparse embedding gradients ---------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"] if isinstance(config, dict) else config
+        if self.hparams.sparse_embedding_grad:
+            check_takes_sparse_gradients(optimizer)
+        return config
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
+    ) -> None:
+        # torch's clip_grad_norm_ has no sparse kernel (linalg_vector_norm on SparseCPU): the same rule, by hand.
+        if not self.hparams.sparse_embedding_grad or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            for grad in grads:
+                (grad._values() if grad.is_sparse else grad).clamp_(-gradient_clip_val, gradient_clip_val)
+            return None
+        norms = [(grad.coalesce().values() if grad.is_sparse else grad).float().norm() for grad in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        scale = (gradient_clip_val / (total + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+        return None
 
     def _nll(self, inputs: torch.Tensor, targets: torch.Tensor, hidden: Any) -> tuple[torch.Tensor, Any]:
         if not self.hparams.loss_chunk_size:
