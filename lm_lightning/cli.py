@@ -278,6 +278,10 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         if args[:1] == ["export"]:
             export_checkpoint(args[1:])
+        elif args[:1] == ["estimate"]:
+            from lm_lightning.estimate import estimate_command
+
+            estimate_command(args[1:])
         else:
             build_cli(args)
     except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)

@@ -1,0 +1,351 @@
+"""``python -m lm_lightning estimate``: the peak memory of a fit before running it, and what makes it fit a budget.
+
+Same flags and config files as ``fit``. How each part is predicted:
+
+* **parameters, gradients, optimizer state**: counted on the run's own model and optimizer (one optimizer step on
+  zero gradients, on a copy of the parameters, creates the state), pruning's copies and masks included. Exact.
+* **what a training step allocates** (activations kept for backward, the loss and logits temporaries, backward's own
+  buffers): measured on a probe -- two training steps of the run's model, precision and strategies on random ids, of
+  half the micro-batch and the whole one -- with the allocator's count of bytes in use sampled after every tensor
+  operation (glibc's ``mallinfo2``, see ``callbacks/memory_monitor.py``). What each phase (forward, backward,
+  optimizer step) holds grows linearly with the streams, so the two probes give a line per phase for the budget search
+  to read at smaller micro-batches. (Probes of 1 and 2 streams would be cheaper but mislead: at a few streams the
+  backward peak is set by parameter-sized buffers, at 32 by the activations; measured on the default model.)
+* **the process baseline**: this process's resident memory after Python, torch, Lightning and the data are loaded,
+  less the model's parameters, plus what ``fit`` itself adds (its loop, logger and progress bar; measured here).
+
+The probe runs the strategies that change what a step holds: precision, the chunked loss, recomputation, sparse
+embedding gradients, micro-batches (``MicroBatchAccumulation``), fake quantization (on from the first step: its
+worst case) and pruning (its masks and original copies). ``--budget SIZE`` then searches the cheapest settings that
+fit (least recomputation, largest micro-batch, the same effective batch) and prints the ``fit`` line that uses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
+from lm_lightning.callbacks.memory_monitor import allocated_bytes, human_bytes, storage_bytes
+from lm_lightning.callbacks.precision import bf16_lstm_supported
+from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
+from lm_lightning.callbacks.quantization import QuantizationAwareFinishing, enable_fake_quantization
+from lm_lightning.data.windows import Batch
+from lm_lightning.errors import LMInputError
+
+# What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged
+# text load and keep (oneDNN's primitive cache, TensorBoard's summary modules, the validation windows, the sanity
+# check). Measured on this machine with the default recipe at 64 and 256 units: a fit's peak RSS minus the rest of
+# the prediction, 48-62 MiB; tests/test_estimate.py holds predictions within 15% of measured peaks.
+FIT_OVERHEAD_BYTES = 56 * 2**20
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``2GiB``, ``1.5 GB``, ``800M``, ``123456`` -> bytes (K/M/G/T are powers of 1024 with or without the i)."""
+    match = SIZE.match(str(text))
+    if match is None:
+        raise LMInputError(f"--budget {text!r} is not a size: give a number with a unit, such as 2GiB, 1.5GB or 800MiB.")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** ("KMGT".find(unit) + 1)) if unit else int(number)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux: /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakAllocated(TorchDispatchMode):
+    """The allocator's bytes in use, sampled after every tensor operation run inside the block (backward's too: the
+    autograd engine carries the mode into it); ``peak`` is the highest. Operation granularity: an operation's own
+    scratch buffers, freed before it returns, are not seen."""
+
+    def __enter__(self) -> PeakAllocated:
+        self.peak = allocated_bytes(torch.device("cpu"))
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, allocated_bytes(torch.device("cpu")))
+        return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs the budget search turns (the rest of the run stays as configured)."""
+
+    micro_batch_size: int
+    loss_chunk_size: int
+    recompute_segments: int
+
+
+@dataclass
+class Phases:
+    """Bytes over the steady state (parameters, gradients, optimizer state) in a training step of ``streams``
+    streams: kept at the end of the forward pass, and the peak of the forward pass, backward and the optimizer step."""
+
+    streams: int
+    kept: int
+    forward: int
+    backward: int
+    optimizer: int
+
+
+@dataclass
+class Estimate:
+    settings: Settings
+    baseline: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    temporaries: int
+    precision: str
+    optimizer_name: str
+    pruning: int = 0  # torch's pruning: a mask buffer and a masked copy of each pruned weight
+
+    @property
+    def peak(self) -> int:
+        return self.baseline + self.params + self.pruning + self.grads + self.optimizer + self.activations + self.temporaries
+
+    def table(self, bptt: int) -> str:
+        rows = [
+            ("process baseline (Python, torch, Lightning, data)", self.baseline),
+            ("parameters", self.params),
+            *([("pruning masks and masked weights", self.pruning)] if self.pruning else []),
+            ("gradients", self.grads),
+            (f"optimizer state ({self.optimizer_name})", self.optimizer),
+            (f"saved activations ({self.settings.micro_batch_size} streams x {bptt} steps)", self.activations),
+            ("loss/logits and backward temporaries", self.temporaries),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {human_bytes(value):>10}" for name, value in rows]
+        return "\n".join([f"Predicted peak memory: {human_bytes(self.peak)} (process RSS, precision {self.precision})", *lines])
+
+
+def _probe_batch(streams: int, bptt: int, vocab: int, generator: torch.Generator) -> Batch:
+    inputs = torch.randint(0, vocab, (streams, bptt), generator=generator)
+    targets = torch.randint(0, vocab, (streams, bptt), generator=generator)
+    return Batch(inputs, targets, first_stream=0, num_streams=streams, length=bptt, divisor=float(streams * bptt))
+
+
+class Probe:
+    """Training steps of a copy of the run's model, with the run's precision and memory strategies, on random ids."""
+
+    def __init__(self, model: Any, trainer: Any, vocab_size: int, bptt: int) -> None:
+        self.template, self.trainer, self.vocab_size, self.bptt = model, trainer, vocab_size, bptt
+        self.qat = next((c for c in trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
+        self.pruning = next((c for c in trainer.callbacks if isinstance(c, MagnitudePruning)), None)
+        # As PrecisionGuard does in fit: oneDNN off where it has no bfloat16 LSTM (CPUs without AVX-512 BF16).
+        self.onednn = torch.backends.mkldnn.enabled and ("16" not in str(trainer.precision) or bf16_lstm_supported())
+
+    def build(self, settings: Settings) -> tuple[Any, torch.optim.Optimizer]:
+        model = copy.deepcopy(self.template)
+        model.hparams.loss_chunk_size = settings.loss_chunk_size
+        if hasattr(model.network, "recompute_segments"):
+            model.network.recompute_segments = settings.recompute_segments
+        if self.pruning is not None:  # the masks and original copies torch's pruning keeps (their values do not matter)
+            for module, attr in prunable_weights(model.network)[0].values():
+                torch_prune.identity(module, attr)
+        if self.qat is not None:
+            enable_fake_quantization(model.network, self.qat.bits, self.qat.group_size)
+        model = self.trainer.precision_plugin.convert_module(model)
+        model.train()
+        config = model.configure_optimizers()
+        return model, config["optimizer"] if isinstance(config, dict) else config
+
+    def step(self, model: Any, optimizer: torch.optim.Optimizer, streams: int, seed: int) -> Phases:
+        batch = _probe_batch(streams, self.bptt, self.vocab_size, torch.Generator().manual_seed(seed))
+        model._hidden.clear()  # a zero state, as at the start of an epoch
+        start = allocated_bytes(torch.device("cpu"))
+        with PeakAllocated() as forward, self.trainer.precision_plugin.forward_context():
+            loss = model._loss(batch, "train")
+        kept = allocated_bytes(torch.device("cpu")) - start
+        optimizer.zero_grad(set_to_none=True)  # as Lightning: after the forward pass, before backward
+        with PeakAllocated() as backward:
+            loss.backward()
+            del loss
+        with PeakAllocated() as step:
+            clip, algorithm = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
+            if clip and model.hparams.get("sparse_embedding_grad"):
+                model.configure_gradient_clipping(optimizer, clip, algorithm)  # its sparse-aware rule
+            elif clip and algorithm == "value":
+                torch.nn.utils.clip_grad_value_(model.parameters(), clip)
+            elif clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+        return Phases(streams, kept, forward.peak - start, backward.peak - start, step.peak - start)
+
+    def measure(self, settings: Settings) -> tuple[dict[str, int], Phases, Phases, str]:
+        """Steady-state bytes and steps of half the micro-batch and the whole one. Each size runs twice and the
+        second is kept: the first step creates the gradients and optimizer state, and the first step of each shape
+        allocates once what later steps reuse (oneDNN's primitive cache: ~2 MB on the default model)."""
+        model, optimizer = self.build(settings)
+        n = settings.micro_batch_size
+        with torch.backends.mkldnn.flags(enabled=self.onednn):
+            for seed, streams in enumerate((max(1, n // 2), n)):
+                self.step(model, optimizer, streams, seed=seed)
+            one, two = self.step(model, optimizer, max(1, n // 2), seed=2), self.step(model, optimizer, n, seed=3)
+        params = list(model.parameters())
+        pruned = [(m, a) for m, a in prunable_weights(model.network)[0].values() if hasattr(m, f"{a}_mask")]
+        steady = {
+            "params": storage_bytes(params),
+            "pruning": storage_bytes([t for m, a in pruned for t in (getattr(m, f"{a}_mask"), getattr(m, a))]),
+            "grads": storage_bytes(p.grad for p in params),
+            "optimizer": storage_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)),
+        }
+        return steady, one, two, type(optimizer).__name__
+
+
+def _at(one: Phases, two: Phases, field: str, streams: int) -> int:
+    """The line through the two probes' ``field``, at ``streams``."""
+    a, b = getattr(one, field), getattr(two, field)
+    slope = (b - a) / (two.streams - one.streams) if two.streams != one.streams else 0.0
+    return max(0, round(b + (streams - two.streams) * slope))
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+def _pop_budget(args: list[str]) -> tuple[list[str], Optional[int]]:
+    rest, budget, it = [], None, iter(args)
+    for arg in it:
+        if arg == "--budget":
+            value = next(it, None)
+            if value is None:
+                raise LMInputError("--budget needs a size: give e.g. --budget 2GiB.")
+            budget = parse_size(value)
+        elif arg.startswith("--budget="):
+            budget = parse_size(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, budget
+
+
+def _divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def search(probe: Probe, current: Settings, batch_size: int, bptt: int, baseline: int, precision: str, budget: int):
+    """The first settings that fit, in order of cost: least recomputation, then the largest micro-batch, then the
+    configured loss before the chunked one. Returns (fitting estimate or None, the smallest estimate seen)."""
+    chunks = list(dict.fromkeys([current.loss_chunk_size, current.loss_chunk_size or 256]))
+    recomputes = list(dict.fromkeys([current.recompute_segments, max(current.recompute_segments, round(bptt**0.5))]))
+    if not hasattr(probe.template.network, "recompute_segments"):
+        recomputes = [0]
+    if not callable(getattr(probe.template.network, "features", None)):
+        chunks = [0]
+    cache: dict[tuple[int, int], tuple] = {}
+    smallest: Optional[Estimate] = None
+    for recompute in recomputes:
+        for micro in _divisors_descending(batch_size):
+            for chunk in chunks:
+                key = (chunk, recompute)
+                if key not in cache:
+                    cache[key] = probe.measure(Settings(current.micro_batch_size, chunk, recompute))
+                estimate = _from_measurement(cache[key], Settings(micro, chunk, recompute), baseline, precision, probe)
+                if smallest is None or estimate.peak < smallest.peak:
+                    smallest = estimate
+                if estimate.peak <= budget:
+                    return estimate, smallest
+    return None, smallest
+
+
+def _from_measurement(measured: tuple, settings: Settings, baseline: int, precision: str, probe: Probe) -> Estimate:
+    steady, one, two, optimizer_name = measured
+    n = settings.micro_batch_size
+    kept = _at(one, two, "kept", n)
+    peak = max(_at(one, two, phase, n) for phase in ("forward", "backward", "optimizer"))
+    return Estimate(
+        settings, baseline, steady["params"], steady["grads"], steady["optimizer"], kept, max(0, peak - kept),
+        precision, optimizer_name, pruning=steady["pruning"],
+    )  # fmt: skip
+
+
+def fit_line(args: list[str], current: Settings, chosen: Settings, batch_size: int, has_accumulation: bool) -> str:
+    from pathlib import Path
+
+    extra: list[str] = []
+    if chosen.micro_batch_size != current.micro_batch_size:
+        if not has_accumulation:
+            extra += ["-c", str(Path(__file__).resolve().parents[1] / "configs" / "memory" / "accumulation.yaml")]
+        extra += ["--trainer.callbacks.micro_batch_size", str(chosen.micro_batch_size)]
+    if chosen.loss_chunk_size != current.loss_chunk_size:
+        extra += ["--model.loss_chunk_size", str(chosen.loss_chunk_size)]
+    if chosen.recompute_segments != current.recompute_segments:
+        extra += ["--model.recompute_segments", str(chosen.recompute_segments)]
+    return " ".join(["python -m lm_lightning fit", *args, *extra])
+
+
+def predict(model: Any, trainer: Any, data: Any, baseline: int) -> tuple[Estimate, Probe, Settings]:
+    """The estimate for the run as configured (``model``, ``trainer`` with its callbacks, the token ``data``)."""
+    accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
+    # The largest micro-batch of its schedule sets the peak.
+    micro = max(accumulation.sizes.values()) if accumulation is not None else data.hparams.batch_size
+    current = Settings(micro, int(model.hparams.get("loss_chunk_size", 0) or 0), int(getattr(model.network, "recompute_segments", 0)))
+    probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt)
+    with torch.random.fork_rng(devices=[]):  # the probe's dropout masks must not move the run's
+        estimate = _from_measurement(probe.measure(current), current, baseline, str(trainer.precision), probe)
+    return estimate, probe, current
+
+
+def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
+    """The estimate at the start of ``fit`` (``MemoryMonitor``), where it applies: token path, CPU, glibc."""
+    data = getattr(trainer, "datamodule", None)
+    if model.device.type != "cpu" or allocated_bytes(model.device) is None or not hasattr(getattr(data, "hparams", None), "bptt"):
+        return None
+    if not callable(getattr(model, "_loss", None)) or type(model).__name__ == "BagLanguageModel":
+        return None
+    # At fit start the loop and logger exist, but most of FIT_OVERHEAD_BYTES comes with the first steps and validation.
+    baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
+    return predict(model, trainer, data, baseline)[0]
+
+
+def estimate_command(args: list[str]) -> Estimate:
+    """``python -m lm_lightning estimate [fit's flags and -c files] [--budget SIZE]``."""
+    from lm_lightning.cli import build_cli  # the CLI imports this module's callers; keep the import light
+
+    fit_args, budget = _pop_budget(args)
+    if allocated_bytes(torch.device("cpu")) is None:
+        raise LMInputError("estimate needs glibc's allocator statistics (Linux): on this system read MemoryMonitor's figures after a short fit.")
+    cli = build_cli(fit_args, run=False)
+    model, trainer, data = cli.model, cli.trainer, cli.datamodule
+    if not hasattr(model, "_loss") or type(model).__name__ == "BagLanguageModel":
+        raise LMInputError("estimate covers the token path (LanguageModel): for the bag path, read MemoryMonitor's figures after a short fit.")
+    # This process now holds what fit holds before its first step, plus the model's parameters.
+    baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
+    estimate, probe, current = predict(model, trainer, data, baseline)
+    batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
+    accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
+    print(estimate.table(bptt))
+    if budget is not None:
+        found, smallest = search(probe, current, batch_size, bptt, baseline, str(trainer.precision), budget)
+        if found is None:
+            parts = {"the process baseline": smallest.baseline, "parameters": smallest.params + smallest.pruning, "gradients": smallest.grads,
+                     "optimizer state": smallest.optimizer, "saved activations": smallest.activations,
+                     "temporaries": smallest.temporaries}  # fmt: skip
+            largest = max(parts, key=parts.get)
+            print(
+                f"\nBudget {human_bytes(budget)}: nothing fits. The smallest reachable peak is {human_bytes(smallest.peak)} "
+                f"(micro-batch {smallest.settings.micro_batch_size}, loss chunks {smallest.settings.loss_chunk_size}, "
+                f"recompute segments {smallest.settings.recompute_segments}), and its largest part is {largest} ({human_bytes(parts[largest])})."
+            )
+        elif found.settings == current:
+            print(f"\nBudget {human_bytes(budget)}: fits as configured ({human_bytes(found.peak)}).")
+        else:
+            print(f"\nBudget {human_bytes(budget)}: fits with {human_bytes(found.peak)} predicted:")
+            print(fit_line(fit_args, current, found.settings, batch_size, accumulation is not None))
+        return found or smallest
+    return estimate

@@ -1,0 +1,125 @@
+"""`python -m lm_lightning estimate` against what fits measure: 10 configurations (two vocabularies, precisions,
+accumulation, chunked loss, recomputation, optimizers, sparse gradients, pruning + QAT), each predicted and then
+trained in its own process with the memory monitor on every step."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm_lightning.callbacks.memory_monitor import allocated_bytes
+from lm_lightning.errors import LMInputError
+from lm_lightning.estimate import parse_size
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model.embedding_dim", "64", "--model.hidden_dim", "64", "--model.sample_length", "0"]
+SGD = ["--model.optimizer", "SGD", "--model.optimizer.lr", "1", "--model.optimizer.weight_decay", "0"]
+MEASURE = [
+    "-c", str(ROOT / "configs/memory/monitor.yaml"), "--trainer.callbacks.log_every_n_steps", "1", "--trainer.max_epochs", "1",
+    "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "3",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--export.enabled", "false",
+]  # fmt: skip
+ESTIMATE = """
+import dataclasses, json, sys
+from lm_lightning.estimate import estimate_command
+estimate = estimate_command(sys.argv[1:])
+print("ESTIMATE" + json.dumps({**dataclasses.asdict(estimate), "peak": estimate.peak}))
+"""
+
+
+def zipf_corpus(folder: Path, vocab: int = 20_000, tokens: int = 200_000) -> Path:
+    """Words w0..w{vocab-1} with Zipf frequencies: a vocabulary of WikiText-2's order from a few MB of text."""
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, vocab + 1)
+    words = np.array([f"w{i}" for i in range(vocab)])[rng.choice(vocab, size=tokens, p=p / p.sum())]
+    lines = [" ".join(words[i : i + 20]) for i in range(0, tokens, 20)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", lines), ("valid", lines[:200]), ("test", lines[:200])):
+        (folder / f"{name}.txt").write_text("\n".join(part) + "\n")
+    return folder
+
+
+def configurations(big: Path) -> dict[str, list[str]]:
+    large = ["--data.source", str(big), "--data.tokenizer", "whitespace", "--data.min_freq", "1", "--data.batch_size", "20"]
+    memory = ROOT / "configs" / "memory"
+    return {
+        "AdamW float32": [],
+        "bf16-mixed": ["-c", str(memory / "bf16.yaml")],
+        "accumulation 4 x 8 streams": ["-c", str(memory / "accumulation.yaml")],
+        "chunked loss": ["--model.loss_chunk_size", "64"],
+        "recomputation": ["--model.recompute_segments", "5"],
+        "SGD with momentum": [*SGD, "--model.optimizer.momentum", "0.9"],
+        "SGD, untied, sparse embedding gradient": [*SGD, "--model.tie_weights", "false", "--model.sparse_embedding_grad", "true"],
+        "pruning + int8 QAT": ["-c", str(memory / "pruning.yaml"), "-c", str(memory / "qat.yaml")],
+        "vocabulary 20k": large,
+        "vocabulary 20k, chunked loss": [*large, "--model.loss_chunk_size", "256"],
+    }
+
+
+def run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def predict_and_measure(name: str, extra: list[str], work: Path) -> tuple[dict, dict]:
+    folder = work / name.replace(" ", "_").replace(",", "").replace("+", "and")
+    folder.mkdir()
+    common = ["-c", str(ROOT / "configs/default.yaml"), *SMALL, *extra]
+    out = run([sys.executable, "-c", ESTIMATE, *common], folder)
+    predicted = json.loads(next(line for line in out.splitlines() if line.startswith("ESTIMATE"))[len("ESTIMATE") :])
+    run([sys.executable, "-m", "lm_lightning", "fit", *common, *MEASURE, "--trainer.logger.init_args.version", "m"], folder)
+    events = EventAccumulator(str(folder / "lightning_logs" / "m"), size_guidance={"scalars": 0})
+    events.Reload()
+    measured = {tag.split("/")[1]: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("memory/")}
+    return predicted, measured
+
+
+@pytest.mark.skipif(allocated_bytes(torch.device("cpu")) is None, reason="estimate needs glibc's mallinfo2 (Linux)")
+def test_predictions_match_ten_measured_fits(tmp_path):
+    big = zipf_corpus(tmp_path / "zipf")
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(configurations(big), pool.map(lambda item: predict_and_measure(*item, tmp_path), configurations(big).items())))
+    report = []
+    for name, (predicted, measured) in results.items():
+        report.append(
+            f"{name}: peak {predicted['peak'] / 2**20:.1f} (in fit {measured['predicted_peak_bytes'][0] / 2**20:.1f}) / "
+            f"{max(measured['peak_bytes']) / 2**20:.1f} MiB, "
+            f"activations {predicted['activations'] / 2**20:.2f} / {np.median(measured['retained_bytes'][1:]) / 2**20:.2f} MiB"
+        )
+        print(report[-1])
+        # Exact: the same tensors, counted the same way (the monitor's values are logged as floats: exact below 2**24).
+        assert predicted["params"] == measured["params_bytes"][-1], name
+        assert predicted["grads"] == measured["grads_bytes"][-1], name
+        assert predicted["optimizer"] == measured["optimizer_bytes"][-1], name
+        # The fit's steady state: its first step also allocates what later steps reuse (oneDNN's primitive cache).
+        assert predicted["activations"] == pytest.approx(np.median(measured["retained_bytes"][1:]), rel=0.05), name
+        assert predicted["peak"] == pytest.approx(max(measured["peak_bytes"]), rel=0.15), name
+        # The same prediction, made by the monitor when the fit started (printed, logged, and in its summary).
+        assert measured["predicted_peak_bytes"][0] == pytest.approx(max(measured["peak_bytes"]), rel=0.15), name
+    sparse = results["SGD, untied, sparse embedding gradient"][0]
+    assert sparse["grads"] < sparse["params"]  # the embedding's gradient is the batch's rows, not the whole matrix
+    assert results["SGD with momentum"][0]["optimizer"] == results["SGD with momentum"][0]["params"]  # one buffer each
+    plain, chunked = results["vocabulary 20k"][0], results["vocabulary 20k, chunked loss"][0]
+    assert chunked["activations"] + chunked["temporaries"] < (plain["activations"] + plain["temporaries"]) / 3
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("2GiB", 2 * 2**30), ("2 GB", 2 * 2**30), ("1.5G", int(1.5 * 2**30)), ("800MiB", 800 * 2**20), ("123456", 123456), ("64k", 65536)],
+)
+def test_budget_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_a_bad_budget_is_one_sentence():
+    with pytest.raises(LMInputError, match=r"^--budget 'two gigs' is not a size: give a number with a unit, such as 2GiB"):
+        parse_size("two gigs")
