@@ -1,4 +1,5 @@
-"""``python -m lm_lightning fit|validate|test|predict|export``: LightningCLI with this project's defaults.
+"""``python -m lm_lightning fit|validate|test|predict|export|estimate``: LightningCLI with this project's defaults
+(``estimate``: ``estimate.py``).
 
 What this adds to LightningCLI:
 

@@ -317,6 +317,14 @@ def estimate_command(args: list[str]) -> Estimate:
     """``python -m lm_lightning estimate [fit's flags and -c files] [--budget SIZE]``."""
     from lm_lightning.cli import build_cli  # the CLI imports this module's callers; keep the import light
 
+    if {"-h", "--help"} & set(args):
+        print(
+            "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE]\n\n"
+            "Predicts the peak memory of `fit` with the same arguments, part by part, without training.\n"
+            "  --budget SIZE   also find the cheapest settings that fit SIZE (e.g. 2GiB, 1.5GB, 800MiB) and print the fit line\n"
+            "Every other option is fit's: python -m lm_lightning fit --help"
+        )
+        raise SystemExit(0)
     fit_args, budget = _pop_budget(args)
     if allocated_bytes(torch.device("cpu")) is None:
         raise LMInputError("estimate needs glibc's allocator statistics (Linux): on this system read MemoryMonitor's figures after a short fit.")
