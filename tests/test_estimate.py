@@ -1,5 +1,5 @@
-"""`python -m lm_lightning estimate` against what fits measure: 10 configurations (two vocabularies, precisions,
-accumulation, chunked loss, recomputation, optimizers, sparse gradients, pruning + QAT), each predicted and then
+"""`python -m lm_lightning estimate` against what fits measure: 11 configurations (two vocabularies, precisions,
+accumulation, chunked loss, recomputation, four optimizers, sparse gradients, pruning + QAT), each predicted and then
 trained in its own process with the memory monitor on every step."""
 
 import json
@@ -56,6 +56,7 @@ def configurations(big: Path) -> dict[str, list[str]]:
         "chunked loss": ["--model.loss_chunk_size", "64"],
         "recomputation": ["--model.recompute_segments", "5"],
         "SGD with momentum": [*SGD, "--model.optimizer.momentum", "0.9"],
+        "torchao 8-bit AdamW": ["--model.optimizer", "torchao.optim.AdamW8bit", "--model.optimizer.lr", "0.003"],
         "SGD, untied, sparse embedding gradient": [*SGD, "--model.tie_weights", "false", "--model.sparse_embedding_grad", "true"],
         "pruning + int8 QAT": ["-c", str(memory / "pruning.yaml"), "-c", str(memory / "qat.yaml")],
         "vocabulary 20k": large,
@@ -84,7 +85,7 @@ def predict_and_measure(name: str, extra: list[str], work: Path) -> tuple[dict, 
 
 
 @pytest.mark.skipif(allocated_bytes(torch.device("cpu")) is None, reason="estimate needs glibc's mallinfo2 (Linux)")
-def test_predictions_match_ten_measured_fits(tmp_path):
+def test_predictions_match_eleven_measured_fits(tmp_path):
     big = zipf_corpus(tmp_path / "zipf")
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(configurations(big), pool.map(lambda item: predict_and_measure(*item, tmp_path), configurations(big).items())))
@@ -108,6 +109,8 @@ def test_predictions_match_ten_measured_fits(tmp_path):
     sparse = results["SGD, untied, sparse embedding gradient"][0]
     assert sparse["grads"] < sparse["params"]  # the embedding's gradient is the batch's rows, not the whole matrix
     assert results["SGD with momentum"][0]["optimizer"] == results["SGD with momentum"][0]["params"]  # one buffer each
+    eight_bit, adamw = results["torchao 8-bit AdamW"][0], results["AdamW float32"][0]
+    assert eight_bit["optimizer"] < adamw["optimizer"]  # (tensors under 4,096 numbers stay float32 in torchao)
     plain, chunked = results["vocabulary 20k"][0], results["vocabulary 20k, chunked loss"][0]
     assert chunked["activations"] + chunked["temporaries"] < (plain["activations"] + plain["temporaries"]) / 3
 
