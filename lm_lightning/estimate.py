@@ -350,6 +350,11 @@ def estimate_command(args: list[str]) -> Estimate:
     batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
     accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
     print(estimate.table(bptt))
+    if os.environ.get("MALLOC_MMAP_MAX_") == "0" or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        print(
+            "Note: MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ keep freed memory in the process, so its RSS grows past this "
+            "(WikiText-2 recipe: 1.15 GiB measured against 0.94 GiB without them)."
+        )
     if budget is not None:
         found, smallest = search(probe, current, batch_size, bptt, baseline, str(trainer.precision), budget)
         if found is None:
