@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
 from lm_lightning.errors import LMInputError
 
@@ -42,6 +41,9 @@ def block_width(weight_shape: torch.Size | tuple, bits: int, group_size: int, na
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric codes (int8 tensor, values in [-2^(bits-1), 2^(bits-1)-1]) and float32 scales (rows, blocks)."""
+    # Imported here, not at module level: torchao costs 13 MB of resident memory that a float32 run never needs.
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
     block = (1, block_width(weight.shape, bits, group_size))
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale, zero_point = choose_qparams_affine(

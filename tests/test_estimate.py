@@ -185,3 +185,12 @@ def test_the_printed_fit_line_runs_with_the_chosen_settings(tmp_path, monkeypatc
     accumulation = next(c for c in cli.trainer.callbacks if isinstance(c, MicroBatchAccumulation))
     assert accumulation.sizes[0] == 8 and cli.trainer.global_step == 2  # 5 micro-batches of 8 streams: 4 + 1 steps
     assert cli.model.hparams.loss_chunk_size == 256 and cli.model.network.recompute_segments == 6
+
+
+def test_the_cli_loads_no_library_a_plain_run_does_not_use():
+    """The template's own share of the process baseline: torchao (13 MB resident) only with QAT or an integer export,
+    NLTK (36 MB) only with its tokenizers. Lightning's own imports (torch._dynamo, torchmetrics with scipy.signal and
+    matplotlib: 179 MB over `import torch`) are the fixed term."""
+    code = "import sys, lm_lightning.cli; print(sorted(m for m in ('torchao', 'nltk', 'sklearn') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]

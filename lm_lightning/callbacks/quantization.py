@@ -23,6 +23,7 @@ Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Optional
@@ -31,7 +32,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
 
 from lm_lightning.errors import LMInputError
 from lm_lightning.quantization import block_width, check_quantization, fake_quantize
@@ -76,8 +76,18 @@ class FakeQuantizedLSTM(nn.LSTM):
             self._flat_weights = flat
 
 
-_FAKE = {nn.Embedding: FakeQuantizedEmbedding, nn.Linear: FakeQuantizedLinear, nn.LSTM: FakeQuantizedLSTM}
-_PLAIN = {fake: plain for plain, fake in _FAKE.items()}
+@functools.cache
+def _fake_classes() -> dict[type, type]:
+    """Plain module class -> its fake-quantized class. torchao is imported here, at the first use: 13 MB of resident
+    memory that a run without QAT or an integer export does not need (measured after ``import lightning``)."""
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
+
+    return {nn.Embedding: FakeQuantizedEmbedding, nn.Linear: FakeQuantizedLinear, nn.LSTM: FakeQuantizedLSTM}
+
+
+@functools.cache
+def _plain_classes() -> dict[type, type]:
+    return {fake: plain for plain, fake in _fake_classes().items()}
 
 
 def quantized_weights(network: nn.Module, bits: int, group_size: int) -> dict[str, nn.Module]:
@@ -85,7 +95,7 @@ def quantized_weights(network: nn.Module, bits: int, group_size: int) -> dict[st
     for an int4 ``group_size`` that does not divide a weight's input width."""
     modules = {}
     for name, module in network.named_modules():
-        if type(module) in _FAKE or type(module) in _PLAIN:
+        if type(module) in _fake_classes() or type(module) in _plain_classes():
             modules[name] = module
             for attr, weight in module.named_parameters(recurse=False):
                 if weight.dim() == 2:
@@ -104,8 +114,8 @@ def enable_fake_quantization(network: nn.Module, bits: int, group_size: int = 32
     """Fake-quantize the weights of ``network`` in place (idempotent); returns the module names."""
     modules = quantized_weights(network, bits, group_size)
     for module in modules.values():
-        if type(module) in _FAKE:
-            module.__class__ = _FAKE[type(module)]
+        if type(module) in _fake_classes():
+            module.__class__ = _fake_classes()[type(module)]
         if not isinstance(module, nn.LSTM):
             module.activation_fake_quantizer = None  # weight-only: activations stay in float
         module.weight_fake_quantizer = WeightFakeQuantizer(bits, group_size)
@@ -115,8 +125,8 @@ def enable_fake_quantization(network: nn.Module, bits: int, group_size: int = 32
 def disable_fake_quantization(network: nn.Module) -> None:
     """Back to the plain modules, same parameters."""
     for module in network.modules():
-        if type(module) in _PLAIN:
-            module.__class__ = _PLAIN[type(module)]
+        if type(module) in _plain_classes():
+            module.__class__ = _plain_classes()[type(module)]
             del module.weight_fake_quantizer
             module.__dict__.pop("activation_fake_quantizer", None)
 
