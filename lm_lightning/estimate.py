@@ -325,6 +325,15 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
     return predict(model, trainer, data, baseline)[0]
 
 
+# What to change when a part that the search does not turn dominates (each changes the training, not only memory).
+HINTS = {
+    "optimizer state": " An optimizer with less state changes the training but not the model: SGD keeps none, SGD with "
+    "momentum one buffer per weight, torchao.optim.AdamW8bit about a quarter of AdamW's (--model.optimizer ...).",
+    "parameters": " A smaller vocabulary (--data.max_vocab_size) or tied weights (--model.tie_weights true) shrink the largest matrices.",
+    "gradients": " Tied weights (--model.tie_weights true) or sparse embedding gradients (--model.sparse_embedding_grad true, untied) shrink them.",
+}
+
+
 def estimate_command(args: list[str]) -> Estimate:
     """``python -m lm_lightning estimate [fit's flags and -c files] [--budget SIZE]``."""
     from lm_lightning.cli import build_cli  # the CLI imports this module's callers; keep the import light
@@ -366,6 +375,7 @@ def estimate_command(args: list[str]) -> Estimate:
                 f"\nBudget {human_bytes(budget)}: nothing fits. The smallest reachable peak is {human_bytes(smallest.peak)} "
                 f"(micro-batch {smallest.settings.micro_batch_size}, loss chunks {smallest.settings.loss_chunk_size}, "
                 f"recompute segments {smallest.settings.recompute_segments}), and its largest part is {largest} ({human_bytes(parts[largest])})."
+                + HINTS.get(largest, "")
             )
         elif found.settings == current:
             print(f"\nBudget {human_bytes(budget)}: fits as configured ({human_bytes(found.peak)}).")
