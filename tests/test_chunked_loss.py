@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
+from conftest import network_without_extras, val_ppl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.profiler import ProfilerActivity, profile
 
@@ -141,11 +142,6 @@ def test_a_fit_with_the_chunked_loss_follows_the_plain_fit(tmp_path, monkeypatch
     common = ["-c", str(ROOT / "configs/default.yaml"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6"]
     common += ["--model.embedding_dim", "48", "--model.hidden_dim", "48", *FAST]
 
-    def val_ppl(cli) -> list[float]:
-        events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
-        events.Reload()
-        return [e.value for e in events.Scalars("val/ppl")]
-
     plain = build_cli(["fit", *common])
     chunked = build_cli(["fit", *common, "-c", str(ROOT / "configs/memory/chunked_loss.yaml")])
     assert chunked.model.hparams.loss_chunk_size == 256 and plain.model.hparams.loss_chunk_size == 0
@@ -156,17 +152,25 @@ def test_a_fit_with_the_chunked_loss_follows_the_plain_fit(tmp_path, monkeypatch
     assert resumed.model.hparams.loss_chunk_size == 64 and resumed.trainer.current_epoch == 3
 
 
-def test_bad_chunk_sizes_and_networks_are_one_sentence():
+@pytest.mark.parametrize(
+    "setting, value, sentence",
+    [
+        ("loss_chunk_size", 64, r"--model.loss_chunk_size needs a network with a features\(\) method .* GRU lacks them"),
+        ("recompute_segments", 5, r"--model.recompute_segments needs a network with a recompute_segments attribute .* GRU lacks it"),
+    ],
+)
+def test_settings_a_forked_network_cannot_take_are_one_sentence(setting, value, sentence):
+    """The chunked loss and recomputation need the LSTMNetwork's extras; a fork's network without them is refused
+    (tests/test_recompute.py and here), and runs with the plain settings."""
+    bare = network_without_extras(LanguageModel)
+    with pytest.raises(LMInputError, match=sentence):
+        bare(vocab_size=50, **{setting: value})
+    bare(vocab_size=50)
+
+
+def test_a_negative_chunk_size_is_one_sentence():
     with pytest.raises(LMInputError, match=r"^--model.loss_chunk_size must be >= 0, got -1: give .* 256"):
         LanguageModel(vocab_size=50, loss_chunk_size=-1)
-
-    class NoFeatures(LanguageModel):
-        def build_network(self):
-            return torch.nn.GRU(4, 4)
-
-    with pytest.raises(LMInputError, match=r"needs a network with a features\(\) method .* GRU lacks them"):
-        NoFeatures(vocab_size=50, loss_chunk_size=64)
-    NoFeatures(vocab_size=50)  # the plain loss needs neither
 
 
 def test_the_chunked_loss_composes_with_every_other_strategy(tmp_path, monkeypatch):

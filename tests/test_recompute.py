@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import val_ppl
 
 from lm_lightning.callbacks.memory_monitor import allocated_bytes
 from lm_lightning.cli import build_cli
@@ -94,24 +94,13 @@ def test_a_fit_with_recomputation_follows_the_plain_fit(tmp_path, monkeypatch):
     common = ["-c", str(ROOT / "configs/default.yaml"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6"]
     common += ["--model.embedding_dim", "48", "--model.hidden_dim", "48", "--model.dropout", "0", *FAST]
 
-    def val_ppl(cli) -> list[float]:
-        events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
-        events.Reload()
-        return [e.value for e in events.Scalars("val/ppl")]
-
     plain = build_cli(["fit", *common])
     recomputed = build_cli(["fit", *common, "-c", str(ROOT / "configs/memory/recompute.yaml")])
     assert recomputed.model.network.recompute_segments == 5 and plain.model.network.recompute_segments == 0
     assert val_ppl(recomputed) == pytest.approx(val_ppl(plain), rel=1e-4)
 
 
-def test_bad_recompute_settings_are_one_sentence():
+def test_a_negative_segment_count_is_one_sentence():
+    """(A network without recompute_segments is refused in tests/test_chunked_loss.py, with the chunked loss's case.)"""
     with pytest.raises(LMInputError, match=r"^--model.recompute_segments must be >= 0, got -2: give .* 5"):
         LanguageModel(vocab_size=50, recompute_segments=-2)
-
-    class Plain(LanguageModel):
-        def build_network(self):
-            return torch.nn.GRU(4, 4)
-
-    with pytest.raises(LMInputError, match=r"needs a network with a recompute_segments attribute .* GRU lacks it"):
-        Plain(vocab_size=50, recompute_segments=5)

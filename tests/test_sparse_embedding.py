@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import val_ppl
 
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor, storage_bytes
 from lm_lightning.cli import build_cli
@@ -18,12 +18,6 @@ UNTIED_SGD = [
     "--model.tie_weights", "false", "--model.embedding_dim", "48", "--model.hidden_dim", "48", "--model.sample_length", "0",
     "--model.optimizer", "SGD", "--model.optimizer.lr", "5", "--model.optimizer.weight_decay", "0",
 ]  # fmt: skip
-
-
-def val_ppl(cli) -> list[float]:
-    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return [e.value for e in events.Scalars("val/ppl")]
 
 
 @pytest.mark.parametrize("clip", ["0.25", "0.01"])
