@@ -12,8 +12,8 @@ finished learning. Rows (each in its own process, ``--jobs`` at a time, each wit
 * int4 QAT: one finishing epoch on fake-quantized int4 weights, and its control, the same epoch without QAT followed
   by int4 PTQ, so that "QAT recovered x% of PTQ's loss" is QAT's doing and not the extra epoch's;
 * 80% pruning + int8, two finishing epochs;
-* everything at once: bf16-mixed + accumulation (4 micro-batches) + 50% pruning + int8 QAT, two finishing epochs
-  (~2.4 h on a CPU without a bf16 LSTM kernel, where bf16 runs ~14x slower than float32).
+* everything at once: bf16-mixed + accumulation (4 micro-batches) + 50% pruning + int8 QAT, one finishing epoch
+  (115 min here, on a CPU without a bf16 LSTM kernel, where bf16 runs ~14-20x slower than float32).
 
 Every row's test perplexity is that of its export file, loaded back. Writes ``<out>/converged.md`` and
 ``converged.json``; the finishing runs stay in ``<out>/runs/`` (outside the repository by default).
