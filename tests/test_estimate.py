@@ -64,8 +64,9 @@ def configurations(big: Path) -> dict[str, list[str]]:
     }
 
 
-def run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def run(args: list[str], cwd: Path, cache: Path) -> str:
+    # A token cache of its own: what other tests leave in the session's cache cannot reach these processes.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LM_LIGHTNING_CACHE": str(cache)}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -75,9 +76,9 @@ def predict_and_measure(name: str, extra: list[str], work: Path) -> tuple[dict, 
     folder = work / name.replace(" ", "_").replace(",", "").replace("+", "and")
     folder.mkdir()
     common = ["-c", str(ROOT / "configs/default.yaml"), *SMALL, *extra]
-    out = run([sys.executable, "-c", ESTIMATE, *common], folder)
+    out = run([sys.executable, "-c", ESTIMATE, *common], folder, work / "cache")
     predicted = json.loads(next(line for line in out.splitlines() if line.startswith("ESTIMATE"))[len("ESTIMATE") :])
-    run([sys.executable, "-m", "lm_lightning", "fit", *common, *MEASURE, "--trainer.logger.init_args.version", "m"], folder)
+    run([sys.executable, "-m", "lm_lightning", "fit", *common, *MEASURE, "--trainer.logger.init_args.version", "m"], folder, work / "cache")
     events = EventAccumulator(str(folder / "lightning_logs" / "m"), size_guidance={"scalars": 0})
     events.Reload()
     measured = {tag.split("/")[1]: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("memory/")}
@@ -103,7 +104,7 @@ def test_predictions_match_eleven_measured_fits(tmp_path):
         assert predicted["optimizer"] == measured["optimizer_bytes"][-1], name
         # The fit's steady state: its first step also allocates what later steps reuse (oneDNN's primitive cache).
         assert predicted["activations"] == pytest.approx(np.median(measured["retained_bytes"][1:]), rel=0.05), name
-        assert predicted["peak"] == pytest.approx(max(measured["peak_bytes"]), rel=0.15), name
+        assert predicted["peak"] == pytest.approx(max(measured["peak_bytes"]), rel=0.15), (name, measured["peak_bytes"])
         # The same prediction, made by the monitor when the fit started (printed, logged, and in its summary).
         assert measured["predicted_peak_bytes"][0] == pytest.approx(max(measured["peak_bytes"]), rel=0.15), name
     sparse = results["SGD, untied, sparse embedding gradient"][0]
