@@ -84,6 +84,7 @@ def strategies(scratch: Path, group_size: int, batch_size: int, sparse: bool = F
     return {
         BASELINE: [],
         "chunked loss (256 tokens)": [str(MEMORY / "chunked_loss.yaml")],
+        "lean preset (chunked loss + monitor)": [str(MEMORY / "lean.yaml")],
         "recomputation (5 segments)": [str(MEMORY / "recompute.yaml")],
         **sparse_rows,
         "bf16-mixed": [str(MEMORY / "bf16.yaml")],
@@ -93,6 +94,32 @@ def strategies(scratch: Path, group_size: int, batch_size: int, sparse: bool = F
         "QAT int4": [str(int4)],
         "all (bf16 + accumulation + pruning + QAT int8)": [str(MEMORY / "bf16.yaml"), str(accumulation), str(MEMORY / "pruning.yaml"), str(MEMORY / "qat.yaml")],
     }
+
+
+# Optimizer state as a choice (--optimizers): one row per optimizer, each with its full settings (nothing carried over
+# from the recipe's optimizer) and the clipping word_language_model uses. Learning rates: SGD's 20 is the per-token
+# loss's classic; momentum 0.9 at lr 2 takes the same step in a steady state (lr / (1 - momentum)); the AdamW rows at
+# 3e-3, a common rate for small LSTMs with Adam (not tuned here: a row each, not a search).
+OPTIMIZERS = {
+    "SGD (no state)": ("torch.optim.SGD", {"lr": 20.0, "momentum": 0.0, "weight_decay": 0.0}),
+    "SGD + momentum 0.9 (1 buffer)": ("torch.optim.SGD", {"lr": 2.0, "momentum": 0.9, "weight_decay": 0.0}),
+    "AdamW (2 buffers)": ("torch.optim.AdamW", {"lr": 3e-3, "weight_decay": 0.01}),
+    "AdamW 8-bit, torchao (2 int8 buffers)": ("torchao.optim.AdamW8bit", {"lr": 3e-3, "weight_decay": 0.01}),
+}
+
+
+def optimizer_rows(scratch: Path) -> dict[str, list[str]]:
+    import yaml
+
+    rows = {}
+    for i, (name, (class_path, init_args)) in enumerate(OPTIMIZERS.items()):
+        preset = scratch / f"optimizer{i}.yaml"
+        preset.write_text(yaml.safe_dump({
+            "trainer": {"gradient_clip_val": 0.25},
+            "model": {"init_args": {"optimizer": {"class_path": class_path, "init_args": init_args}}},
+        }))
+        rows[name] = [str(preset)]
+    return rows
 
 
 # --- one configuration, in its own process -------------------------------------------------------------
@@ -117,7 +144,7 @@ def export_label(folder: Path) -> str:
     return "export-" + ("+".join(kinds) or "fp32")
 
 
-def run_one(name: str, cli_args: list[str], out: Path, group_size: int) -> None:
+def run_one(name: str, cli_args: list[str], out: Path, group_size: int, eval_batches: int | None) -> None:
     from lm_lightning.cli import build_cli
     from lm_lightning.evaluation import perplexity
     from lm_lightning.export import export_model, load_exported
@@ -132,6 +159,7 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int) -> None:
         "tokens_per_sec": statistics.median(logged.get("train/device/items_per_sec", [math.nan])),
         # What the forward pass kept for backward, by the allocator's count where there is one (it sees the chunked
         # loss's early gradients and recomputed segments' inputs, which saved-tensor hooks cannot).
+        "optimizer_bytes": statistics.median(logged.get("memory/optimizer_bytes", [math.nan])),
         "activations_bytes": statistics.median(
             logged.get("memory/retained_bytes", logged.get("memory/activations_bytes", [math.nan]))
         ),
@@ -148,7 +176,7 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int) -> None:
             exports[label] = log_dir / label
     cli.datamodule.setup("test")
     for label, folder in exports.items():
-        ppl = perplexity(load_exported(folder), cli.datamodule.test_dataloader())
+        ppl = perplexity(load_exported(folder), cli.datamodule.test_dataloader(), max_batches=eval_batches)
         result["exports"][label] = {"bytes": folder_bytes(folder), "test_ppl": ppl}
     out.write_text(json.dumps(result, indent=2))
 
@@ -160,8 +188,8 @@ def mib(n: float) -> str:
 
 def table(rows: list[dict], baseline: dict) -> str:
     lines = [
-        "| strategy | peak memory (RSS) | kept for backward per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| strategy | peak memory (RSS) | optimizer state | kept for backward per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         ratio = row["tokens_per_sec"] / baseline["tokens_per_sec"]
@@ -169,9 +197,10 @@ def table(rows: list[dict], baseline: dict) -> str:
         for i, (label, export) in enumerate(exports.items()):
             first = i == 0
             lines.append(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                     row["name"] if first else "",
                     mib(row["peak_rss_bytes"]) if first else "",
+                    mib(row.get("optimizer_bytes", math.nan)) if first else "",
                     mib(row.get("activations_bytes", math.nan)) if first else "",
                     f"{row['tokens_per_sec']:,.0f} ({ratio:.2f}x)" if first else "",
                     label,
@@ -217,12 +246,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (windows; same for accumulation)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; tokens/s is their median")
+    parser.add_argument(
+        "--eval-batches", type=int, default=None,
+        help="validate and test on the first N windows only, in every run and in the plain loop (WikiText-2's test split "
+        "takes ~2 min per evaluation here at 33k words; the perplexities stay comparable, all on the same windows)",
+    )
+    parser.add_argument("--optimizers", action="store_true", help="compare optimizers (state bytes, perplexity) instead of strategies")
+    parser.add_argument("--no-plain-loop", action="store_true", help="leave out the plain PyTorch loop")
     parser.add_argument("--only", nargs="*", default=None, help="names of the strategies to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--run-one", nargs=3, metavar=("NAME", "JSON", "GROUP_SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", nargs=4, metavar=("NAME", "JSON", "GROUP_SIZE", "EVAL_BATCHES"), help=argparse.SUPPRESS)
     args, cli_args = parser.parse_known_args()
     if args.run_one:
-        return run_one(args.run_one[0], [a for a in cli_args if a != "--"], Path(args.run_one[1]), int(args.run_one[2]))
+        name, target, group_size, eval_batches = args.run_one
+        cli_args = [a for a in cli_args if a != "--"]
+        return run_one(name, cli_args, Path(target), int(group_size), int(eval_batches) or None)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,15 +271,19 @@ def main() -> None:
         common += ["--data.data_dir", args.data_dir]
     if args.max_steps:
         common += ["--trainer.max_steps", str(args.max_steps)]
+    if args.eval_batches:
+        common += ["--trainer.limit_val_batches", str(args.eval_batches), "--trainer.limit_test_batches", str(args.eval_batches)]
     group_size = int4_group_size(args.recipe)
     batch_size = recipe_batch_size(args.recipe)
     if batch_size % 4:
         sys.exit(f"--recipe's batch_size {batch_size} must be divisible by 4 for the accumulation runs.")
     plan = strategies(scratch, group_size, batch_size, sparse=takes_sparse_gradients(args.recipe))
+    if args.optimizers:
+        plan = {BASELINE: [], **optimizer_rows(scratch)}
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only or k == BASELINE}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    results: dict[str, list[dict]] = {name: [] for name in [*plan, "plain PyTorch loop"]}
+    results: dict[str, list[dict]] = {name: [] for name in [*plan, *([] if args.no_plain_loop else ["plain PyTorch loop"])]}
     names = list(results)
     for repeat in range(args.repeats):
         order = names[repeat % len(names):] + names[: repeat % len(names)]  # rotate: no config always runs first
@@ -253,7 +295,7 @@ def main() -> None:
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--epochs", str(args.epochs), "--out", str(target)]
                 cmd += plain_loop_args(args)
             else:
-                cmd = [sys.executable, __file__, "--run-one", name, str(target), str(group_size), "--", *common, *sum((["-c", p] for p in plan[name]), [])]
+                cmd = [sys.executable, __file__, "--run-one", name, str(target), str(group_size), str(args.eval_batches or 0), "--", *common, *sum((["-c", p] for p in plan[name]), [])]
             print(f"[{repeat + 1}/{args.repeats}] {name}", flush=True)
             proc = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -262,6 +304,8 @@ def main() -> None:
     rows = [median_row(runs) for runs in results.values()]
     report = table(rows, rows[0])
     meta = f"recipe `{Path(args.recipe).name}`, {args.epochs} epoch(s)" + (f", at most {args.max_steps} optimizer steps" if args.max_steps else "")
+    meta += f", evaluated on the first {args.eval_batches} windows" if args.eval_batches else ""
+    meta += f", {os.environ['OMP_NUM_THREADS']} thread(s)" if os.environ.get("OMP_NUM_THREADS") else ""
     bow = f"{bow_input_bytes()}\n\n{matmul_speedup()}"
     (out / "memory.md").write_text(f"{meta}, medians of {args.repeats} run(s)\n\n{report}\n\n{bow}\n")
     (out / "memory.json").write_text(json.dumps(rows, indent=2))
@@ -311,6 +355,8 @@ def plain_loop_args(args: argparse.Namespace) -> list[str]:
         extra += ["--max-steps", str(args.max_steps)]
     if args.data_dir:
         extra += ["--data-dir", args.data_dir]
+    if args.eval_batches:
+        extra += ["--eval-batches", str(args.eval_batches)]
     return extra
 
 

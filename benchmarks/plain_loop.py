@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's max_epochs")
     parser.add_argument("--limit-train-batches", type=int, default=None, help="windows per epoch")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (like --trainer.max_steps)")
+    parser.add_argument("--eval-batches", type=int, default=None, help="validate and test on the first N windows only")
     parser.add_argument("--out", default=None, help="write the measurements as JSON here")
     parser.add_argument(
         "--state", type=Path, default=None, help="save the loop after every epoch here, and go on from it if it exists"
@@ -113,7 +114,7 @@ def main() -> None:
             tokens += batch.targets.numel()
             steps += 1
         seconds += time.perf_counter() - started
-        val_curve.append(perplexity(network, valid))
+        val_curve.append(perplexity(network, valid, max_batches=args.eval_batches))
         if best is None or val_curve[-1] < min(val_curve[:-1]):
             best = copy.deepcopy(network.state_dict())
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -140,7 +141,7 @@ def main() -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
         "val_ppl_per_epoch": val_curve,
         "val_ppl": min(val_curve),
-        "test_ppl": perplexity(network, test),  # of the best-validation weights, as the template's `test` of best-*.ckpt
+        "test_ppl": perplexity(network, test, max_batches=args.eval_batches),  # of the best-validation weights, as the template's `test` of best-*.ckpt
     }
     print(json.dumps(result, indent=2))
     if args.out:

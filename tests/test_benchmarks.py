@@ -1,6 +1,7 @@
 """benchmarks/converged.py end to end on a tiny run: every row runs, is scored from its export file, and the table's
 sizes and perplexities are the files' own (the real numbers come from converged models; see the README)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -161,3 +162,23 @@ def test_plain_loop_resumed_after_an_epoch_is_the_uninterrupted_run(tmp_path):
     resumed = loop("--state", str(state))
     assert resumed["val_ppl_per_epoch"] == straight["val_ppl_per_epoch"]
     assert resumed["test_ppl"] == straight["test_ppl"]
+
+
+@pytest.mark.parametrize("recipe", ["default.yaml", "ptb_small.yaml"])
+def test_optimizer_rows_are_the_optimizers_they_name(recipe, tmp_path, tiny_corpus):
+    """benchmarks/memory.py --optimizers: each row's optimizer is exactly its own settings on any recipe (the CLI keeps
+    a replaced optimizer's arguments, so a row that named only lr would train AdamW's weight decay into SGD, or
+    ptb_small's SGD settings into AdamW)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.memory import OPTIMIZERS, optimizer_rows
+
+    for name, preset in optimizer_rows(tmp_path).items():
+        class_path, init_args = OPTIMIZERS[name]
+        cli = build_cli(["-c", str(ROOT / "configs" / recipe), "-c", *preset, "--data.data_dir", str(tiny_corpus)], run=False)
+        optimizer = cli.model.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        module, cls = class_path.rsplit(".", 1)
+        expected = getattr(importlib.import_module(module), cls)(cli.model.parameters(), **init_args)
+        assert type(optimizer) is type(expected)
+        assert optimizer.defaults == expected.defaults, name  # every setting, the ones the row does not name included
+        assert cli.trainer.gradient_clip_val == 0.25

@@ -211,3 +211,18 @@ def test_the_memory_monitor_sees_what_the_chunked_loss_keeps(tmp_path, monkeypat
     assert plain["memory/retained_bytes"] >= 0.95 * plain["memory/activations_bytes"]
     assert chunked["memory/activations_bytes"] <= plain["memory/activations_bytes"] - log_softmax  # hooks: "nothing"
     assert chunked["memory/retained_bytes"] >= chunked["memory/activations_bytes"] + weight_grad  # the allocator: the gradient
+
+
+def test_the_lean_preset_is_the_chunked_loss_with_its_memory_measured(tmp_path, monkeypatch):
+    """configs/memory/lean.yaml on a recipe: the chunked loss (so the plain run's perplexities) and the memory monitor,
+    which predicts the peak at fit start and measures it."""
+    monkeypatch.chdir(tmp_path)
+    common = ["-c", str(ROOT / "configs/default.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6"]
+    common += ["--model.embedding_dim", "48", "--model.hidden_dim", "48", *FAST]
+    plain = build_cli(["fit", *common])
+    lean = build_cli(["fit", *common, "-c", str(ROOT / "configs/memory/lean.yaml")])
+    assert lean.model.hparams.loss_chunk_size == 256
+    assert val_ppl(lean) == pytest.approx(val_ppl(plain), rel=1e-4)
+    [monitor] = [c for c in lean.trainer.callbacks if isinstance(c, MemoryMonitor)]
+    assert monitor.log_every_n_steps == 50 and monitor.predicted is not None and monitor.history
+    assert 0.5 < monitor.predicted.peak / max(h["memory/peak_bytes"] for h in monitor.history) < 2
