@@ -28,6 +28,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 # torchao logs a failed load of CUDA extensions it was not built for, and a torch deprecation notice at import;
 # neither concerns anything used here.
@@ -172,6 +173,15 @@ class LMCLI(LightningCLI):
         # Every checkpoint write is atomic (temporary file in the target folder, fsync, rename), unless the user
         # passed a CheckpointIO plugin of their own.
         install_atomic_checkpoint_io(trainer.strategy)
+        # Stacked presets can name one of our callbacks twice (-c monitor.yaml -c lean.yaml: two memory monitors, each
+        # probing and logging the same tags; two pruning callbacks would both prune the same weights). As with any
+        # setting given twice, the later one wins.
+        kept = {type(c): c for c in trainer.callbacks if type(c).__module__.startswith("lm_lightning.callbacks")}
+        dropped = [c for c in trainer.callbacks if type(c).__module__.startswith("lm_lightning.callbacks") and kept[type(c)] is not c]
+        if dropped:
+            trainer.callbacks[:] = [c for c in trainer.callbacks if not any(c is d for d in dropped)]
+            names = sorted({type(c).__name__ for c in dropped})
+            rank_zero_info(f"{', '.join(names)} given more than once (stacked presets): using the last one given.")
         # Reduced precision always gets its guard: unsafe optimizer settings refused, CPU kernels checked, dtypes reported.
         if "16" in str(trainer.precision) and not any(isinstance(c, PrecisionGuard) for c in trainer.callbacks):
             trainer.callbacks.append(PrecisionGuard())

@@ -209,3 +209,14 @@ def test_cuda_peak_is_the_allocators_peak(tmp_path):
     last = monitor.history[-1]
     # cuDNN flattens the LSTM weights (and their gradients) into one buffer each; allow for its alignment padding.
     assert last["memory/params_bytes"] == last["memory/grads_bytes"] and 4 * 1426 <= last["memory/params_bytes"] < 4 * 1426 + 4096
+
+
+def test_a_callback_given_twice_by_stacked_presets_runs_once_the_last_one(tiny_corpus, tmp_path, monkeypatch, caplog):
+    """-c monitor.yaml (every 10 batches) -c lean.yaml (every 50): one monitor, lean's — as any setting given twice."""
+    monkeypatch.chdir(tmp_path)
+    presets = ["-c", str(ROOT / "configs/memory/monitor.yaml"), "-c", str(ROOT / "configs/memory/lean.yaml")]
+    with caplog.at_level("INFO"):
+        cli = build_cli([*presets, "--data.source", str(tiny_corpus), "--data.batch_size", "4", *QUIET, *SMALL], run=False)
+    [monitor] = [c for c in cli.trainer.callbacks if isinstance(c, MemoryMonitor)]
+    assert monitor.log_every_n_steps == 50
+    assert "MemoryMonitor given more than once (stacked presets): using the last one given." in caplog.text
