@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.profiler import ProfilerActivity, profile
 
 from lm_lightning import chunked_loss
+from lm_lightning.callbacks import allocator
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor, allocated_bytes
 from lm_lightning.callbacks.quantization import enable_fake_quantization
 from lm_lightning.cli import build_cli
@@ -214,8 +215,22 @@ def test_the_memory_monitor_sees_what_the_chunked_loss_keeps(tmp_path, monkeypat
 
 
 def test_the_lean_preset_is_the_chunked_loss_with_its_memory_measured(tmp_path, monkeypatch):
-    """configs/memory/lean.yaml on a recipe: the chunked loss (so the plain run's perplexities) and the memory monitor,
-    which predicts the peak at fit start and measures it."""
+    """configs/memory/lean.yaml on a recipe: the chunked loss (so the plain run's perplexities), glibc's mmap threshold
+    fixed at 4 MiB (recorded here, not applied: it would last for the rest of the test session; tests/test_allocator.py
+    checks its effect in a process of its own) and the memory monitor, which predicts the peak at fit start and
+    measures it."""
+    calls = []
+
+    class FakeGlibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(allocator, "_glibc", FakeGlibc)
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6"]
     common += ["--model.embedding_dim", "48", "--model.hidden_dim", "48", *FAST]
@@ -223,6 +238,7 @@ def test_the_lean_preset_is_the_chunked_loss_with_its_memory_measured(tmp_path, 
     lean = build_cli(["fit", *common, "-c", str(ROOT / "configs/memory/lean.yaml")])
     assert lean.model.hparams.loss_chunk_size == 256
     assert val_ppl(lean) == pytest.approx(val_ppl(plain), rel=1e-4)
+    assert calls == [(allocator.M_MMAP_THRESHOLD, 4 * 2**20), (allocator.M_TRIM_THRESHOLD, 4 * 2**20), ("trim", 0)]
     [monitor] = [c for c in lean.trainer.callbacks if isinstance(c, MemoryMonitor)]
     assert monitor.log_every_n_steps == 50 and monitor.predicted is not None and monitor.history
     assert 0.5 < monitor.predicted.peak / max(h["memory/peak_bytes"] for h in monitor.history) < 2

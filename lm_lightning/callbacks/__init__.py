@@ -1,6 +1,7 @@
 """Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``; the export step is ``--export.*``."""
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
+from lm_lightning.callbacks.allocator import ReturnFreedMemory
 from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.generation_writer import GenerationWriter
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor
@@ -17,5 +18,6 @@ __all__ = [
     "MemoryMonitor",
     "PrecisionGuard",
     "QuantizationAwareFinishing",
+    "ReturnFreedMemory",
     "TokenThroughput",
 ]
