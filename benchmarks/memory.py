@@ -84,7 +84,7 @@ def strategies(scratch: Path, group_size: int, batch_size: int, sparse: bool = F
     return {
         BASELINE: [],
         "chunked loss (256 tokens)": [str(MEMORY / "chunked_loss.yaml")],
-        "lean preset (chunked loss + monitor)": [str(MEMORY / "lean.yaml")],
+        "lean preset (configs/memory/lean.yaml)": [str(MEMORY / "lean.yaml")],
         "recomputation (5 segments)": [str(MEMORY / "recompute.yaml")],
         **sparse_rows,
         "bf16-mixed": [str(MEMORY / "bf16.yaml")],
@@ -330,8 +330,9 @@ def matmul_speedup(size: int = 1024, repeats: int = 7) -> str:
         return statistics.median(times)
 
     fp32, bf16 = median_seconds(torch.float32), median_seconds(torch.bfloat16)
-    return (f"A {size}x{size} matmul on this CPU ({torch.get_num_threads()} threads, median of {repeats}): "
-            f"float32 {fp32 * 1e3:.1f} ms, bfloat16 {bf16 * 1e3:.1f} ms ({fp32 / bf16:.1f}x).")
+    speed = f"{fp32 / bf16:.1f}x faster" if bf16 <= fp32 else f"{bf16 / fp32:.1f}x slower: no bf16 instructions"
+    return (f"A {size}x{size} matmul on this CPU ({torch.get_num_threads()} thread(s), median of {repeats}): "
+            f"float32 {fp32 * 1e3:.1f} ms, bfloat16 {bf16 * 1e3:.1f} ms ({speed}).")
 
 
 def bow_input_bytes(recipe: Path = ROOT / "configs" / "bag_embedded.yaml") -> str:

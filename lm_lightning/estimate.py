@@ -382,5 +382,11 @@ def estimate_command(args: list[str]) -> Estimate:
         else:
             print(f"\nBudget {human_bytes(budget)}: fits with {human_bytes(found.peak)} predicted:")
             print(fit_line(fit_args, current, found.settings, batch_size, accumulation is not None))
+        if not any(type(c).__name__ == "ReturnFreedMemory" for c in trainer.callbacks):
+            print(
+                "Predicted from the bytes in use; glibc's heap keeps freed buffers on top of them (at 33k words a fit's "
+                "peak RSS was up to a quarter higher, a tenth with -c configs/memory/lean.yaml, which returns them): "
+                "leave that headroom."
+            )
         return found or smallest
     return estimate

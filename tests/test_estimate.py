@@ -158,6 +158,10 @@ def test_a_budget_gets_the_cheapest_fit_line_or_the_smallest_reachable_peak(tmp_
     out = capsys.readouterr().out
     assert "Budget 100.0 MiB: nothing fits. The smallest reachable peak is" in out
     assert "its largest part is the process baseline" in out and smallest.peak > 100 * 2**20
+    assert "glibc's heap keeps freed buffers on top of them" in out  # the headroom a budget answer needs
+
+    estimate_command([*common, "-c", str(ROOT / "configs/memory/lean.yaml"), "--budget", "100MiB"])
+    assert "glibc's heap keeps" not in capsys.readouterr().out  # the lean preset returns them
 
 
 def test_estimate_refuses_the_bag_path_in_one_sentence(tmp_path):
