@@ -98,19 +98,27 @@ def storage_bytes(tensors: Iterable[Any]) -> int:
     return sum(_storages(tensors).values())
 
 
+_CPU_PEAK = 0
+
+
 def peak_bytes(device: torch.device) -> int:
     """Peak memory: the CUDA caching allocator's ``max_memory_allocated``, else this process's peak resident set.
 
     On Linux the peak is ``VmHWM`` (/proc/self/status), not ``ru_maxrss``: a process started by a large one (a
     subprocess of a test session or notebook) inherits the parent's resident size into ``ru_maxrss`` at exec
     (measured: 870 MiB reported for a 543 MiB fit started from pytest); ``VmHWM`` belongs to this program alone."""
+    global _CPU_PEAK
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+                    # The kernel records the high-water mark lazily: VmHWM reads max(recorded mark, resident now),
+                    # and pages returned with madvise (glibc's trimming) do not update the mark first, so a read can
+                    # come out a few pages below an earlier one (seen: 12 KiB). A peak only grows: keep the largest.
+                    _CPU_PEAK = max(_CPU_PEAK, int(line.split()[1]) * 1024)  # kB
+                    return _CPU_PEAK
     except (OSError, ValueError, IndexError):
         pass
     if resource is None:
