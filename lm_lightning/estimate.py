@@ -161,6 +161,7 @@ class Probe:
         self.pruning = next((c for c in trainer.callbacks if isinstance(c, MagnitudePruning)), None)
         # As PrecisionGuard does in fit: oneDNN off where it has no bfloat16 LSTM (CPUs without AVX-512 BF16).
         self.onednn = torch.backends.mkldnn.enabled and ("16" not in str(trainer.precision) or bf16_lstm_supported())
+        self.optimizer_note = ""  # set by measure(): state a low-bit optimizer keeps in float32
 
     def build(self, settings: Settings) -> tuple[Any, torch.optim.Optimizer]:
         model = copy.deepcopy(self.template)
@@ -220,7 +221,31 @@ class Probe:
             "grads": storage_bytes(p.grad for p in params),
             "optimizer": storage_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)),
         }
+        self.optimizer_note = block_size_note(optimizer)
         return steady, one, two, type(optimizer).__name__
+
+
+def block_size_note(optimizer: torch.optim.Optimizer) -> str:
+    """torchao's low-bit optimizers quantize a weight's state only when its size is a multiple of their ``block_size``
+    (the rest stays float32, silently): at width 1500, none of a 2x1500 model's weights are, and "8-bit" AdamW keeps as
+    much state as AdamW. Says so, with the block size that would quantize the most state bytes."""
+    block_size = getattr(optimizer, "block_size", None)
+    if not type(optimizer).__module__.startswith("torchao") or not isinstance(block_size, int):
+        return ""
+    plain = {}  # parameter size -> its float32 state bytes
+    for param, state in optimizer.state.items():
+        moments = [t for k, t in state.items() if k.startswith("exp_avg") and isinstance(t, torch.Tensor)]
+        if param.numel() >= 4096 and moments and all(type(t) is torch.Tensor for t in moments):
+            plain[param.numel()] = plain.get(param.numel(), 0) + storage_bytes(moments)
+    if not plain:
+        return ""
+    best = max(range(32, block_size + 1), key=lambda d: (sum(b for n, b in plain.items() if n % d == 0), d))
+    covered = sum(b for n, b in plain.items() if n % best == 0)
+    fix = f" --model.optimizer.block_size {best} would quantize {human_bytes(covered)} of it." if covered else ""
+    return (
+        f"Note: {type(optimizer).__name__} keeps {human_bytes(sum(plain.values()))} of its state in float32: those weights' "
+        f"sizes are not multiples of its block_size ({block_size}).{fix}"
+    )
 
 
 def _at(one: Phases, two: Phases, field: str, streams: int) -> int:
@@ -328,7 +353,8 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
 # What to change when a part that the search does not turn dominates (each changes the training, not only memory).
 HINTS = {
     "optimizer state": " An optimizer with less state changes the training but not the model: SGD keeps none, SGD with "
-    "momentum one buffer per weight, torchao.optim.AdamW8bit about a quarter of AdamW's (--model.optimizer ...).",
+    "momentum one buffer per weight, torchao.optim.AdamW8bit about a quarter of AdamW's for weights whose sizes are "
+    "multiples of its block_size (--model.optimizer ...).",
     "parameters": " A smaller vocabulary (--data.max_vocab_size) or tied weights (--model.tie_weights true) shrink the largest matrices.",
     "gradients": " Tied weights (--model.tie_weights true) or sparse embedding gradients (--model.sparse_embedding_grad true, untied) shrink them.",
 }
@@ -359,6 +385,8 @@ def estimate_command(args: list[str]) -> Estimate:
     batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
     accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
     print(estimate.table(bptt))
+    if probe.optimizer_note:
+        print(probe.optimizer_note)
     if os.environ.get("MALLOC_MMAP_MAX_") == "0" or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         print(
             "Note: MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ keep freed memory in the process, so its RSS grows past this "

@@ -199,3 +199,27 @@ def test_the_cli_loads_no_library_a_plain_run_does_not_use():
     code = "import sys, lm_lightning.cli; print(sorted(m for m in ('torchao', 'nltk', 'sklearn') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+def test_a_low_bit_optimizer_that_keeps_float32_state_is_named_with_the_block_size_that_fixes_it():
+    """torchao's AdamW8bit leaves a weight's state in float32 when its size is not a multiple of block_size (256): a
+    60 x 100 weight (6,000 numbers) keeps 47 KiB of state instead of ~12. The note says so and which block size
+    quantizes it (250); with that block size there is nothing to say."""
+    from torchao.optim import AdamW8bit
+
+    from lm_lightning.estimate import block_size_note
+
+    def stepped(**options):
+        layer = torch.nn.Linear(60, 100)
+        optimizer = AdamW8bit(layer.parameters(), lr=1e-3, **options)
+        layer(torch.randn(2, 60)).sum().backward()
+        optimizer.step()
+        return optimizer
+
+    note = block_size_note(stepped())
+    assert note == (
+        "Note: AdamW8bit keeps 46.9 KiB of its state in float32: those weights' sizes are not multiples of its "
+        "block_size (256). --model.optimizer.block_size 250 would quantize 46.9 KiB of it."
+    )
+    assert block_size_note(stepped(block_size=250)) == ""
+    assert block_size_note(torch.optim.AdamW(torch.nn.Linear(60, 100).parameters())) == ""
