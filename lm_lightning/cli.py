@@ -1,5 +1,6 @@
-"""``python -m lm_lightning fit|validate|test|predict|export|estimate``: LightningCLI with this project's defaults
-(``estimate``: ``estimate.py``).
+"""``python -m lm_lightning fit|validate|test|predict|export|estimate|generate|score``: LightningCLI with this
+project's defaults (``estimate``: ``estimate.py``; ``generate`` and ``score``, from an export folder alone:
+``exported.py``).
 
 What this adds to LightningCLI:
 
@@ -293,9 +294,15 @@ def main(args: Optional[list[str]] = None) -> None:
             from lm_lightning.estimate import estimate_command
 
             estimate_command(args[1:])
+        elif args[:1] in (["generate"], ["score"]):  # an export folder alone: no config, corpus or checkpoint
+            from lm_lightning.exported import generate_command, score_command
+
+            (generate_command if args[0] == "generate" else score_command)(args[1:])
         else:
             build_cli(args)
     except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)
+        if args[:1] in (["generate"], ["score"]):  # argparse's own message already names the option
+            _exit_with(f"{err}: see python -m lm_lightning {args[0]} --help.")
         _exit_with(parser_error_sentence(str(err), args))
     except UnicodeDecodeError:  # jsonargparse reads -c files without catching this
         sentence = undecodable_config(args)

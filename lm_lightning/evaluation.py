@@ -31,6 +31,14 @@ def nll(logits: torch.Tensor, targets: torch.Tensor | Bags) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
 
 
+def network_device(network: nn.Module) -> torch.device:
+    """Where the network's weights are: its parameters, or its buffers (an integer network's codes)."""
+    tensor = next(iter(network.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(network.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def perplexity(
     network: nn.Module, batches: Iterable, max_batches: Optional[int] = None, device: Optional[torch.device | str] = None
@@ -38,7 +46,7 @@ def perplexity(
     """Perplexity of ``network`` over consecutive windows (``Batch`` items, e.g. ``datamodule.test_dataloader()``)."""
     was_training = network.training
     network.eval()
-    device = torch.device(device) if device is not None else next(network.parameters()).device
+    device = torch.device(device) if device is not None else network_device(network)
     hidden, total, weight = None, 0.0, 0.0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:

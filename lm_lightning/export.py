@@ -54,6 +54,7 @@ from lm_lightning.export_format import (
     stored_bytes,
 )
 from lm_lightning.export_format import sha256 as _sha256
+from lm_lightning.inference import IntegerMatrix, integer_modules
 from lm_lightning.io import atomic_directory, atomic_path
 from lm_lightning.models import NETWORKS
 from lm_lightning.quantization import block_width, check_quantization, dequantize_weight, quantize_weight
@@ -61,7 +62,7 @@ from lm_lightning.quantization import block_width, check_quantization, dequantiz
 if TYPE_CHECKING:
     from lm_lightning.data import Vocabulary
 
-__all__ = ["MAX_ELEMENTS", "export_model", "load_exported", "network_tensors"]
+__all__ = ["MAX_ELEMENTS", "export_model", "load_exported", "network_tensors", "record_evaluation"]
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -134,9 +135,26 @@ def export_model(
     }
 
 
+def record_evaluation(folder: str | Path, figures: dict) -> None:
+    """Add what the export measured on itself (its test perplexity) to its manifest's metadata, atomically. The
+    manifest is not among the hashed files, so the weights' checks are unchanged."""
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest.setdefault("metadata", {}).setdefault("evaluation", {}).update(figures)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+
+
 # --- loading ---------------------------------------------------------------------------------------------
-def load_exported(folder: str | Path, network: Optional[nn.Module] = None, max_elements: int = MAX_ELEMENTS) -> nn.Module:
-    """The exported network, runnable, in eval mode, with float32 weights (dequantized) and tied as exported.
+def load_exported(
+    folder: str | Path, network: Optional[nn.Module] = None, max_elements: int = MAX_ELEMENTS, dequantize: bool = False
+) -> nn.Module:
+    """The exported network, runnable, in eval mode, tied as exported.
+
+    An int8/int4 export keeps its weights as integer codes in memory: its embeddings, linear layers and LSTMs are
+    replaced by the integer modules of ``inference.py``, which never build a float copy of a weight (a fork's other
+    modules get dequantized float weights). ``dequantize=True`` loads float32 weights instead (``dequantize(codes)``,
+    the weights QAT trained), into the network's own modules.
 
     The template's networks (``models.NETWORKS``) are rebuilt from the manifest; any other network (a fork's) is
     loaded into ``network``, an instance built with the same settings.
@@ -148,7 +166,7 @@ def load_exported(folder: str | Path, network: Optional[nn.Module] = None, max_e
     """
     folder = Path(folder)
     try:
-        return _load(folder, network, max_elements)
+        return _load(folder, network, max_elements, dequantize)
     except NotAnExport as why:
         raise LMInputError(f"{folder} is not a readable lm_lightning export: {why}; export the model again.") from None
     except OSError as err:  # a file that cannot be opened (permissions) or vanished while it was read
@@ -159,7 +177,7 @@ def load_exported(folder: str | Path, network: Optional[nn.Module] = None, max_e
         ) from None
 
 
-def _load(folder: Path, network: Optional[nn.Module], max_elements: int) -> nn.Module:
+def _load(folder: Path, network: Optional[nn.Module], max_elements: int, dequantize: bool) -> nn.Module:
     manifest = read_manifest(folder)
     check_files(folder, manifest["files"])
     template = network if network is not None else meta_network(folder, manifest, max_elements)
@@ -176,14 +194,20 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int) -> nn.M
         arrays = load_file(str(folder / WEIGHTS))
     except Exception as err:  # SafetensorError, OSError: the file changed under us
         raise NotAnExport(f"{WEIGHTS} cannot be read ({one_line(err)})") from None
-    state = {}
+    state, matrices = {}, {}
     for name, info in plans.items():
         values = decode_values(arrays, info, name)
         if info["quantized"]:
             codes = torch.from_numpy(values.astype(np.int8)).reshape(info["shape"])
-            state[name] = dequantize_weight(codes, torch.from_numpy(arrays[f"{name}.scale"]))
+            scale = torch.from_numpy(arrays[f"{name}.scale"])
+            if dequantize:
+                state[name] = dequantize_weight(codes, scale)
+            else:
+                matrices[name] = IntegerMatrix(codes, scale, int(info["dtype"].removeprefix("int")))
         else:
             state[name] = torch.from_numpy(values.astype(info["dtype"])).reshape(info["shape"])
+    if matrices:
+        return _integer_network(network if network is not None else template, matrices, state, ties)
     for alias, name in ties.items():
         state[alias] = state[name]
     if network is None:
@@ -192,4 +216,23 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int) -> nn.M
         network.load_state_dict(state)
     except RuntimeError as err:  # a caller's instance whose parameters changed since the check: not expected
         raise NotAnExport(f"a tensor does not fit the network ({one_line(err)})") from None
+    return network.eval()
+
+
+def _integer_network(network: nn.Module, matrices: dict, state: dict, ties: dict[str, str]) -> nn.Module:
+    """``network`` (the template's, built on the meta device, or the caller's instance) with integer modules in place
+    of its quantized ones and the other tensors assigned from the export."""
+    taken = integer_modules(network, matrices, state, ties)
+    for name, matrix in matrices.items():  # a fork's module the integer modules do not cover: float, as before
+        if name not in taken:
+            state[name] = matrix.dequantize()
+    state = {n: t for n, t in state.items() if n not in taken}
+    state.update({alias: state[name] for alias, name in ties.items() if alias not in taken and name in state})
+    try:
+        network.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:
+        raise NotAnExport(f"a tensor does not fit the network ({one_line(err)})") from None
+    missing = [n for n, t in [*network.named_parameters(), *network.named_buffers()] if t.is_meta]
+    if missing:
+        raise NotAnExport(f"it holds no values for {missing[0]}")
     return network.eval()

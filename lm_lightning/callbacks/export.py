@@ -26,7 +26,7 @@ from torch import nn
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing, disable_fake_quantization
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
-from lm_lightning.export import export_model, load_exported, network_tensors
+from lm_lightning.export import export_model, load_exported, network_tensors, record_evaluation
 from lm_lightning.models import NETWORKS
 from lm_lightning.quantization import block_width, check_quantization
 
@@ -135,13 +135,19 @@ def export_network(
     """Export a plain copy of ``network`` with the datamodule's vocabulary, then score the loaded export on the test
     split (``test_batches``: at most that many windows; 0 skips it). Returns ``export_model``'s report + ``test_ppl``."""
     plain = plain_copy(network)
+    metadata = dict(metadata or {})
+    if hasattr(datamodule, "export_settings"):  # how to read text: `generate` and `score` need no datamodule then
+        metadata["text"] = datamodule.export_settings()
     report = export_model(plain, folder, bits, group_size, getattr(datamodule, "vocab", None), metadata)
     report["test_ppl"] = None
     if test_batches != 0 and hasattr(datamodule, "test_dataloader"):
+        # Measured on the export as it is loaded for use (integer weights resident), and written into its manifest:
+        # `score` on the same text reproduces this figure.
         loaded = load_exported(folder) if type(plain).__name__ in NETWORKS else load_exported(folder, network=plain)
         datamodule.setup("test")
         device = next(network.parameters()).device
         report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches)
+        record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
     return report
 
 

@@ -11,11 +11,14 @@ Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what th
 * ``FakeQuantizedLSTM``: torchao has no LSTM. ``nn.LSTM`` computes with its ``_flat_weights`` list (refreshed by
   ``RNNBase.__setattr__``), not with the attributes, so a parametrization or a swapped attribute can be silently
   ignored; the forward here puts the fake-quantized weights into that list for the duration of the call.
+* ``FakeQuantizedEmbeddingBag``: torchao has no ``nn.EmbeddingBag`` either; the bag network (``models/bag.py``)
+  embeds its count-weighted segments with one. Its forward is ``nn.EmbeddingBag``'s ``F.embedding_bag`` call, every
+  setting of the module kept, on the fake-quantized weight.
 * Switching in place: module classes are swapped, as ``torch.nn.utils.parametrize`` does, instead of building
   new modules. Parameters (and so the optimizer's references), weight tying, hooks and ``state_dict`` keys are
-  unchanged: checkpoints saved during QAT load into a plain ``LanguageModel``, a resumed run switches QAT back
-  on from the step count, and pruning hooks (``torch.nn.utils.prune``) run first, so the pruned weight is the
-  one that gets quantized.
+  unchanged: checkpoints saved during QAT load into a plain ``LanguageModel`` (or ``BagLanguageModel``), a
+  resumed run switches QAT back on from the step count, and pruning hooks (``torch.nn.utils.prune``) run first,
+  so the pruned weight is the one that gets quantized.
 * The schedule and ``qat/active`` in TensorBoard. The export step (``callbacks/export.py``) then writes the integer
   export this run trained for, with the same rule (``lm_lightning/quantization.py``), so it reproduces the
   fake-quantized model bit for bit.
@@ -76,13 +79,43 @@ class FakeQuantizedLSTM(nn.LSTM):
             self._flat_weights = flat
 
 
+class FakeQuantizedEmbeddingBag(nn.EmbeddingBag):
+    """``nn.EmbeddingBag`` whose weight is fake-quantized by ``self.weight_fake_quantizer``: one scale per word row
+    (int8) or per ``group_size`` of its columns (int4), as the export stores the matrix."""
+
+    weight_fake_quantizer: WeightFakeQuantizer
+
+    def forward(
+        self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None, per_sample_weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        # self.weight is read here, after the forward pre-hooks: a pruned weight is quantized with its zeros.
+        return nn.functional.embedding_bag(
+            input,
+            self.weight_fake_quantizer(self.weight),
+            offsets,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.mode,
+            self.sparse,
+            per_sample_weights,
+            self.include_last_offset,
+            self.padding_idx,
+        )
+
+
 @functools.cache
 def _fake_classes() -> dict[type, type]:
     """Plain module class -> its fake-quantized class. torchao is imported here, at the first use: 13 MB of resident
     memory that a run without QAT or an integer export does not need (measured after ``import lightning``)."""
     from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
 
-    return {nn.Embedding: FakeQuantizedEmbedding, nn.Linear: FakeQuantizedLinear, nn.LSTM: FakeQuantizedLSTM}
+    return {
+        nn.Embedding: FakeQuantizedEmbedding,
+        nn.EmbeddingBag: FakeQuantizedEmbeddingBag,
+        nn.Linear: FakeQuantizedLinear,
+        nn.LSTM: FakeQuantizedLSTM,
+    }
 
 
 @functools.cache
@@ -102,11 +135,13 @@ def quantized_weights(network: nn.Module, bits: int, group_size: int) -> dict[st
                     block_width(weight.shape, bits, group_size, f"{name}.{attr.removesuffix('_orig')}")
         elif any(True for _ in module.parameters(recurse=False)):
             raise LMInputError(
-                f"QuantizationAwareFinishing quantizes nn.Embedding, nn.Linear and nn.LSTM weights; {name!r} is a "
-                f"{type(module).__name__}: use a network built from those or leave the callback out."
+                "QuantizationAwareFinishing quantizes nn.Embedding, nn.EmbeddingBag, nn.Linear and nn.LSTM weights; "
+                f"{name!r} is a {type(module).__name__}: use a network built from those or leave the callback out."
             )
     if not modules:
-        raise LMInputError("QuantizationAwareFinishing found no nn.Embedding, nn.Linear or nn.LSTM in the network.")
+        raise LMInputError(
+            "QuantizationAwareFinishing found no nn.Embedding, nn.EmbeddingBag, nn.Linear or nn.LSTM in the network."
+        )
     return modules
 
 
@@ -116,7 +151,7 @@ def enable_fake_quantization(network: nn.Module, bits: int, group_size: int = 32
     for module in modules.values():
         if type(module) in _fake_classes():
             module.__class__ = _fake_classes()[type(module)]
-        if not isinstance(module, nn.LSTM):
+        if not isinstance(module, (nn.LSTM, nn.EmbeddingBag)):  # torchao's two classes have activation quantizers
             module.activation_fake_quantizer = None  # weight-only: activations stay in float
         module.weight_fake_quantizer = WeightFakeQuantizer(bits, group_size)
     return list(modules)

@@ -304,6 +304,18 @@ class BagDataModule(StreamDataModule):
                 b["dense_over_sparse"],
             )
 
+    def export_settings(self) -> dict:
+        """What an export needs to turn a prompt into a bag as this datamodule does (``lm_lightning/exported.py``)."""
+        hp = self.hparams
+        return {
+            "kind": "bags",
+            "preprocessing": self.preprocessor.arguments(),
+            "window": hp.window,
+            "drop_punctuation": hp.drop_punctuation,
+            "eval_batch_size": hp.eval_batch_size,
+            "bptt": hp.bptt,
+        }
+
     def prompt_bags(self) -> Bags:
         """The prompt as one segment of one stream."""
         words = Segmenter(self.preprocessor, "line", self.hparams.window, self.hparams.drop_punctuation).words(

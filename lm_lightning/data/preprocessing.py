@@ -149,6 +149,11 @@ class Preprocessor:
         tokenize = NLTKWordTokenizer().tokenize
         return lambda line: tokenize(line) if len(line) <= MAX_CHUNK_CHARS else [t for c in chunks(line) for t in tokenize(c)]
 
+    def arguments(self) -> dict:
+        """The constructor's arguments: ``Preprocessor(**p.arguments())`` tokenizes as ``p`` does (an export keeps them)."""
+        names = ("tokenizer", "lowercase", "remove_stopwords", "stemmer", "lemmatize", "language")
+        return {name: getattr(self, name) for name in names}
+
     def settings(self) -> dict:
         """Everything that changes the tokens, for the cache key (the stop-word list is hashed in)."""
         words = "\n".join(sorted(self.stopwords)).encode()

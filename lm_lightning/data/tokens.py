@@ -170,6 +170,18 @@ class TokenDataModule(StreamDataModule):
         assert self._cache is not None
         return TokenRows(self._cache.load_ids(split))
 
+    def export_settings(self) -> dict:
+        """What an export needs to read text as this datamodule does (``lm_lightning/exported.py``): preprocessing,
+        line ends, and the evaluation batching its test perplexity was measured with."""
+        hp = self.hparams
+        return {
+            "kind": "tokens",
+            "preprocessing": self.preprocessor.arguments(),
+            "keep_empty_lines": hp.keep_empty_lines,
+            "eval_batch_size": hp.eval_batch_size,
+            "bptt": hp.bptt,
+        }
+
     # --- prediction -----------------------------------------------------------------------------------
     def predict_dataloader(self) -> DataLoader:
         """The prompt as ids, ``num_prompts`` times: each copy gives one sample."""

@@ -9,7 +9,6 @@ To train another network, subclass and override :meth:`build_network` (see ``tes
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from lm_lightning.chunked_loss import chunked_nll
 from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
+from lm_lightning.generation import sample
 from lm_lightning.models import LSTMNetwork
 from lm_lightning.systems.base import StreamSystem
 
@@ -171,7 +171,6 @@ class LanguageModel(StreamSystem):
         return chunked_nll(features, self.network.decoder, targets, self.hparams.loss_chunk_size), hidden
 
     # --- generation -----------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(
         self,
         prompt: torch.Tensor,
@@ -181,24 +180,7 @@ class LanguageModel(StreamSystem):
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         """Continue ``prompt`` (1, T) by ``max_new_tokens`` sampled tokens; returns (1, T + max_new_tokens)."""
-        was_training = self.training
-        self.eval()
-        logits, hidden = self(prompt)
-        tokens = [prompt]
-        for _ in range(max_new_tokens):
-            next_logits = logits[:, -1].float()
-            if temperature == 0:
-                token = next_logits.argmax(-1, keepdim=True)
-            else:
-                next_logits = next_logits / temperature
-                if top_k is not None and top_k < next_logits.size(-1):
-                    kth = torch.topk(next_logits, top_k).values[:, -1:]
-                    next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
-                token = torch.multinomial(next_logits.softmax(-1), 1, generator=generator)
-            tokens.append(token)
-            logits, hidden = self(token, hidden)
-        self.train(was_training)
-        return torch.cat(tokens, dim=1)
+        return sample(self.network, prompt, max_new_tokens, temperature, top_k, generator)
 
     def _sample_text(self, prompt: torch.Tensor, max_new_tokens: int, seed: int) -> str:
         generator = torch.Generator(device=self.device).manual_seed(seed)

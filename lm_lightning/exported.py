@@ -1,0 +1,213 @@
+"""What an export folder does on its own: generate text, score a text file, name the likeliest next words.
+
+No corpus, checkpoint or training config is needed: the folder holds the network, its vocabulary and how the
+training data was read (preprocessing, line ends, evaluation batching; written by the export step). The weights stay
+integer in memory for an int8/int4 export (``inference.py``).
+
+    python -m lm_lightning generate EXPORT_DIR --prompt "the meaning of" --max-new-tokens 40 --num-samples 3
+    python -m lm_lightning score EXPORT_DIR some_text.txt
+
+From Python::
+
+    from lm_lightning.exported import ExportedModel
+    model = ExportedModel.load("lightning_logs/version_0/export-int8")
+    model.generate("the meaning of", max_new_tokens=40)
+    model.score_file("some_text.txt")      # {"ppl": ..., "tokens": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lm_lightning.data.preprocessing import Preprocessor
+from lm_lightning.data.segments import BagVocabulary, Segmenter, count_matrix
+from lm_lightning.data.sources import read_text
+from lm_lightning.data.tokens import tokenize_lines
+from lm_lightning.data.vocabulary import Vocabulary
+from lm_lightning.data.windows import StreamWindows
+from lm_lightning.errors import LMInputError
+from lm_lightning.evaluation import perplexity
+from lm_lightning.export import load_exported
+from lm_lightning.export_format import MANIFEST, VOCAB
+from lm_lightning.generation import sample
+from lm_lightning.inference import resident_bytes
+
+__all__ = ["ExportedModel", "generate_command", "score_command"]
+
+
+@dataclass
+class ExportedModel:
+    network: nn.Module
+    vocab: Vocabulary
+    text: dict  # the datamodule's export_settings(): how text was read
+    metadata: dict
+    folder: Path
+
+    @classmethod
+    def load(cls, folder: str | Path, dequantize: bool = False) -> ExportedModel:
+        folder = Path(folder)
+        network = load_exported(folder, dequantize=dequantize)  # every check of the folder, one sentence on failure
+        metadata = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("metadata") or {}
+        text = metadata.get("text")
+        if not (folder / VOCAB).is_file() or not isinstance(text, dict) or text.get("kind") not in ("tokens", "bags"):
+            raise LMInputError(
+                f"{folder} holds a network but not how to read text (its vocabulary and preprocessing): it was written "
+                "by an older version or by export_model() without a datamodule; export the run again with "
+                "`python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT`."
+            )
+        vocab = (BagVocabulary if text["kind"] == "bags" else Vocabulary).load(folder / VOCAB)
+        return cls(network, vocab, text, metadata, folder)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(**self.text["preprocessing"])
+
+    @property
+    def is_bag_model(self) -> bool:
+        return self.text["kind"] == "bags"
+
+    def resident_bytes(self) -> dict[str, int]:
+        return resident_bytes(self.network)
+
+    # --- tokens ---------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """As ``predict`` does: the prompt's tokens (unknown words become ``<unk>``); an empty prompt is ``<eos>``."""
+        return self.vocab.encode(self.preprocessor(prompt)) or [self.vocab.eos_id]
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 50,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 50,
+        seed: int = 0,
+        num_samples: int = 1,
+    ) -> list[str]:
+        """``num_samples`` continuations of ``prompt`` (the prompt included), sampled together as parallel streams."""
+        self._needs("tokens", "generate")
+        check_sampling(max_new_tokens, temperature, top_k, num_samples)
+        ids = torch.tensor([self.encode_prompt(prompt)] * num_samples)
+        generator = torch.Generator().manual_seed(seed)
+        out = sample(self.network, ids, max_new_tokens, temperature, top_k, generator)
+        preprocessor = self.preprocessor
+        return [preprocessor.detokenize(self.vocab.decode(row.tolist())) for row in out]
+
+    def score_text(self, text: str, name: str = "the text") -> dict:
+        """Perplexity of ``text``, read and batched as the export's test split was (same streams and window)."""
+        self._needs("tokens", "score")
+        tokens = tokenize_lines(text, self.preprocessor, self.text["keep_empty_lines"])
+        if not tokens:
+            raise LMInputError(f"{name} has no tokens after preprocessing: give a file with text in it.")
+        ids = self.vocab.encode_array(tokens)
+        streams, bptt = self.text["eval_batch_size"], self.text["bptt"]
+        try:
+            windows = StreamWindows(ids, streams, bptt, split="scored text")
+        except LMInputError:
+            raise LMInputError(
+                f"{name} has {len(ids):,} tokens, fewer than one evaluation window needs ({streams} streams x "
+                f"{bptt + 1} tokens = {streams * (bptt + 1):,}): give a longer text, or --batch-size 1 (a perplexity "
+                "not comparable with the export's own)."
+            ) from None
+        start = time.perf_counter()
+        ppl = perplexity(self.network, windows)
+        return {
+            "ppl": ppl,
+            "tokens": len(ids),
+            "unknown": int((ids == self.vocab.unk_id).sum()),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def score_file(self, path: str | Path) -> dict:
+        path = Path(path)
+        if not path.exists():
+            raise LMInputError(f"{path} does not exist: give the text file to score.")
+        return self.score_text(read_text(path, "the file to score"), str(path))
+
+    # --- bags -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def next_words(self, prompt: str, count: int = 10) -> list[tuple[str, float]]:
+        """The ``count`` likeliest words of the segment after ``prompt`` (a bag-of-words export), with probabilities."""
+        self._needs("bags", "next_words")
+        from lm_lightning.data.bag import as_bags
+
+        settings = self.text
+        words = Segmenter(self.preprocessor, "line", settings["window"], settings["drop_punctuation"]).words(prompt)
+        logits, _ = self.network(as_bags(count_matrix([words], self.vocab), streams=1))
+        probs = logits[0, -1].float().softmax(-1)
+        top = probs.topk(min(count, probs.numel()))
+        return list(zip(self.vocab.decode(top.indices.tolist()), top.values.tolist()))
+
+    def _needs(self, kind: str, what: str) -> None:
+        if self.text["kind"] != kind:
+            other = "next_words" if kind == "tokens" else "generate and score"
+            raise LMInputError(
+                f"{self.folder} is a {'bag-of-words' if self.is_bag_model else 'token'} model: {what} needs a "
+                f"{'token' if kind == 'tokens' else 'bag-of-words'} model; use {other} with it."
+            )
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], num_samples: int) -> None:
+    if not max_new_tokens >= 0:
+        raise LMInputError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}.")
+    if not temperature >= 0:  # also refuses NaN
+        raise LMInputError(f"--temperature must be >= 0, got {temperature}: give 0 for greedy decoding or e.g. 0.8.")
+    if top_k is not None and top_k < 1:
+        raise LMInputError(f"--top-k must be a positive integer, got {top_k}: give e.g. 50, or 0 to sample from all tokens.")
+    if num_samples < 1:
+        raise LMInputError(f"--num-samples must be a positive integer, got {num_samples}.")
+
+
+# --- the commands -------------------------------------------------------------------------------------
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m lm_lightning {prog}", description=description, exit_on_error=False)
+    parser.add_argument("export_dir", help="an export folder (RUN/export-*; written by fit or `export`)")
+    parser.add_argument("--dequantize", action="store_true", help="load float32 weights instead of integer codes")
+    return parser
+
+
+def generate_command(args: list[str]) -> list[str]:
+    parser = _parser("generate", "Text from an export folder alone (token models); the likeliest next words (bag models).")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start after an end of line)")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1)
+    opts = parser.parse_args(args)
+    model = ExportedModel.load(opts.export_dir, opts.dequantize)
+    if model.is_bag_model:
+        words = model.next_words(opts.prompt, opts.top_k or 10)
+        line = ", ".join(f"{w} {p:.3f}" for w, p in words)
+        print(f"likeliest words of the segment after {opts.prompt!r}: {line}")
+        return [line]
+    texts = model.generate(
+        opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_k or None, opts.seed, opts.num_samples
+    )
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} (seed {opts.seed})")
+        print(text)
+    return texts
+
+
+def score_command(args: list[str]) -> dict:
+    parser = _parser("score", "Perplexity of a text file under an export, read as the export's training data was.")
+    parser.add_argument("file", help="a UTF-8 text file")
+    opts = parser.parse_args(args)
+    model = ExportedModel.load(opts.export_dir, opts.dequantize)
+    result = model.score_file(opts.file)
+    known = model.metadata.get("evaluation", {}).get("test_ppl")
+    print(
+        f"{opts.file}: perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens "
+        f"({result['unknown']:,} unknown: <unk>), {result['seconds']:.1f}s"
+        + (f"; the export measured {known:.2f} on its own test split when it was written" if known else "")
+    )
+    return result
