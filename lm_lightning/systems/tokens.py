@@ -171,16 +171,10 @@ class LanguageModel(StreamSystem):
         return chunked_nll(features, self.network.decoder, targets, self.hparams.loss_chunk_size), hidden
 
     # --- generation -----------------------------------------------------------------------------------
-    def generate(
-        self,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """Continue ``prompt`` (1, T) by ``max_new_tokens`` sampled tokens; returns (1, T + max_new_tokens)."""
-        return sample(self.network, prompt, max_new_tokens, temperature, top_k, generator)
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Continue ``prompt`` (1, T) by ``max_new_tokens`` sampled tokens; returns (1, T + max_new_tokens). The
+        sampling settings (temperature, top_k, generator) are ``generation.sample``'s."""
+        return sample(self.network, prompt, max_new_tokens, *args, **kwargs)
 
     def _sample_text(self, prompt: torch.Tensor, max_new_tokens: int, seed: int) -> str:
         generator = torch.Generator(device=self.device).manual_seed(seed)
