@@ -7,13 +7,22 @@
 * :class:`IntegerMatrix` holds one quantized matrix as the export wrote it: int8 codes with one float32 scale per
   row, or int4 codes packed two per byte (row by row) with one scale per ``group_size`` inputs. A tied
   embedding/decoder shares one.
-* Products of a few input rows (generation: one token per stream) with int8 weights go through torch's weight-only
-  int8 kernel (``torch._weight_int8pack_mm``, the one torchao's CPU int8 weight-only layout calls): float
-  activations, integer weights, one scale per output row, no float weight ever built. That kernel does not scale
-  with the rows: on this AVX2 CPU, at 33k x 200, it took 1.2x float32's time for 1 row, 2x for 4 and 21x for 350 (a
-  35 x 10 evaluation window). So larger products, and every int4 product, dequantize ``block_rows`` rows of the
-  weight at a time and multiply them with float32 matmul (1.6x float32's time at 350 rows): the float weight that
-  exists at any moment is one block.
+* Products ``x @ weight.T`` dequantize ``block_elements`` weights at a time (1 MiB of float32: 1,310 rows at width
+  200) into one scratch buffer per thread, and multiply each block with float32 matmul straight into its columns of
+  the output: the float weight that exists at any moment is one block, and it stays in the CPU's cache between being
+  written and being read, so the product reads 1 byte a weight (int8) or half of one (int4) from memory instead of
+  float32's 4. Measured on this AVX2 CPU, one thread, one input row (generation), median of 30 with the machine
+  shared: at 33,278 x 200 (WikiText-2's decoder, 26 MB in float32, more than the cache holds) int8 takes 0.93x
+  float32's time and int4 1.33x; at 10,000 x 200 and 800 x 200, where float32 stays in the cache, the dequantizing
+  costs more than it saves (int8 3.5x and 5.6x) -- there a product is a few hundred microseconds either way. At 350
+  rows (an evaluation window) int8 and int4 take 0.8-1.1x float32's time at every size.
+  int4 unpacks its nibbles with integer shifts (the high one by an arithmetic shift of the signed byte, the low one
+  shifted up first) and multiplies the even and the odd inputs as two half-width products, so that no index table
+  or integer widening is needed; groups of an odd size take a slower path that unpacks through a 256-entry table.
+  torch's weight-only int8 kernel (``torch._weight_int8pack_mm``, the one torchao's CPU int8 layout calls) is
+  slower here at every size measured (one row: 1.6x float32's time at 33k x 200, 7.7x at 10k x 200, 7.6x at
+  800 x 200; 15-49x at 10 and 350 rows): ``int8_kernel_max_rows`` sends products of that many rows or fewer to it,
+  on CPUs where it wins.
   torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) is not used: it takes only groups of 32, 64, 128 or 256
   inputs and its own packed layout, which an embedding lookup of a tied matrix cannot read.
 * :class:`IntegerLSTM` runs the LSTM equations step by step on those products (the input projection of a whole
@@ -27,6 +36,7 @@ these modules, so it is the figure a user reproduces with ``score``.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -46,6 +56,17 @@ def _int4_table() -> torch.Tensor:
 
 
 _INT4 = _int4_table()
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of ``numel`` elements, one per thread and device, reused by every blockwise product: the
+    float weights in memory at any moment are one block (1 MiB), whatever the size of the network."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[device] = torch.empty(numel, device=device)
+    return buffer[:numel]
 
 
 class IntegerMatrix(nn.Module):
@@ -55,8 +76,8 @@ class IntegerMatrix(nn.Module):
     per byte, each row starting on a byte. ``weight == codes * scale`` (the scale repeated over each block of inputs).
     """
 
-    block_rows = 8192  # float32 rows dequantized at a time by the blockwise product: 6.4 MB at width 200
-    kernel_max_rows = 8  # torch's int8 kernel is the faster for this many input rows or fewer (measured, below)
+    block_elements = 2**18  # weights dequantized at a time by a product: 1 MiB of float32, small enough for the cache
+    int8_kernel_max_rows = 0  # products of this many input rows or fewer go to torch's int8 kernel (slower here)
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
         super().__init__()
@@ -76,6 +97,9 @@ class IntegerMatrix(nn.Module):
             self.register_buffer("packed", (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous())
         # The kernel wants one scale per row; a view of ``scale`` (no copy) when int8 keeps one block per row.
         self._kernel = bits == 8 and self.scale.shape[1] == 1 and hasattr(torch, "_weight_int8pack_mm")
+        # int4 by nibbles (two half-width products) needs each byte's two codes in one group: an even group size
+        # (the width, a multiple of it, is then even too and no byte is padding).
+        self._by_nibbles = bits == 4 and self.block % 2 == 0
 
     def extra_repr(self) -> str:
         layout = "per output row" if self.bits == 8 else f"groups of {self.block}"
@@ -103,19 +127,57 @@ class IntegerMatrix(nn.Module):
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         lead, width = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, width).float().contiguous()
-        if self._kernel and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows:
+        step = max(1, self.block_elements // self.shape[1])
+        blocks = [slice(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
+        if self._kernel and x2.device.type == "cpu" and x2.shape[0] <= self.int8_kernel_max_rows:
             out = torch._weight_int8pack_mm(x2, self.codes, self.scale.view(-1))
+        elif torch.is_grad_enabled() and x2.requires_grad:
+            # Gradients flow to the input (a fork training a float module on top): autograd keeps every block for the
+            # backward pass, so each is a fresh tensor, not the scratch buffer, and products are not written in place.
+            out = torch.cat([x2 @ self._fresh_block(rows).T for rows in blocks], dim=1)
         else:
-            parts = []
-            for start in range(0, self.shape[0], self.block_rows):
-                block = slice(start, min(start + self.block_rows, self.shape[0]))
-                weight = self._codes_as_float(block)
-                weight = weight.reshape(weight.shape[0], -1, self.block).mul_(self.scale[block].unsqueeze(-1))
-                parts.append(x2 @ weight.reshape(-1, self.shape[1]).T)
-            out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            out = x2.new_empty(x2.shape[0], self.shape[0])
+            if self._by_nibbles:
+                x_even, x_odd = x2[:, 0::2].contiguous(), x2[:, 1::2].contiguous()  # meet the low / the high nibbles
+            for rows in blocks:
+                if self._by_nibbles:
+                    low, high = self._nibbles_as_float(rows)
+                    torch.mm(x_even, low.T, out=out[:, rows])
+                    out[:, rows].addmm_(x_odd, high.T)
+                else:
+                    torch.mm(x2, self._block_as_float(rows).T, out=out[:, rows])
         if bias is not None:
             out += bias
         return out.reshape(*lead, self.shape[0])
+
+    def _fresh_block(self, rows: slice) -> torch.Tensor:
+        codes = self._codes_as_float(rows)
+        return codes.view(codes.shape[0], -1, self.block).mul_(self.scale[rows].unsqueeze(-1)).view(codes.shape[0], -1)
+
+    def _block_as_float(self, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` as float32, written into the thread's scratch buffer (int8: one pass, codes times scales)."""
+        count = rows.stop - rows.start
+        out = _scratch(count * self.shape[1], self.scale.device).view(count, -1, self.block)
+        if self.bits == 8:
+            torch.mul(self.codes[rows].view(count, -1, self.block), self.scale[rows].unsqueeze(-1), out=out)
+        else:  # odd group sizes: through the byte table
+            out.copy_(self._codes_as_float(rows).view(count, -1, self.block)).mul_(self.scale[rows].unsqueeze(-1))
+        return out.view(count, self.shape[1])
+
+    def _nibbles_as_float(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``rows`` of an int4 matrix as two float32 halves: the low nibbles (inputs 0, 2, ...) and the high ones
+        (1, 3, ...), each times its group's scale, in the scratch buffer. A signed byte shifted right by 4 is its high
+        code; shifted left by 4 first, its low one."""
+        count, half = rows.stop - rows.start, self.packed.shape[1]
+        packed = self.packed[rows]
+        buffer = _scratch(2 * count * half, self.scale.device)
+        scale = self.scale[rows].unsqueeze(-1)  # (count, groups, 1); a group covers block / 2 bytes
+        halves = []
+        for i, codes in enumerate(((packed << 4).view(torch.int8) >> 4, packed.view(torch.int8) >> 4)):
+            out = buffer[i * count * half : (i + 1) * count * half].view(count, -1, self.block // 2)
+            torch.mul(codes.view(out.shape), scale, out=out)
+            halves.append(out.view(count, half))
+        return halves[0], halves[1]
 
 
 class IntegerEmbedding(nn.Module):
