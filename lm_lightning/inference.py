@@ -64,7 +64,9 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
     float weights in memory at any moment are one block (1 MiB), whatever the size of the network."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get(device)
-    if buffer is None or buffer.numel() < numel:
+    # One made under torch.inference_mode (Lightning's test and predict) cannot be written outside it: a new one then.
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or stale or buffer.numel() < numel:
         buffer = buffers[device] = torch.empty(numel, device=device)
     return buffer[:numel]
 

@@ -50,6 +50,10 @@ def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, gro
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
     matrix.block_elements = 4 * width  # several blocks of rows, the last one short: the same result
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the reused float buffer, first made under inference mode (Lightning's test) ...
+        matrix.linear(x)
+    with torch.no_grad():  # ... then written outside it
+        assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
     if bits == 8:  # torch's int8 kernel, where a CPU makes it worth switching on: the same result
         matrix.int8_kernel_max_rows = 100
         assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
