@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.testing import assert_close
 
+from lm_lightning import inference
 from lm_lightning.callbacks.export import plain_copy
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
@@ -37,7 +39,7 @@ def float_tensors(network: nn.Module) -> list[tuple[str, torch.Size]]:
 
 # --- integer modules ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits, group_size, width", [(8, 32, 64), (4, 32, 64), (4, 8, 40), (4, 3, 9), (8, 32, 9)])
-def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, group_size, width):
+def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, group_size, width, monkeypatch):
     torch.manual_seed(1)
     weight = torch.randn(37, width)
     codes, scale = quantize_weight(weight, bits, group_size)
@@ -50,6 +52,7 @@ def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, gro
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
     matrix.block_elements = 4 * width  # several blocks of rows, the last one short: the same result
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(inference, "_SCRATCH", threading.local())  # no buffer yet in this thread
     with torch.inference_mode():  # the reused float buffer, first made under inference mode (Lightning's test) ...
         matrix.linear(x)
     with torch.no_grad():  # ... then written outside it
