@@ -136,7 +136,7 @@ class IntegerMatrix(nn.Module):
         elif torch.is_grad_enabled() and x2.requires_grad:
             # Gradients flow to the input (a fork training a float module on top): autograd keeps every block for the
             # backward pass, so each is a fresh tensor, not the scratch buffer, and products are not written in place.
-            out = torch.cat([x2 @ self._fresh_block(rows).T for rows in blocks], dim=1)
+            out = torch.cat([x2 @ self.rows(torch.arange(r.start, r.stop, device=x2.device)).T for r in blocks], dim=1)
         else:
             out = x2.new_empty(x2.shape[0], self.shape[0])
             if self._by_nibbles:
@@ -151,10 +151,6 @@ class IntegerMatrix(nn.Module):
         if bias is not None:
             out += bias
         return out.reshape(*lead, self.shape[0])
-
-    def _fresh_block(self, rows: slice) -> torch.Tensor:
-        codes = self._codes_as_float(rows)
-        return codes.view(codes.shape[0], -1, self.block).mul_(self.scale[rows].unsqueeze(-1)).view(codes.shape[0], -1)
 
     def _block_as_float(self, rows: slice) -> torch.Tensor:
         """Rows ``rows`` as float32, written into the thread's scratch buffer (int8: one pass, codes times scales)."""
