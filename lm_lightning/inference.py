@@ -7,15 +7,17 @@
 * :class:`IntegerMatrix` holds one quantized matrix as the export wrote it: int8 codes with one float32 scale per
   row, or int4 codes packed two per byte (row by row) with one scale per ``group_size`` inputs. A tied
   embedding/decoder shares one.
-* Products ``x @ weight.T`` dequantize ``block_elements`` weights at a time (1 MiB of float32: 1,310 rows at width
-  200) into one scratch buffer per thread, and multiply each block with float32 matmul straight into its columns of
-  the output: the float weight that exists at any moment is one block, and it stays in the CPU's cache between being
+* Products ``x @ weight.T`` unpack ``block_elements`` weights at a time (1 MiB of float32: 1,310 rows at width 200)
+  into one scratch buffer per thread, and multiply each block with float32 matmul straight into its columns of the
+  output: the float weight that exists at any moment is one block, and it stays in the CPU's cache between being
   written and being read, so the product reads 1 byte a weight (int8) or half of one (int4) from memory instead of
-  float32's 4. Measured on this AVX2 CPU, one thread, one input row (generation), median of 30 with the machine
-  shared: at 33,278 x 200 (WikiText-2's decoder, 26 MB in float32, more than the cache holds) int8 takes 0.93x
-  float32's time and int4 1.33x; at 10,000 x 200 and 800 x 200, where float32 stays in the cache, the dequantizing
-  costs more than it saves (int8 3.5x and 5.6x) -- there a product is a few hundred microseconds either way. At 350
-  rows (an evaluation window) int8 and int4 take 0.8-1.1x float32's time at every size.
+  float32's 4. A block is unpacked unscaled; int8's one scale a row then multiplies the output once at the end (a
+  multiplication of the block broadcast over rows costs more than the product itself), int4's scales, one per group
+  of inputs, multiply the block. Measured on this AVX2 CPU, one thread, one input row (generation), median of 30:
+  at 33,278 x 200 (WikiText-2's decoder, 26 MB in float32, more than the cache holds) int8 takes 0.45x float32's
+  time and int4 1.13x; at 10,000 x 200 and 800 x 200, where float32 stays in the cache, the unpacking costs more
+  than it saves (int8 2.3-2.6x, int4 5.2-5.9x) -- there a product is tens to hundreds of microseconds either way.
+  At 350 rows (an evaluation window) int8 and int4 take 0.9-1.2x float32's time at every size.
   int4 unpacks its nibbles with integer shifts (the high one by an arithmetic shift of the signed byte, the low one
   shifted up first) and multiplies the even and the odd inputs as two half-width products, so that no index table
   or integer widening is needed; groups of an odd size take a slower path that unpacks through a 256-entry table.
@@ -26,7 +28,8 @@
   torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) is not used: it takes only groups of 32, 64, 128 or 256
   inputs and its own packed layout, which an embedding lookup of a tied matrix cannot read.
 * :class:`IntegerLSTM` runs the LSTM equations step by step on those products (the input projection of a whole
-  window in one product, the recurrent one per step), with PyTorch's gate order and the biases in float32.
+  window in one product, the recurrent one per step), with PyTorch's gate order and the biases in float32. A window
+  of several steps dequantizes each layer's recurrent matrix once, one layer at a time, instead of once a step.
 * Embedding lookups dequantize only the rows they read.
 
 What this costs in accuracy: the products sum in a different order from a float matmul, so logits differ from the
@@ -56,18 +59,26 @@ def _int4_table() -> torch.Tensor:
 
 
 _INT4 = _int4_table()
+_FOURS: dict[torch.device, torch.Tensor] = {}
+
+
+def _four(device: torch.device) -> torch.Tensor:
+    four = _FOURS.get(device)
+    if four is None:
+        four = _FOURS[device] = torch.tensor(4, dtype=torch.int8, device=device)
+    return four
 _SCRATCH = threading.local()
 
 
-def _scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer of ``numel`` elements, one per thread and device, reused by every blockwise product: the
-    float weights in memory at any moment are one block (1 MiB), whatever the size of the network."""
+def _scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of ``numel`` elements, one per thread, device and dtype, reused by every blockwise product: the float
+    weights in memory at any moment are one block (1 MiB), whatever the size of the network."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(device)
+    buffer = buffers.get((device, dtype))
     # One made under torch.inference_mode (Lightning's test and predict) cannot be written outside it: a new one then.
     stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
     if buffer is None or stale or buffer.numel() < numel:
-        buffer = buffers[device] = torch.empty(numel, device=device)
+        buffer = buffers[device, dtype] = torch.empty(numel, device=device, dtype=dtype)
     return buffer[:numel]
 
 
@@ -129,53 +140,71 @@ class IntegerMatrix(nn.Module):
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         lead, width = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, width).float().contiguous()
-        step = max(1, self.block_elements // self.shape[1])
-        blocks = [slice(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
         if self._kernel and x2.device.type == "cpu" and x2.shape[0] <= self.int8_kernel_max_rows:
             out = torch._weight_int8pack_mm(x2, self.codes, self.scale.view(-1))
         elif torch.is_grad_enabled() and x2.requires_grad:
             # Gradients flow to the input (a fork training a float module on top): autograd keeps every block for the
             # backward pass, so each is a fresh tensor, not the scratch buffer, and products are not written in place.
+            blocks = self._blocks()
             out = torch.cat([x2 @ self.rows(torch.arange(r.start, r.stop, device=x2.device)).T for r in blocks], dim=1)
         else:
-            out = x2.new_empty(x2.shape[0], self.shape[0])
-            if self._by_nibbles:
-                x_even, x_odd = x2[:, 0::2].contiguous(), x2[:, 1::2].contiguous()  # meet the low / the high nibbles
-            for rows in blocks:
-                if self._by_nibbles:
-                    low, high = self._nibbles_as_float(rows)
-                    torch.mm(x_even, low.T, out=out[:, rows])
-                    out[:, rows].addmm_(x_odd, high.T)
-                else:
-                    torch.mm(x2, self._block_as_float(rows).T, out=out[:, rows])
+            out = self._product(x2)
         if bias is not None:
             out += bias
         return out.reshape(*lead, self.shape[0])
 
-    def _block_as_float(self, rows: slice) -> torch.Tensor:
-        """Rows ``rows`` as float32, written into the thread's scratch buffer (int8: one pass, codes times scales)."""
-        count = rows.stop - rows.start
-        out = _scratch(count * self.shape[1], self.scale.device).view(count, -1, self.block)
-        if self.bits == 8:
-            torch.mul(self.codes[rows].view(count, -1, self.block), self.scale[rows].unsqueeze(-1), out=out)
-        else:  # odd group sizes: through the byte table
-            out.copy_(self._codes_as_float(rows).view(count, -1, self.block)).mul_(self.scale[rows].unsqueeze(-1))
-        return out.view(count, self.shape[1])
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` block by block. A block's codes are unpacked to float32 unscaled (int4 with an even group
+        size: as two halves, the codes of the even inputs and of the odd ones, each multiplied by its half of the
+        inputs); with one scale a row the scales then multiply the output, once at the end, instead of every block
+        (the int8 product at one input row: 0.5x float32's time instead of 0.9x)."""
+        groups = self.scale.shape[1]
+        out = x.new_empty(x.shape[0], self.shape[0])
+        xs = [x[:, 0::2].contiguous(), x[:, 1::2].contiguous()] if self._by_nibbles else [x]
+        for rows in self._blocks():
+            parts = self._unscaled(rows)  # (len(xs), rows in the block, width of a part)
+            if groups > 1:
+                parts.view(len(xs), parts.shape[1], groups, -1).mul_(self.scale[rows].view(1, -1, groups, 1))
+            torch.mm(xs[0], parts[0].T, out=out[:, rows])
+            if len(xs) == 2:
+                out[:, rows].addmm_(xs[1], parts[1].T)
+        if groups == 1:
+            out *= self.scale.T
+        return out
 
-    def _nibbles_as_float(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``rows`` of an int4 matrix as two float32 halves: the low nibbles (inputs 0, 2, ...) and the high ones
-        (1, 3, ...), each times its group's scale, in the scratch buffer. A signed byte shifted right by 4 is its high
-        code; shifted left by 4 first, its low one."""
-        count, half = rows.stop - rows.start, self.packed.shape[1]
-        packed = self.packed[rows]
-        buffer = _scratch(2 * count * half, self.scale.device)
-        scale = self.scale[rows].unsqueeze(-1)  # (count, groups, 1); a group covers block / 2 bytes
-        halves = []
-        for i, codes in enumerate(((packed << 4).view(torch.int8) >> 4, packed.view(torch.int8) >> 4)):
-            out = buffer[i * count * half : (i + 1) * count * half].view(count, -1, self.block // 2)
-            torch.mul(codes.view(out.shape), scale, out=out)
-            halves.append(out.view(count, half))
-        return halves[0], halves[1]
+    def dequantized_block(self) -> Optional[torch.Tensor]:
+        """The whole float32 weight when it fits in one block, else None: the LSTM's recurrent matrix, dequantized
+        once a window instead of once a step. In this thread's scratch buffer (int8: valid until its next integer
+        product) or, for int4 by nibbles, a new tensor with the inputs back in order."""
+        if self.shape[0] * self.shape[1] > self.block_elements:
+            return None
+        parts = self._unscaled(slice(0, self.shape[0]))
+        groups = self.scale.shape[1]
+        parts.view(parts.shape[0], self.shape[0], groups, -1).mul_(self.scale.view(1, -1, groups, 1))
+        return parts.permute(1, 2, 0).reshape(self.shape)
+
+    def _blocks(self) -> list[slice]:
+        step = max(1, self.block_elements // self.shape[1])
+        return [slice(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
+
+    def _unscaled(self, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` as float32 codes, not yet scaled, in this thread's scratch buffer: ``(1, count, cols)``, or
+        for int4 with an even group size ``(2, count, cols / 2)``, the low nibbles (inputs 0, 2, ...) then the high
+        ones (1, 3, ...). A signed byte shifted right by 4 is its high code; shifted left by 4 first, its low one: no
+        index table, no integer widening."""
+        count, cols = rows.stop - rows.start, self.shape[1]
+        block = _scratch(count * cols, self.scale.device, torch.float32)
+        if self.bits == 8:
+            return block.view(1, count, cols).copy_(self.codes[rows])
+        if not self._by_nibbles:  # odd group sizes: through the byte table
+            return block.view(1, count, cols).copy_(self._codes_as_float(rows))
+        half, packed = cols // 2, self.packed[rows]
+        codes = _scratch(count * cols, self.scale.device, torch.int8).view(2, count, half)
+        four = _four(packed.device)  # a tensor, not 4: a Python number is wrapped into one on every call
+        torch.bitwise_left_shift(packed, four.to(torch.uint8), out=codes[0].view(torch.uint8))
+        codes[0].bitwise_right_shift_(four)
+        torch.bitwise_right_shift(packed.view(torch.int8), four, out=codes[1])
+        return block.view(2, count, half).copy_(codes)
 
 
 class IntegerEmbedding(nn.Module):
@@ -250,9 +279,12 @@ class IntegerLSTM(nn.Module):
         for layer in range(self.num_layers):
             projected = self.input_weights[layer].linear(x, getattr(self, f"bias_l{layer}"))
             h, c = hx[0][layer], hx[1][layer]
+            # A window of several steps dequantizes the recurrent matrix once (one block), not once a step.
+            recurrent = self.hidden_weights[layer]
+            weight = recurrent.dequantized_block() if steps > 1 and not torch.is_grad_enabled() else None
             outputs = []
             for t in range(steps):
-                gates = projected[:, t] + self.hidden_weights[layer].linear(h)
+                gates = projected[:, t] + (recurrent.linear(h) if weight is None else h @ weight.T)
                 i, f, g, o = gates.chunk(4, dim=1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)

@@ -38,7 +38,7 @@ def float_tensors(network: nn.Module) -> list[tuple[str, torch.Size]]:
 
 
 # --- integer modules ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits, group_size, width", [(8, 32, 64), (4, 32, 64), (4, 8, 40), (4, 3, 9), (8, 32, 9)])
+@pytest.mark.parametrize("bits, group_size, width", [(8, 32, 64), (4, 32, 64), (4, 64, 64), (4, 8, 40), (4, 3, 9), (8, 32, 9)])
 def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, group_size, width, monkeypatch):
     torch.manual_seed(1)
     weight = torch.randn(37, width)
@@ -48,10 +48,16 @@ def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, gro
     assert torch.equal(matrix.dequantize(), dequantized)
     index = torch.tensor([[3, 0], [36, 3]])
     assert torch.equal(matrix.rows(index), dequantized[index])
+    one = torch.randn(1, width)  # generation: one input row
+    assert_close(matrix.linear(one), one @ dequantized.T, rtol=1e-5, atol=1e-5)
+    # The whole matrix in one block (the LSTM's recurrent matrix, once a window); None when it does not fit.
+    assert torch.equal(matrix.dequantized_block(), dequantized)
     x, bias = torch.randn(5, 2, width), torch.randn(37)
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
     matrix.block_elements = 4 * width  # several blocks of rows, the last one short: the same result
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
+    assert_close(matrix.linear(one), one @ dequantized.T, rtol=1e-5, atol=1e-5)
+    assert matrix.dequantized_block() is None
     monkeypatch.setattr(inference, "_SCRATCH", threading.local())  # no buffer yet in this thread
     with torch.inference_mode():  # the reused float buffer, first made under inference mode (Lightning's test) ...
         matrix.linear(x)
