@@ -8,7 +8,9 @@ loads it (``ExportedModel.load``: int8/int4 codes resident, ``inference.py``), w
 
 * resident weight bytes: every parameter and buffer of the loaded network, each storage once, by layer;
 * process memory: RSS after ``import`` (the baseline), after loading, and the peak (VmHWM) after generating and scoring;
-* generation: ``--tokens`` new tokens from ``--prompt`` (top-k 50, temperature 0.8), ``--repeats`` times, median tokens/s;
+* generation: ``--tokens`` new tokens from ``--prompt`` (top-k 50, temperature 0.8), ``--repeats`` times in each of
+  ``--rounds`` processes per export, the exports taking turns round by round (a busy stretch of a shared machine then
+  slows every row, not one), median tokens/s over all of them;
 * test perplexity: ``score`` on ``--test-file``, next to the figure the export measured on itself when it was written
   (they must be equal: the same text, read and batched the same way, through the same modules).
 
@@ -38,7 +40,7 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int, threads: int) -> dict:
+def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int, threads: int, score: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -55,6 +57,8 @@ def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int,
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=tokens, seed=seed)
         speeds.append(tokens / (time.perf_counter() - start))
+    if not score:  # a later round: the speed only
+        return {"tokens_per_s_runs": speeds}
     scored = model.score_file(test_file)
     evaluation = model.metadata.get("evaluation", {})
     return {
@@ -109,26 +113,34 @@ def main() -> None:
     parser.add_argument("--prompt", default="the")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="processes per export for the speed, taking turns")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write every figure here (JSON)")
     parser.add_argument("--measure-one", nargs=2, metavar=("FOLDER", "JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_one:
-        result = measure(args.measure_one[0], args.test_file, args.prompt, args.tokens, args.repeats, args.threads)
+        result = measure(*args.measure_one[:1], args.test_file, args.prompt, args.tokens, args.repeats, args.threads, not args.speed_only)
         Path(args.measure_one[1]).write_text(json.dumps(result))
         return
     if not args.exports or any("=" not in e for e in args.exports):
         sys.exit("give the exports as NAME=FOLDER (e.g. fp32=lightning_logs/version_0/export-fp32), the reference first.")
-    rows = {}
-    for spec in args.exports:
-        name, folder = spec.split("=", 1)
-        out = Path(f"/tmp/lm_lightning_inference_{os.getpid()}_{len(rows)}.json")
-        command = [sys.executable, __file__, "--measure-one", folder, str(out), "--test-file", args.test_file, "--prompt",
-                   args.prompt, "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        rows[name] = json.loads(out.read_text())
-        out.unlink()
-        print(f"{name}: {rows[name]['tokens_per_s']:.0f} tokens/s, test ppl {rows[name]['test_ppl']:.2f}", file=sys.stderr)
+    rows: dict[str, dict] = {}
+    for round_ in range(max(1, args.rounds)):
+        for spec in args.exports:
+            name, folder = spec.split("=", 1)
+            out = Path(f"/tmp/lm_lightning_inference_{os.getpid()}.json")
+            command = [sys.executable, __file__, "--measure-one", folder, str(out), "--test-file", args.test_file, "--prompt",
+                       args.prompt, "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+            subprocess.run(command + ["--speed-only"] * (round_ > 0), check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            result = json.loads(out.read_text())
+            out.unlink()
+            if round_ == 0:
+                rows[name] = result
+            else:
+                rows[name]["tokens_per_s_runs"] += result["tokens_per_s_runs"]
+            rows[name]["tokens_per_s"] = statistics.median(rows[name]["tokens_per_s_runs"])
+            print(f"round {round_ + 1}, {name}: {statistics.median(result['tokens_per_s_runs']):.0f} tokens/s", file=sys.stderr)
     print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -196,6 +196,12 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int, dequant
         raise NotAnExport(f"{WEIGHTS} cannot be read ({one_line(err)})") from None
     state, matrices = {}, {}
     for name, info in plans.items():
+        rows, width = info["shape"][0], info["shape"][-1]
+        if info["dtype"] == "int4" and info["storage"] == "dense" and width % 2 == 0 and not dequantize:
+            # Stored packed row by row already (an even width starts every row on a byte): resident as it is.
+            packed = torch.from_numpy(arrays[name]).reshape(rows, width // 2)
+            matrices[name] = IntegerMatrix(packed, torch.from_numpy(arrays[f"{name}.scale"]), 4, width=width)
+            continue
         values = decode_values(arrays, info, name)
         if info["quantized"]:
             codes = torch.from_numpy(values.astype(np.int8)).reshape(info["shape"])

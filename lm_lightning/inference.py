@@ -92,17 +92,23 @@ class IntegerMatrix(nn.Module):
     block_elements = 2**18  # weights dequantized at a time by a product: 1 MiB of float32, small enough for the cache
     int8_kernel_max_rows = 0  # products of this many input rows or fewer go to torch's int8 kernel (slower here)
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, width: Optional[int] = None) -> None:
+        """``codes``: int8 ``(rows, cols)``; or, for 4 bits, the packed uint8 ``(rows, ceil(width / 2))`` bytes
+        themselves with ``width`` (a dense int4 export of even width stores exactly these: loading takes them as
+        they are, without an unpacked copy)."""
         super().__init__()
-        if bits not in (4, 8) or codes.dim() != 2 or codes.dtype != torch.int8:
-            raise ValueError("IntegerMatrix takes 2-D int8 codes and bits 4 or 8")
-        rows, cols = codes.shape
-        if scale.shape[0] != rows or cols % scale.shape[1]:
+        packed = bits == 4 and width is not None and codes.dtype == torch.uint8
+        if bits not in (4, 8) or codes.dim() != 2 or not (packed or codes.dtype == torch.int8):
+            raise ValueError("IntegerMatrix takes 2-D int8 codes (or int4's packed uint8 bytes and their width) and bits 4 or 8")
+        rows, cols = (codes.shape[0], width) if packed else codes.shape
+        if scale.shape[0] != rows or cols % scale.shape[1] or (packed and codes.shape[1] != (cols + 1) // 2):
             raise ValueError(f"scales {tuple(scale.shape)} do not fit codes {tuple(codes.shape)}")
         self.bits, self.shape, self.block = bits, (rows, cols), cols // scale.shape[1]
         self.register_buffer("scale", scale.float().contiguous())
         if bits == 8:
             self.register_buffer("codes", codes.contiguous())
+        elif packed:
+            self.register_buffer("packed", codes.contiguous())
         else:
             nibbles = (codes.to(torch.uint8) & 0xF).reshape(rows, cols)
             if cols % 2:

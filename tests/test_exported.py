@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +69,11 @@ def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, gro
     if bits == 8:  # torch's int8 kernel, where a CPU makes it worth switching on: the same result
         matrix.int8_kernel_max_rows = 100
         assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
+    if bits == 4:  # from the packed bytes themselves (how a dense int4 export loads): the same matrix
+        again = IntegerMatrix(matrix.packed.clone(), scale, 4, width=width)
+        assert torch.equal(again.dequantize(), dequantized)
+        with pytest.raises(ValueError, match="do not fit"):
+            IntegerMatrix(matrix.packed.clone(), scale, 4, width=width + 2)
     # Resident: the codes (int4: two per byte, each row on a byte) and the scales, nothing else.
     packed = width if bits == 8 else math.ceil(width / 2)
     assert sum(b.nbytes for b in matrix.buffers()) == 37 * packed + scale.numel() * 4
@@ -224,3 +232,23 @@ def test_bad_export_inputs_get_one_sentence(trained_export, tmp_path, capsys):
     export_model(lstm(), tmp_path / "bare", 8)
     with pytest.raises(LMInputError, match="not how to read text"):
         ExportedModel.load(tmp_path / "bare")
+
+
+def test_the_inference_benchmark_measures_every_export_and_scores_what_was_written(trained_export, tmp_path):
+    """benchmarks/inference.py on a tiny export, two rounds: every figure of the README's inference table is there,
+    the speed runs of both rounds are in the median, and score equals the perplexity written with the export."""
+    export, corpus = trained_export
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks/inference.py"), "--test-file", str(corpus / "test.txt"), "--tokens", "5",
+         "--repeats", "2", "--rounds", "2", "--out", str(out), f"a={export}", f"b={export}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["a", "b"] and "| b |" in result.stdout
+    for row in rows.values():
+        assert len(row["tokens_per_s_runs"]) == 4 and row["tokens_per_s"] > 0
+        assert row["test_ppl"] == pytest.approx(row["test_ppl_when_written"], rel=1e-6)
+        assert row["resident_bytes"]["total"] == sum(v for k, v in row["resident_bytes"].items() if k != "total")
+        assert row["peak_rss_bytes"] >= row["rss_loaded_bytes"] > row["rss_baseline_bytes"] > 0
