@@ -156,7 +156,7 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int, eval_bat
     result = {
         "name": name,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-        "tokens_per_sec": statistics.median(logged.get("train/device/items_per_sec", [math.nan])),
+        "tokens_per_sec": statistics.median(logged.get("train/tokens_per_sec", [math.nan])),
         # What the forward pass kept for backward, by the allocator's count where there is one (it sees the chunked
         # loss's early gradients and recomputed segments' inputs, which saved-tensor hooks cannot).
         "optimizer_bytes": statistics.median(logged.get("memory/optimizer_bytes", [math.nan])),
@@ -165,6 +165,7 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int, eval_bat
         ),
         "test_ppl": test["test/ppl"],
         "exports": {},
+        "log_dir": str(log_dir.absolute()),  # the driver reads it back from another folder
     }
     # The run's export (the export step writes one when a strategy calls for it); for the baseline, fp32 and
     # post-training quantization (PTQ) of its final weights, the reference the QAT and pruning exports are judged against.
@@ -310,7 +311,29 @@ def main() -> None:
     (out / "memory.md").write_text(f"{meta}, medians of {args.repeats} run(s)\n\n{report}\n\n{bow}\n")
     (out / "memory.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "memory.png")
-    print(f"\n{meta}\n\n{report}\n\n{bow}\n\nwrote {out / 'memory.md'} and {out / 'memory.png'}")
+    pareto(results, out / "pareto.png", meta)
+    print(f"\n{meta}\n\n{report}\n\n{bow}\n\nwrote {out / 'memory.md'}, {out / 'memory.png'} and {out / 'pareto.png'}")
+
+
+def pareto(results: dict[str, list[dict]], path: Path, meta: str) -> None:
+    """``compare``'s picture of the first repeat's runs (read back from their TensorBoard events, as
+    ``python -m lm_lightning compare`` reads any run), each labelled with its strategy; the baseline's post-training
+    quantized exports are points of their own on the export panel, at the baseline's validation perplexity."""
+    from dataclasses import replace
+
+    from lm_lightning.compare import plot, read_run
+
+    runs = []
+    for name, repeats in results.items():
+        if not repeats or "log_dir" not in repeats[0]:
+            continue  # the plain loop writes no TensorBoard run
+        run = replace(read_run(Path(repeats[0]["log_dir"])), label=name)
+        runs.append(run)
+        if name == BASELINE:
+            for label, export in repeats[0]["exports"].items():
+                figures = {"best_val_ppl": run.get("best_val_ppl"), "export_mib": export["bytes"] / 2**20}
+                runs.append(replace(run, label=f"fp32, {label.removeprefix('export-')}", figures=figures))
+    plot(runs, path, title=f"Memory strategies: {meta}")
 
 
 def matmul_speedup(size: int = 1024, repeats: int = 7) -> str:

@@ -1,6 +1,6 @@
-"""``python -m lm_lightning fit|validate|test|predict|export|estimate|generate|score``: LightningCLI with this
-project's defaults (``estimate``: ``estimate.py``; ``generate`` and ``score``, from an export folder alone:
-``exported.py``).
+"""``python -m lm_lightning fit|validate|test|predict|export|estimate|generate|score|compare``: LightningCLI with
+this project's defaults (``estimate``: ``estimate.py``; ``generate`` and ``score``, from an export folder alone:
+``exported.py``; ``compare``, runs side by side: ``compare.py``).
 
 What this adds to LightningCLI:
 
@@ -36,7 +36,14 @@ from lightning.pytorch.utilities import rank_zero_info
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from lm_lightning.callbacks import Export, GenerationWriter, PrecisionGuard, QuantizationAwareFinishing, TokenThroughput  # noqa: E402
+from lm_lightning.callbacks import (  # noqa: E402
+    Export,
+    GenerationWriter,
+    PrecisionGuard,
+    QuantizationAwareFinishing,
+    TokenThroughput,
+    ValidationLine,
+)
 from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
 from lm_lightning.checkpointing import (  # noqa: E402
     BestAndLastCheckpoint,
@@ -131,10 +138,11 @@ class LMCLI(LightningCLI):
             self._model_before_checkpoint = copy.deepcopy(config.get("model"))
 
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
         # LightningCLI replaced every --model.* value by the checkpoint's (see LightningCLI._parse_ckpt_path).
         if self._model_before_checkpoint is not None:
-            config = self.config.get(self.config.get("subcommand") or "", self.config)
             keep_command_line_settings(self._model_before_checkpoint, config.get("model"))
+        place_logs(config, self.config.get("subcommand"))
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -166,6 +174,10 @@ class LMCLI(LightningCLI):
             if _input_error(err) is not None:
                 raise
             raise LMInputError(f"Lightning refused the --trainer settings ({' '.join(str(err).split())}): change the value it names.") from None
+        # Without a logger (--trainer.logger false) there is no learning rate to log: Lightning's LearningRateMonitor
+        # would stop the run at its start, so the default one goes; the console line still reports each validation.
+        if not trainer.loggers:
+            trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         # Swap Lightning's default tqdm bar for a rich one, unless the user chose a bar or turned bars off.
         # (A RichProgressBar in the default callbacks would clash with --trainer.enable_progress_bar false.)
         for i, callback in enumerate(trainer.callbacks):
@@ -211,13 +223,63 @@ class LMCLI(LightningCLI):
             raise
 
 
+def place_logs(config, subcommand: Optional[str]) -> None:
+    """Where the TensorBoard logger writes, when the user did not say: under ``--trainer.default_root_dir`` (Lightning's
+    convention; the default logger is otherwise pinned to ``./lightning_logs``), and for ``validate``, ``test`` and
+    ``predict`` of a run's checkpoint (``RUN/checkpoints/*.ckpt``) into that run's own folder, so their metrics and
+    ``generated.txt`` sit with the run and no new ``version_N`` appears beside the training runs. An evaluation of
+    anything else gets a folder named after it (``test_0``, ``predict_0``, ...)."""
+    logger = config.get("trainer", {}).get("logger") if hasattr(config.get("trainer", {}), "get") else None
+    if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return
+    args = logger.get("init_args")
+    root = config["trainer"].get("default_root_dir")
+    if root is not None and str(args.get("save_dir")) == ".":
+        args["save_dir"] = str(root)
+    if subcommand not in ("validate", "test", "predict") or args.get("version") is not None:
+        return
+    run = _run_folder(config.get("ckpt_path"))
+    if run is not None:
+        args["save_dir"], args["name"], args["version"] = str(run.parent.parent), run.parent.name, run.name
+        return
+    parent = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    taken = {p.name for p in parent.iterdir()} if parent.is_dir() else set()
+    args["version"] = next(f"{subcommand}_{n}" for n in range(len(taken) + 1) if f"{subcommand}_{n}" not in taken)
+
+
+def _run_folder(ckpt_path: Optional[str]) -> Optional[Path]:
+    """The run a checkpoint belongs to: ``RUN`` for ``RUN/checkpoints/NAME.ckpt`` when RUN holds the run's config."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path).absolute()
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and ((run / "config.yaml").is_file() or (run / "hparams.yaml").is_file()):
+        return run
+    return None
+
+
+# `fit --help` lists the trainer's ~60 options and, for the model and data, only their class names (subclass mode:
+# any LightningModule or LightningDataModule by class path): this says where the model and data options are, at the
+# top and at the end of the help, where a reader looks.
+FIT_HELP = (
+    "Train a language model (default: an embedding + LSTM network on the embedded corpus). "
+    "Model options (sizes, dropout, optimizer, schedule, sampling): --model.help LanguageModel "
+    "(bag-of-words: --model.help BagLanguageModel). "
+    "Data options (corpus, tokenizer, vocabulary, batch size, bptt): --data.help TokenDataModule "
+    "(bag-of-words: --data.help BagDataModule). "
+    "Set them as --model.hidden_dim 512, --data.bptt 70, --model.optimizer.lr 0.01. "
+    "Recipes: -c configs/ptb_small.yaml; memory strategies: -c configs/memory/lean.yaml (one file each in configs/memory); "
+    "what fits in a memory budget, before training: python -m lm_lightning estimate --help."
+)
+
+
 def trainer_defaults() -> dict:
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
         },
-        "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput()],
+        "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput(), ValidationLine()],
         # Clipping the global gradient norm keeps LSTM training stable (Pascanu et al. 2013; 0.25 as in word_language_model).
         "gradient_clip_val": 0.25,
         "max_epochs": 15,
@@ -239,7 +301,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> LMCLI:
         # exit_on_error: parser errors raise instead of printing 70-80 lines of usage, and main() says them in one
         # sentence; allow_abbrev: a typo such as
         # --trainer.max_epoch must be an error, not silently taken as --trainer.max_epochs.
-        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "fit": {"description": FIT_HELP, "epilog": FIT_HELP}},
         args=args,
         run=run,
     )
@@ -294,6 +356,10 @@ def main(args: Optional[list[str]] = None) -> None:
             from lm_lightning.estimate import estimate_command
 
             estimate_command(args[1:])
+        elif args[:1] == ["compare"]:  # runs side by side from their TensorBoard events, and the Pareto picture
+            from lm_lightning.compare import compare_command
+
+            compare_command(args[1:])
         elif args[:1] in (["generate"], ["score"]):  # an export folder alone: no config, corpus or checkpoint
             from lm_lightning.exported import generate_command, score_command
 
@@ -301,7 +367,7 @@ def main(args: Optional[list[str]] = None) -> None:
         else:
             build_cli(args)
     except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)
-        if args[:1] in (["generate"], ["score"]):  # argparse's own message already names the option
+        if args[:1] in (["generate"], ["score"], ["compare"]):  # argparse's own message already names the option
             _exit_with(f"{err}: see python -m lm_lightning {args[0]} --help.")
         _exit_with(parser_error_sentence(str(err), args))
     except UnicodeDecodeError:  # jsonargparse reads -c files without catching this

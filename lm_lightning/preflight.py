@@ -27,10 +27,11 @@ SAVE_DIR_FLAG = "--trainer.logger.init_args.save_dir"
 def check_start(trainer: L.Trainer, model: L.LightningModule, subcommand: str) -> None:
     """One sentence, before anything is written, for settings Lightning or torch would refuse (or ignore) later."""
     log_dir = trainer.log_dir
-    if log_dir is not None:
-        check_writable(Path(log_dir), f"run from a writable folder or set {SAVE_DIR_FLAG} to one")
+    # The root first: the logs go under it unless the logger names its own folder, and its flag is the one to fix.
     if Path(trainer.default_root_dir).absolute() != Path.cwd():
         check_writable(Path(trainer.default_root_dir), "give --trainer.default_root_dir a writable folder")
+    if log_dir is not None:
+        check_writable(Path(log_dir), f"run from a writable folder or set {SAVE_DIR_FLAG} to one")
     if subcommand == "fit":
         check_training_budget(trainer)
         check_optimizer(model)

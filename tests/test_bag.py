@@ -181,7 +181,7 @@ def test_tensorboard_has_ppl_beside_the_unigram_baseline_and_next_words(bag_fit)
     events = EventAccumulator(str(run))
     events.Reload()
     assert len(events.Scalars("val/ppl")) == len(events.Scalars("val/unigram_ppl")) == 8  # one per epoch
-    assert {"train/loss", "train/ppl", "train/device/items_per_sec", "hp/best_val_ppl"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ppl", "train/tokens_per_sec", "hp/best_val_ppl"} <= set(events.Tags()["scalars"])
     assert "samples/next_words/text_summary" in events.Tags()["tensors"]
 
 

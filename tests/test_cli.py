@@ -13,6 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.cli import build_cli, main
+from lm_lightning.compare import read_run
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export import load_exported
 
@@ -113,21 +114,39 @@ def test_export_command_with_a_bad_checkpoint_is_one_sentence(fitted, tmp_path, 
 
 
 def test_tensorboard_has_the_documented_scalars_text_and_hparams(fitted):
-    run, _ = fitted
+    run, cli = fitted
     events = EventAccumulator(str(run))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ["train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW", "train/device/items_per_sec"]:
+    for tag in ["train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW", "train/tokens_per_sec"]:
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
-    assert len(events.Scalars("val/ppl")) == 2  # one per epoch
+    # One per epoch (the tests that validate this run's checkpoint add theirs after: they log into the run).
+    assert [e.step for e in events.Scalars("val/ppl")][:2] == [24, 49]  # Lightning logs at the last step, from 0
     assert events.Scalars("lr-AdamW")[0].value == pytest.approx(3e-3)
-    tokens_per_sec = [e.value for e in events.Scalars("train/device/items_per_sec")]
+    tokens_per_sec = [e.value for e in events.Scalars("train/tokens_per_sec")]
     assert all(v > 0 for v in tokens_per_sec)
+    # Throughput: tokens/s and batches/s only, not ThroughputMonitor's running totals, per-device copies or validation.
+    assert {t for t in scalars if t.startswith(("train/time", "train/batches", "train/samples", "train/lengths", "train/device", "validate/"))} == {"train/batches_per_sec"}
     assert "samples/generated/text_summary" in events.Tags()["tensors"]
-    hparam_events = EventAccumulator(str(run), size_guidance={"tensors": 0})
-    hparam_events.Reload()
-    summary = hparam_events.summary_metadata
-    assert any("hparams" in (m.plugin_data.plugin_name or "") for m in summary.values())
+    # The generated text is a Markdown code block (4 spaces a line): shown as written, not as Markdown.
+    text_events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    text_events.Reload()
+    sample = text_events.Tensors("samples/generated/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert sample.startswith("    ") and all(line.startswith("    ") for line in sample.splitlines())
+    # HPARAMS: one flat row of what tells runs apart, and the figures to sort by; none of LightningCLI's internals.
+    runs = read_run(run)
+    assert not any(k.startswith("_") or "_class_path" in k or "_instantiator" in k for k in runs.hparams)
+    expected = {"Batch": "32 x 35", "Corpus": "embedded (treebank)", "Memory strategies": "none", "Optimizer": "AdamW lr 0.003",
+                "Precision": "32-true", "model/class": "LanguageModel", "model/hidden_dim": 64, "optimizer/class": "AdamW",
+                "optimizer/lr": pytest.approx(3e-3), "optimizer/lr_scheduler": "none", "data/source": "embedded",
+                "data/batch_size": 32, "data/bptt": 35, "data/tokenizer": "treebank", "trainer/precision": "32-true",
+                "export/format": "none"}  # fmt: skip
+    for key, value in expected.items():
+        assert runs.hparams[key] == value, key
+    assert runs.hparams["data/vocab_size"] == cli.datamodule.vocab_size and "model/sample_length" not in runs.hparams
+    assert sorted(runs.hparams)[:5] == ["Batch", "Corpus", "Memory strategies", "Optimizer", "Precision"]  # shown first
+    assert runs.figures["best_val_ppl"] == pytest.approx(min(e.value for e in events.Scalars("val/ppl")), rel=1e-6)
+    assert runs.figures["peak_memory_mib"] > 100  # process peak RSS (torch alone is ~400 MiB)
 
 
 def test_a_model_defined_outside_the_package_trains_by_class_path_and_learns(tiny_corpus, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.allocator import ReturnFreedMemory
+from lm_lightning.callbacks.console import ValidationLine
 from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.generation_writer import GenerationWriter
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor
@@ -20,4 +21,5 @@ __all__ = [
     "QuantizationAwareFinishing",
     "ReturnFreedMemory",
     "TokenThroughput",
+    "ValidationLine",
 ]

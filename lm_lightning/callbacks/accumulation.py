@@ -59,6 +59,15 @@ class MicroBatchAccumulation(Callback):
         self._scheduler: Optional[GradientAccumulationScheduler] = None
         self._batch_size = 0
 
+    hparam_name = "micro_batches"
+
+    def hparams(self) -> dict[str, object]:
+        later = {epoch: size for epoch, size in self.sizes.items() if epoch}
+        return {"micro_batch_size": self.sizes[0], "schedule": str(later) if later else "none"}
+
+    def strategy_label(self) -> str:
+        return f"micro-batches of {self.sizes[0]}"
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

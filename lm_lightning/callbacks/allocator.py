@@ -59,6 +59,14 @@ class ReturnFreedMemory(Callback):
         self.mmap_threshold = mmap_threshold
         self.applied = False
 
+    hparam_name = "allocator"
+
+    def hparams(self) -> dict[str, int]:
+        return {"mmap_threshold": self.mmap_threshold}
+
+    def strategy_label(self) -> str:
+        return "freed memory returned"
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         libc = _glibc()
         if libc is None or libc.mallopt(M_MMAP_THRESHOLD, self.mmap_threshold) != 1:

@@ -99,6 +99,14 @@ class Export(Callback):
                     block_width(tensor.shape, self._bits, self._group_size, name)
         self.report = None
 
+    hparam_name = "export"
+
+    def hparams(self) -> dict[str, Any]:
+        """The export's format in the run's HPARAMS row (after setup)."""
+        if not getattr(self, "_enabled", False):
+            return {"format": "none"}
+        return {"format": f"int{self._bits}" if self._bits else "float32", "group_size": self._group_size if self._bits == 4 else "none"}
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
@@ -114,9 +122,9 @@ class Export(Callback):
             metadata,
             test_batches=test_batch_limit(trainer, trainer.datamodule) if self.evaluate else 0,
         )
-        metrics = {"export/bytes": float(self.report["bytes"])}
+        metrics = {"export/bytes": float(self.report["bytes"]), "hp/export_mib": self.report["bytes"] / 2**20}
         if self.report["test_ppl"] is not None:
-            metrics["export/test_ppl"] = self.report["test_ppl"]
+            metrics["export/test_ppl"] = metrics["hp/export_test_ppl"] = self.report["test_ppl"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
@@ -148,6 +156,7 @@ def export_network(
         device = next(network.parameters()).device
         report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches)
         record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
+        report["bytes"] = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())  # the manifest grew
     return report
 
 

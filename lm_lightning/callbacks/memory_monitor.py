@@ -4,7 +4,7 @@ Lightning's ``DeviceStatsMonitor`` logs device-wide statistics (CUDA allocator c
 and ``ThroughputMonitor`` logs speed; neither says *what* the memory is. :class:`MemoryMonitor` adds that breakdown,
 on CPU as well as GPU, and a one-screen summary at the end of ``fit``. Tokens/s are not logged again here: the CLI always adds
 :class:`~lm_lightning.callbacks.throughput.TokenThroughput` (Lightning's ``ThroughputMonitor``, logged as
-``train/device/items_per_sec``); the summary quotes its last reading when there is one.
+``train/tokens_per_sec``); the summary quotes its last reading when there is one.
 
 Activations are measured with ``torch.autograd.graph.saved_tensors_hooks`` (the mechanism behind
 ``torch.autograd.graph.save_on_cpu``), so they need no allocator statistics and work on CPU. A view keeps its whole
@@ -303,6 +303,11 @@ class MemoryMonitor(Callback):
         self._stop_counting()
         self._saved = None
 
+    @property
+    def peak_bytes(self) -> Optional[int]:
+        """The highest ``memory/peak_bytes`` measured (CUDA allocated, or process RSS), None before any batch."""
+        return max((h["memory/peak_bytes"] for h in self.history), default=None)
+
     # --- summary ------------------------------------------------------------------------------------------
     def summary_table(self, trainer: L.Trainer) -> str:
         if not self.history:
@@ -325,7 +330,7 @@ class MemoryMonitor(Callback):
         if self.predicted is not None:
             error = (self.predicted.peak - peak) / peak
             rows.append(("predicted at fit start", f"{human_bytes(self.predicted.peak)} ({error:+.0%})"))
-        tokens_per_sec = trainer.logged_metrics.get("train/device/items_per_sec")
+        tokens_per_sec = trainer.logged_metrics.get("train/tokens_per_sec")
         if tokens_per_sec is not None:
             rows.append(("tokens/s (TokenThroughput)", f"{float(tokens_per_sec):,.0f}"))
         title = f"Memory: {len(self.history)} measured batch(es), precision {trainer.precision}, {device}"

@@ -137,6 +137,15 @@ class MagnitudePruning(ModelPruning):
         self._mirrors: dict[str, tuple[nn.Module, str, str]] = {}  # name -> (module, attr, target name)
         self._restored_masks: dict[str, torch.Tensor] = {}  # from a checkpoint, applied at train start
 
+    hparam_name = "pruning"
+
+    def hparams(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "schedule": self.schedule, "scope": self.scope,
+                "start_epoch": self._start_epoch, "end_epoch": self._end_epoch}  # fmt: skip
+
+    def strategy_label(self) -> str:
+        return f"pruning {self.sparsity:.0%}"
+
     # --- schedule -------------------------------------------------------------------------------------
     def sparsity_at(self, epoch: int) -> float:
         """Target fraction of zeros while training ``epoch`` (the schedule; needs ``end_epoch`` or ``setup``)."""

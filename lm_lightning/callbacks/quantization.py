@@ -200,6 +200,15 @@ class QuantizationAwareFinishing(Callback):
         self.start_step: Optional[int] = None
         self.started_at: Optional[int] = None  # global step at which fake quantization was switched on
 
+    hparam_name = "qat"
+
+    def hparams(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size if self.bits == 4 else "none",
+                "last_epochs": self.last_epochs, "last_fraction": self.last_fraction}  # fmt: skip
+
+    def strategy_label(self) -> str:
+        return f"QAT int{self.bits}" + (f" groups of {self.group_size}" if self.bits == 4 else "")
+
     @property
     def active(self) -> bool:
         return self.started_at is not None

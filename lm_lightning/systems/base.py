@@ -23,6 +23,7 @@ from lm_lightning.checkpointing import gather_rng_states, restore_rng_states
 from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
+from lm_lightning.hparams import nan_metrics, peak_memory_mib, run_hparams
 
 
 def detach_hidden(hidden: Any) -> Any:
@@ -73,13 +74,27 @@ class StreamSystem(L.LightningModule):
     def forward(self, inputs: Any, hidden: Any = None) -> tuple[torch.Tensor, Any]:
         return self.network(inputs, hidden)
 
+    def setup(self, stage: str) -> None:
+        # Lightning would log this module's and the datamodule's hyper-parameters as they are (LightningCLI's
+        # _class_path and _instantiator, the sampling settings), at every stage; on_fit_start logs a run's row instead
+        # (hparams.py), and validate/test/predict, which log into the run they evaluate, leave it as fit wrote it.
+        self._log_hyperparams = False
+        if self.trainer.datamodule is not None:
+            self.trainer.datamodule._log_hyperparams = False
+
     def on_fit_start(self) -> None:
-        # TensorBoard's HPARAMS tab needs a metric to show runs side by side; Lightning's placeholder
-        # "hp_metric" (-1) is turned off in favour of a real one, updated at every validation.
+        # TensorBoard's HPARAMS tab: one row per run (flat settings), and the figures to sort it by, declared now and
+        # filled in as they become known (Lightning's placeholder "hp_metric" of -1 is turned off in the CLI).
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(self.hparams, {"hp/best_val_ppl": math.nan})
+                logger.log_hyperparams(run_hparams(self.trainer, self), nan_metrics())
         seed_dropout_per_rank(self.trainer.global_rank)
+
+    def on_train_end(self) -> None:
+        peak = peak_memory_mib(self.trainer)
+        if peak is not None:
+            for logger in self.loggers:  # self.log is not allowed here; the logger is (rank zero only)
+                logger.log_metrics({"hp/peak_memory_mib": peak}, step=self.global_step)
 
     # --- training -------------------------------------------------------------------------------------
     def _loss(self, batch: Batch, stage: str) -> torch.Tensor:
@@ -166,9 +181,12 @@ class StreamSystem(L.LightningModule):
         raise NotImplementedError
 
     def _log_text(self, tag: str, text: str) -> None:
+        """TensorBoard renders text as Markdown: indented four spaces, it is a code block, shown as written
+        (``__init__`` stays ``__init__``, lines stay lines, ``*`` and ``#`` stay characters)."""
+        block = "\n".join("    " + line for line in text.splitlines() or [""])
         for logger in self.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_text"):
-                logger.experiment.add_text(tag, text, self.global_step)
+                logger.experiment.add_text(tag, block, self.global_step)
 
     def on_test_epoch_start(self) -> None:
         self._reset_hidden("test")
@@ -177,7 +195,8 @@ class StreamSystem(L.LightningModule):
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
+        loss = self._log_evaluation("test")
+        self.log("hp/test_ppl", loss.exp())
 
     # --- checkpoints and optimization -----------------------------------------------------------------
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:

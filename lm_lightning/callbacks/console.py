@@ -1,0 +1,90 @@
+"""One line per validation on the console, for runs nobody watches through a progress bar.
+
+With ``--trainer.enable_progress_bar false``, or with the output sent to a file (nohup, SLURM, CI: no terminal, so
+the rich bar draws nothing), Lightning prints nothing between the model summary and the end of fit. This callback
+prints, after each validation:
+
+    epoch 3/15 · step 879 · train loss 4.812 · val ppl 112.40 · 9,350 tok/s · peak 612 MiB · 4 min 10 s left
+
+(peak memory: the memory monitor's when it runs, else the process's peak RSS, as in ``hp/peak_memory_mib``; time
+left: the time per optimizer step so far, validation included, times the steps left). With a progress bar on a
+terminal it stays silent: the bar shows the same figures.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from lm_lightning.hparams import peak_memory_mib
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``4 min 10 s``, ``2 h 05 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class ValidationLine(Callback):
+    """Args:
+    always: Print the line even with a progress bar on a terminal.
+    """
+
+    def __init__(self, always: bool = False) -> None:
+        self.always = always
+        self.lines: list[str] = []
+        self._start: Optional[float] = None
+        self._first_step = 0
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return self.always or trainer.progress_bar_callback is None or not sys.stdout.isatty()
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._first_step = time.monotonic(), trainer.global_step  # a resumed run counts from here
+        if self._active(trainer):
+            total = trainer.estimated_stepping_batches
+            steps = f"{int(total):,} optimizer steps" if math.isfinite(total) else "no step limit"
+            print(f"Training: {trainer.max_epochs} epochs, {steps}; a line after each validation.", flush=True)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._active(trainer):
+            return
+        line = self.line(trainer)
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def line(self, trainer: L.Trainer) -> str:
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step:,}"]
+        if "train/loss" in metrics:
+            parts.append(f"train loss {float(metrics['train/loss']):.3f}")
+        if "val/ppl" in metrics:
+            parts.append(f"val ppl {float(metrics['val/ppl']):.2f}")
+        tokens = next((c.tokens_per_sec for c in trainer.callbacks if getattr(c, "tokens_per_sec", None)), None)
+        if tokens is not None:
+            parts.append(f"{tokens:,.0f} tok/s")
+        peak = peak_memory_mib(trainer)
+        if peak is not None:
+            parts.append(f"peak {peak:,.0f} MiB")
+        left = self.seconds_left(trainer)
+        if left is not None:
+            parts.append(f"{duration(left)} left")
+        return " · ".join(parts)
+
+    def seconds_left(self, trainer: L.Trainer) -> Optional[float]:
+        total, done = trainer.estimated_stepping_batches, trainer.global_step - self._first_step
+        if self._start is None or done <= 0 or not math.isfinite(total):
+            return None
+        return (time.monotonic() - self._start) / done * max(0, total - trainer.global_step)

@@ -1,0 +1,174 @@
+"""``python -m lm_lightning compare RUN [RUN ...] [--out FILE.png]``: runs side by side, and the Pareto picture.
+
+Reads what each run wrote to TensorBoard (``hparams.py``): its ``Memory strategies`` and the figures ``hp/best_val_ppl``,
+``hp/peak_memory_mib``, ``hp/export_mib``, ``hp/test_ppl`` and ``hp/export_test_ppl``. Prints one row per run, best
+validation perplexity first, and draws validation perplexity against peak training memory and against export size:
+the runs that no other run beats on both axes (the Pareto front: lower-left is better) are joined by a line, so the
+strategies worth their cost stand out. A folder that holds runs (``lightning_logs``) stands for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from lm_lightning.errors import LMInputError
+
+FIGURES = {
+    "best_val_ppl": "hp/best_val_ppl",
+    "test_ppl": "hp/test_ppl",
+    "export_test_ppl": "hp/export_test_ppl",
+    "peak_memory_mib": "hp/peak_memory_mib",
+    "export_mib": "hp/export_mib",
+}
+AXES = {"peak_memory_mib": "peak training memory (MiB)", "export_mib": "export size (MiB)"}
+
+
+@dataclass
+class Run:
+    folder: Path
+    label: str
+    figures: dict[str, float] = field(default_factory=dict)
+    hparams: dict[str, object] = field(default_factory=dict)
+
+    def get(self, name: str) -> float:
+        return self.figures.get(name, math.nan)
+
+
+def run_folders(paths: list[str]) -> list[Path]:
+    """Each path as a run (a folder with TensorBoard events), or the runs inside it, in name order."""
+    folders: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            raise LMInputError(f"{path} is not a folder: give run folders (lightning_logs/version_N) or a folder that holds them.")
+        if any(path.glob("events.out.tfevents.*")):
+            folders.append(path)
+            continue
+        inside = sorted({p.parent for p in path.glob("*/events.out.tfevents.*")}, key=lambda p: p.name)
+        if not inside:
+            raise LMInputError(f"{path} holds no TensorBoard run: give run folders (lightning_logs/version_N) or lightning_logs.")
+        folders.extend(inside)
+    return folders
+
+
+def read_run(folder: Path) -> Run:
+    """The run's strategies label, flat settings and last value of each figure (NaN: not measured)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one line per event file read, otherwise
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    hparams: dict[str, object] = {}
+    for meta in events.summary_metadata.values():
+        if meta.plugin_data.plugin_name != "hparams":
+            continue
+        data = plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content)
+        if data.HasField("session_start_info"):
+            for name, value in data.session_start_info.hparams.items():
+                kind = value.WhichOneof("kind")
+                hparams[name] = getattr(value, kind) if kind else None
+    tags = set(events.Tags()["scalars"])
+    figures = {}
+    for name, tag in FIGURES.items():
+        values = [e.value for e in events.Scalars(tag)] if tag in tags else []
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            figures[name] = values[-1]
+    if "best_val_ppl" not in figures and "val/ppl" in tags:  # a run from before hp/best_val_ppl: its best validation
+        figures["best_val_ppl"] = min(e.value for e in events.Scalars("val/ppl"))
+    label = str(hparams.get("Memory strategies", "(no HPARAMS row)"))
+    return Run(folder, label, figures, hparams)
+
+
+def pareto_front(runs: list[Run], x: str, y: str = "best_val_ppl") -> list[Run]:
+    """The runs no other run beats on both ``x`` and ``y`` (lower is better on both), in order of ``x``."""
+    measured = [r for r in runs if not math.isnan(r.get(x)) and not math.isnan(r.get(y))]
+
+    def beaten(r: Run) -> bool:
+        return any(
+            o.get(x) <= r.get(x) and o.get(y) <= r.get(y) and (o.get(x) < r.get(x) or o.get(y) < r.get(y)) for o in measured
+        )
+
+    return sorted((r for r in measured if not beaten(r)), key=lambda r: (r.get(x), r.get(y)))
+
+
+def table(runs: list[Run]) -> str:
+    def cell(value: float, fmt: str) -> str:
+        return "—" if math.isnan(value) else format(value, fmt)
+
+    lines = [
+        "| run | memory strategies | best val ppl | test ppl | export test ppl | peak memory (MiB) | export (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(runs, key=lambda r: (math.isnan(r.get("best_val_ppl")), r.get("best_val_ppl"))):
+        lines.append(
+            f"| {_name(r.folder)} | {r.label} | {cell(r.get('best_val_ppl'), '.2f')} | {cell(r.get('test_ppl'), '.2f')} | "
+            f"{cell(r.get('export_test_ppl'), '.2f')} | {cell(r.get('peak_memory_mib'), ',.0f')} | {cell(r.get('export_mib'), ',.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _name(folder: Path) -> str:
+    """The run folder as the user would type it: relative to here when it is below here."""
+    relative = os.path.relpath(folder.absolute())
+    return relative if not relative.startswith("..") else str(folder)
+
+
+def plot(runs: list[Run], out: Path, title: Optional[str] = None) -> None:
+    """Two panels, validation perplexity against each of ``AXES``, the Pareto front of each joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(AXES), figsize=(6.2 * len(AXES), 4.6))
+    for ax, (x, name) in zip(axes, AXES.items()):
+        shown = [r for r in runs if not math.isnan(r.get(x)) and not math.isnan(r.get("best_val_ppl"))]
+        front = pareto_front(shown, x)
+        for r in shown:
+            on_front = r in front
+            ax.scatter(r.get(x), r.get("best_val_ppl"), s=46, zorder=3, color="tab:blue" if on_front else "tab:gray")
+            ax.annotate(r.label, (r.get(x), r.get("best_val_ppl")), textcoords="offset points", xytext=(6, 5), fontsize=8,
+                        color="black" if on_front else "dimgray")  # fmt: skip
+        if len(front) > 1:
+            ax.plot([r.get(x) for r in front], [r.get("best_val_ppl") for r in front], color="tab:blue", lw=1.2, zorder=2,
+                    label="Pareto front (no run is better on both)")  # fmt: skip
+            ax.legend(loc="upper right", fontsize=8)
+        if not shown:
+            ax.text(0.5, 0.5, f"no run measured {name}", transform=ax.transAxes, ha="center", color="gray")
+        ax.set_xlabel(name)
+        ax.set_ylabel("best validation perplexity")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.15)
+    fig.suptitle(title or "Validation perplexity against memory (lower left is better)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def compare_command(args: list[str]) -> list[Run]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lm_lightning compare", description=__doc__.split("\n\n")[1], exit_on_error=False
+    )
+    parser.add_argument("runs", nargs="+", help="run folders (lightning_logs/version_N), or folders that hold runs")
+    parser.add_argument("--out", type=Path, default=None, help="write the Pareto picture here (.png, .svg or .pdf)")
+    parser.add_argument("--title", default=None, help="the picture's title")
+    options = parser.parse_args(args)
+    named = {Path(p).absolute() for p in options.runs}
+    runs = [read_run(folder) for folder in run_folders(options.runs)]
+    # Of the runs found inside a folder, the trained ones: a stand-alone validate/test/predict of no run's checkpoint
+    # (lightning_logs/test_0, ...) writes no HPARAMS row.
+    runs = [r for r in runs if r.hparams or r.folder.absolute() in named]
+    print(table(runs))
+    if options.out is not None:
+        plot(runs, options.out, options.title)
+        print(f"\nWrote {options.out}")
+    return runs

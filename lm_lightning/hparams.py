@@ -1,0 +1,142 @@
+"""What TensorBoard's HPARAMS tab shows for a run: one row of flat, readable settings and the figures to sort by.
+
+Lightning logs a module's ``save_hyperparameters`` as they are: LightningCLI's ``_class_path`` and ``_instantiator``,
+the sampling settings, and none of what tells two runs apart -- optimizer, schedule, data, precision, memory
+strategies -- which live in other objects. :func:`run_hparams` reads them from the objects of a started fit (so a
+notebook's ``Trainer`` gets the same row as the CLI), the systems log it once at fit start (``systems/base.py``) in
+place of Lightning's, and these figures fill the row as they become known:
+
+* ``hp/best_val_ppl``: best validation perplexity so far (every validation);
+* ``hp/test_ppl``: test perplexity of a checkpoint (``test``, which logs into the run it belongs to);
+* ``hp/export_test_ppl``: the export's test perplexity, measured on the export as loaded (its integer weights);
+* ``hp/peak_memory_mib``: peak training memory -- the memory monitor's (CUDA allocated, or process RSS) when it runs,
+  else the process's peak RSS (Linux) -- at the end of fit;
+* ``hp/export_mib``: the export's files, when the run exports.
+
+The first five columns, capitalized so that they sort first, are the ones TensorBoard shows until a reader picks
+others: ``Batch`` (streams x bptt), ``Corpus`` (source and tokenizer), ``Memory strategies`` (e.g. ``bf16-mixed +
+micro-batches of 8 + pruning 80% + QAT int8``), ``Optimizer`` (class, learning rate, schedule) and ``Precision``.
+
+A memory-strategy callback describes itself with ``hparams()`` (its settings) and ``strategy_label()`` (a few words, or
+"" for a callback that saves nothing, such as a monitor); a fork's own callback does the same to get its column.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+
+METRICS = ("hp/best_val_ppl", "hp/test_ppl", "hp/export_test_ppl", "hp/peak_memory_mib", "hp/export_mib")
+# How a run samples text at validation: not something that tells training runs apart.
+SAMPLING = {"sample_length", "max_new_tokens", "temperature", "top_k", "seed", "prompt", "vocab_size"}
+_PRIMITIVE = (bool, int, float, str)
+
+
+def _flat(value: Any) -> Any:
+    """A value TensorBoard can show in a column: numbers, text and booleans as they are, anything else as text."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):  # TensorBoard would show 1.0 and 0.0
+        return str(value).lower()
+    if isinstance(value, _PRIMITIVE):
+        return value
+    return str(value)
+
+
+def run_hparams(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    """The flat settings of a fit: five headline columns, then ``section/name`` -> value (see the module docstring)."""
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    configs = trainer.lr_scheduler_configs
+    scheduler = type(configs[0].scheduler).__name__ if configs else "none"
+    data = trainer.datamodule
+    data_hparams = dict(getattr(data, "hparams", {}))
+    labels = strategy_labels(trainer, module)
+    details: dict[str, Any] = {"model/class": type(module).__name__}
+    for key, value in module.hparams.items():
+        if not key.startswith("_") and key not in SAMPLING and (value is None or isinstance(value, _PRIMITIVE)):
+            details[f"model/{key}"] = _flat(value)
+    details["model/parameters"] = sum(p.numel() for p in module.parameters())
+    if optimizer is not None:
+        details["optimizer/class"] = type(optimizer).__name__
+        for key in ("lr", "weight_decay", "momentum", "eps"):
+            if isinstance(optimizer.defaults.get(key), _PRIMITIVE):
+                details[f"optimizer/{key}"] = optimizer.defaults[key]
+    details["optimizer/lr_scheduler"] = scheduler
+    if data is not None:
+        details["data/class"] = type(data).__name__
+        for key, value in data_hparams.items():
+            if not key.startswith("_") and (value is None or isinstance(value, _PRIMITIVE)):
+                details[f"data/{key}"] = _flat(value)
+        if getattr(data, "vocab_size", None) is not None:
+            details["data/vocab_size"] = data.vocab_size
+    details.update(
+        {
+            "trainer/precision": str(trainer.precision),
+            "trainer/max_epochs": _flat(trainer.max_epochs),
+            "trainer/accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "trainer/gradient_clip_val": _flat(trainer.gradient_clip_val),
+            "trainer/world_size": trainer.world_size,
+        }
+    )
+    for callback in trainer.callbacks:
+        if callable(getattr(callback, "hparams", None)):
+            name = getattr(callback, "hparam_name", type(callback).__name__)
+            details.update({f"{name}/{k}": _flat(v) for k, v in callback.hparams().items()})
+            label = callback.strategy_label() if callable(getattr(callback, "strategy_label", None)) else ""
+            labels += [label] if label else []
+    # TensorBoard's HPARAMS tab orders the columns by name and shows the first five until you pick others: these five
+    # sort first (capitals come before lower case) and say at a glance what a run was.
+    lr = optimizer.defaults.get("lr") if optimizer is not None else None
+    headline = {
+        "Batch": f"{data_hparams.get('batch_size', '?')} x {data_hparams.get('bptt', '?')}",
+        "Corpus": f"{data_hparams.get('source', '?')} ({data_hparams.get('tokenizer', '?')})",
+        "Memory strategies": " + ".join(labels) or "none",
+        "Optimizer": (f"{type(optimizer).__name__} lr {lr:g}" if isinstance(lr, (int, float)) else type(optimizer).__name__)
+        + ("" if scheduler == "none" else f", {scheduler}")
+        if optimizer is not None
+        else "none",
+        "Precision": str(trainer.precision),
+    }
+    return {**headline, **details}
+
+
+def strategy_labels(trainer: L.Trainer, module: L.LightningModule) -> list[str]:
+    """The memory strategies that are settings of the trainer, the optimizer or the model rather than callbacks."""
+    labels = [] if str(trainer.precision) in ("32-true", "32") else [str(trainer.precision)]
+    if trainer.optimizers and not type(trainer.optimizers[0]).__module__.startswith("torch.optim"):
+        labels.append(type(trainer.optimizers[0]).__name__)  # an optimizer-state choice (torchao's 8-bit AdamW, ...)
+    hparams = module.hparams
+    if hparams.get("loss_chunk_size"):
+        labels.append(f"chunked loss {hparams['loss_chunk_size']}")
+    if hparams.get("recompute_segments"):
+        labels.append(f"recompute {hparams['recompute_segments']}")
+    if hparams.get("sparse_embedding_grad"):
+        labels.append("sparse embedding grads")
+    return labels
+
+
+def peak_memory_mib(trainer: L.Trainer) -> Optional[float]:
+    """Peak training memory: a memory monitor's (``peak_bytes``) when one runs, else this process's peak RSS."""
+    for callback in trainer.callbacks:
+        if getattr(callback, "peak_bytes", None) is not None:
+            return callback.peak_bytes / 2**20
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> Optional[float]:
+    """This process's peak resident memory (``VmHWM``) in MiB, or None where ``/proc`` does not say (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def nan_metrics() -> dict[str, float]:
+    """The figures declared to the HPARAMS tab at fit start, before any is known."""
+    return dict.fromkeys(METRICS, math.nan)
