@@ -317,8 +317,8 @@ def main() -> None:
 
 def pareto(results: dict[str, list[dict]], path: Path, meta: str) -> None:
     """``compare``'s picture of the first repeat's runs (read back from their TensorBoard events, as
-    ``python -m lm_lightning compare`` reads any run), each labelled with its strategy; the baseline's post-training
-    quantized exports are points of their own on the export panel, at the baseline's validation perplexity."""
+    ``python -m lm_lightning compare`` reads any run), each labelled with its strategy; the baseline's exports (fp32,
+    post-training quantized) are points of their own on the export panel, at their own test perplexity."""
     from dataclasses import replace
 
     from lm_lightning.compare import plot, read_run
@@ -329,10 +329,11 @@ def pareto(results: dict[str, list[dict]], path: Path, meta: str) -> None:
             continue  # the plain loop writes no TensorBoard run
         run = replace(read_run(Path(repeats[0]["log_dir"])), label=name)
         runs.append(run)
-        if name == BASELINE:
+        if name == BASELINE:  # its exports, made after the run: the plain fp32 file and post-training quantization
             for label, export in repeats[0]["exports"].items():
-                figures = {"best_val_ppl": run.get("best_val_ppl"), "export_mib": export["bytes"] / 2**20}
-                runs.append(replace(run, label=f"fp32, {label.removeprefix('export-')}", figures=figures))
+                figures = {"test_ppl": run.get("test_ppl"), "export_mib": export["bytes"] / 2**20, "export_test_ppl": export["test_ppl"]}
+                kind = label.removeprefix("export-").replace("ptq-", "PTQ ")
+                runs.append(replace(run, label=f"{name}, {kind} export", figures=figures))
     plot(runs, path, title=f"Memory strategies: {meta}")
 
 

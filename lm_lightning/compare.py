@@ -2,8 +2,9 @@
 
 Reads what each run wrote to TensorBoard (``hparams.py``): its ``Memory strategies`` and the figures ``hp/best_val_ppl``,
 ``hp/peak_memory_mib``, ``hp/export_mib``, ``hp/test_ppl`` and ``hp/export_test_ppl``. Prints one row per run, best
-validation perplexity first, and draws validation perplexity against peak training memory and against export size:
-the runs that no other run beats on both axes (the Pareto front: lower-left is better) are joined by a line, so the
+validation perplexity first, and draws perplexity against peak training memory and against export size -- the test
+perplexity where every run plotted has one (the export's own on the export panel), else the best validation one --
+with the runs that no other run beats on both axes (the Pareto front: lower left is better) ringed and joined, so the
 strategies worth their cost stand out. A folder that holds runs (``lightning_logs``) stands for all of them.
 """
 
@@ -83,8 +84,12 @@ def read_run(folder: Path) -> Run:
             figures[name] = values[-1]
     if "best_val_ppl" not in figures and "val/ppl" in tags:  # a run from before hp/best_val_ppl: its best validation
         figures["best_val_ppl"] = min(e.value for e in events.Scalars("val/ppl"))
-    label = str(hparams.get("Memory strategies", "(no HPARAMS row)"))
-    return Run(folder, label, figures, hparams)
+    # The picture's legend: the folder (two runs can have the same strategies) and the strategies.
+    return Run(folder, f"{_name(folder)}: {strategies(hparams)}", figures, hparams)
+
+
+def strategies(hparams: dict[str, object]) -> str:
+    return str(hparams.get("Memory strategies", "(no HPARAMS row)"))
 
 
 def pareto_front(runs: list[Run], x: str, y: str = "best_val_ppl") -> list[Run]:
@@ -99,6 +104,20 @@ def pareto_front(runs: list[Run], x: str, y: str = "best_val_ppl") -> list[Run]:
     return sorted((r for r in measured if not beaten(r)), key=lambda r: (r.get(x), r.get(y)))
 
 
+def quality(runs: list[Run], preferred: tuple[str, ...]) -> str:
+    """The perplexity a panel plots: the first of ``preferred`` that every run with the panel's other figure has, so
+    that one axis never mixes test and validation figures."""
+    for name in preferred:
+        if runs and all(not math.isnan(r.get(name)) for r in runs):
+            return name
+    return "best_val_ppl"
+
+
+QUALITY_NAMES = {"best_val_ppl": "best validation perplexity", "test_ppl": "test perplexity", "export_test_ppl": "test perplexity of the export"}
+# Per panel: the x figure, and the perplexities it prefers (the final model's, then the export's own when it ships).
+PANELS = {"peak_memory_mib": ("test_ppl", "best_val_ppl"), "export_mib": ("export_test_ppl", "test_ppl", "best_val_ppl")}
+
+
 def table(runs: list[Run]) -> str:
     def cell(value: float, fmt: str) -> str:
         return "—" if math.isnan(value) else format(value, fmt)
@@ -109,7 +128,7 @@ def table(runs: list[Run]) -> str:
     ]
     for r in sorted(runs, key=lambda r: (math.isnan(r.get("best_val_ppl")), r.get("best_val_ppl"))):
         lines.append(
-            f"| {_name(r.folder)} | {r.label} | {cell(r.get('best_val_ppl'), '.2f')} | {cell(r.get('test_ppl'), '.2f')} | "
+            f"| {_name(r.folder)} | {strategies(r.hparams)} | {cell(r.get('best_val_ppl'), '.2f')} | {cell(r.get('test_ppl'), '.2f')} | "
             f"{cell(r.get('export_test_ppl'), '.2f')} | {cell(r.get('peak_memory_mib'), ',.0f')} | {cell(r.get('export_mib'), ',.2f')} |"
         )
     return "\n".join(lines)
@@ -122,33 +141,40 @@ def _name(folder: Path) -> str:
 
 
 def plot(runs: list[Run], out: Path, title: Optional[str] = None) -> None:
-    """Two panels, validation perplexity against each of ``AXES``, the Pareto front of each joined by a line."""
+    """Two panels, a perplexity against each of ``AXES`` (see ``PANELS``), one colour per run with the legend below,
+    the Pareto front of each panel joined by a line and its runs ringed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(AXES), figsize=(6.2 * len(AXES), 4.6))
+    # Ten colours, then the same colours with another marker: neighbours in the legend never look alike.
+    colour = {id(r): plt.get_cmap("tab10")(i % 10) for i, r in enumerate(runs)}
+    marker = {id(r): "os^Dv"[i // 10 % 5] for i, r in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(AXES), figsize=(6.4 * len(AXES), 5.2))
     for ax, (x, name) in zip(axes, AXES.items()):
-        shown = [r for r in runs if not math.isnan(r.get(x)) and not math.isnan(r.get("best_val_ppl"))]
-        front = pareto_front(shown, x)
+        with_x = [r for r in runs if not math.isnan(r.get(x))]
+        y = quality(with_x, PANELS[x])
+        shown = [r for r in with_x if not math.isnan(r.get(y))]
+        front = pareto_front(shown, x, y)
         for r in shown:
-            on_front = r in front
-            ax.scatter(r.get(x), r.get("best_val_ppl"), s=46, zorder=3, color="tab:blue" if on_front else "tab:gray")
-            ax.annotate(r.label, (r.get(x), r.get("best_val_ppl")), textcoords="offset points", xytext=(6, 5), fontsize=8,
-                        color="black" if on_front else "dimgray")  # fmt: skip
+            ringed = any(r is f for f in front)
+            ax.scatter(r.get(x), r.get(y), s=80 if ringed else 50, zorder=3, color=colour[id(r)], marker=marker[id(r)],
+                       edgecolors="black" if ringed else "none", linewidths=1.2)  # fmt: skip
         if len(front) > 1:
-            ax.plot([r.get(x) for r in front], [r.get("best_val_ppl") for r in front], color="tab:blue", lw=1.2, zorder=2,
-                    label="Pareto front (no run is better on both)")  # fmt: skip
-            ax.legend(loc="upper right", fontsize=8)
+            ax.plot([r.get(x) for r in front], [r.get(y) for r in front], color="black", lw=0.8, ls="--", zorder=2)
         if not shown:
             ax.text(0.5, 0.5, f"no run measured {name}", transform=ax.transAxes, ha="center", color="gray")
         ax.set_xlabel(name)
-        ax.set_ylabel("best validation perplexity")
+        ax.set_ylabel(QUALITY_NAMES[y])
         ax.grid(alpha=0.3)
-        ax.margins(x=0.25, y=0.15)
-    fig.suptitle(title or "Validation perplexity against memory (lower left is better)")
-    fig.tight_layout()
+        ax.margins(x=0.15, y=0.15)
+    handles = [plt.Line2D([], [], marker=marker[id(r)], ls="", color=colour[id(r)], label=r.label) for r in runs]
+    handles.append(plt.Line2D([], [], marker="o", ls="--", color="black", markerfacecolor="white", label="Pareto front: no run is lower on both axes"))
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(title or "Perplexity against memory (lower left is better)")
+    rows = math.ceil(len(handles) / 2)
+    fig.tight_layout(rect=(0, min(0.45, 0.035 * rows + 0.03), 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -10,7 +10,7 @@ import yaml
 
 from lm_lightning.callbacks.console import ValidationLine, duration
 from lm_lightning.cli import build_cli, main
-from lm_lightning.compare import Run, pareto_front, read_run
+from lm_lightning.compare import Run, pareto_front, quality, read_run, strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -51,7 +51,8 @@ def test_hparams_row_names_the_memory_strategies_and_their_settings(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     run = fit("-c", str(ROOT / "configs/memory/all.yaml"), "--trainer.limit_train_batches", "4")
     row = read_run(run)
-    assert row.label == "bf16-mixed + micro-batches of 8 + pruning 80% + QAT int8"
+    assert strategies(row.hparams) == "bf16-mixed + micro-batches of 8 + pruning 80% + QAT int8"
+    assert row.label == "lightning_logs/version_0: " + strategies(row.hparams)  # the legend tells equal strategies apart
     assert row.hparams["pruning/sparsity"] == pytest.approx(0.8) and row.hparams["qat/bits"] == 8
     assert row.hparams["micro_batches/micro_batch_size"] == 8 and row.hparams["trainer/precision"] == "bf16-mixed"
     assert row.hparams["export/format"] == "int8"  # the export follows QAT
@@ -101,6 +102,10 @@ def test_pareto_front_keeps_the_runs_nothing_beats_on_both_axes(tmp_path):
 
     runs = [run("a", 100, 600), run("b", 110, 500), run("c", 120, 550), run("d", 100, 650), run("e", 90, math.nan)]
     assert [r.label for r in pareto_front(runs, "peak_memory_mib")] == ["b", "a"]  # c loses to b, d to a, e unmeasured
+    # A panel plots test perplexity only when every run on it has one: one axis never mixes test and validation.
+    assert quality(runs, ("test_ppl", "best_val_ppl")) == "best_val_ppl"
+    tested = [Run(tmp_path / n, n, {"best_val_ppl": 1.0, "test_ppl": 2.0}) for n in "xy"]
+    assert quality(tested, ("test_ppl", "best_val_ppl")) == "test_ppl"
 
 
 def test_compare_prints_the_runs_and_draws_the_picture(tmp_path, monkeypatch, capsys):

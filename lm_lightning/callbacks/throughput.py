@@ -3,7 +3,8 @@
 ``ThroughputMonitor`` needs two functions to count a batch; for a :class:`~lm_lightning.data.windows.Batch` a
 sample is a stream and an item is a token (a segment on the bag-of-words path). Of everything it computes, two
 training figures are logged, under names a reader does not have to decode: ``train/tokens_per_sec`` (all ranks
-together) and ``train/batches_per_sec``. Its running totals (``train/time``, ``train/batches``, ``train/samples``,
+together) and ``train/batches_per_sec`` (batches as the loader yields them: micro-batches under
+``MicroBatchAccumulation``). Its running totals (``train/time``, ``train/batches``, ``train/samples``,
 ``train/lengths``), the per-device copies and the validation-time figures only crowded TensorBoard's scalars.
 """
 
