@@ -30,8 +30,8 @@ from typing import Any, Optional
 import lightning as L
 
 METRICS = ("hp/best_val_ppl", "hp/test_ppl", "hp/export_test_ppl", "hp/peak_memory_mib", "hp/export_mib")
-# How a run samples text at validation: not something that tells training runs apart.
-SAMPLING = {"sample_length", "max_new_tokens", "temperature", "top_k", "seed", "prompt", "vocab_size"}
+# How a run samples text at validation, and where it caches: not something that tells training runs apart.
+SAMPLING = {"sample_length", "max_new_tokens", "temperature", "top_k", "seed", "prompt", "num_prompts", "vocab_size", "cache_dir"}
 _PRIMITIVE = (bool, int, float, str)
 
 
@@ -68,7 +68,7 @@ def run_hparams(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]
     if data is not None:
         details["data/class"] = type(data).__name__
         for key, value in data_hparams.items():
-            if not key.startswith("_") and (value is None or isinstance(value, _PRIMITIVE)):
+            if not key.startswith("_") and key not in SAMPLING and (value is None or isinstance(value, _PRIMITIVE)):
                 details[f"data/{key}"] = _flat(value)
         if getattr(data, "vocab_size", None) is not None:
             details["data/vocab_size"] = data.vocab_size
