@@ -39,6 +39,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 from lm_lightning.callbacks import (  # noqa: E402
     Export,
     GenerationWriter,
+    MagnitudePruning,
     PrecisionGuard,
     QuantizationAwareFinishing,
     TokenThroughput,
@@ -166,6 +167,9 @@ class LMCLI(LightningCLI):
         checkpoint = load_checkpoint_file(path, flag="--weights_from")
         check_compatible(checkpoint, self.model, path, flag="--weights_from")
         self.model.load_state_dict(checkpoint["state_dict"])
+        for callback in self.trainer.callbacks:  # a finishing phase prunes from its first epoch unless told otherwise
+            if isinstance(callback, MagnitudePruning):
+                callback.from_trained = True
 
     def instantiate_trainer(self, **kwargs):
         try:

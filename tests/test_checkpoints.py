@@ -17,10 +17,13 @@ import pytest
 import torch
 from conftest import write_corpus
 
+from lm_lightning.callbacks import MagnitudePruning
 from lm_lightning.checkpointing import AtomicCheckpointIO, remove_stale_temporary_files
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 from lm_lightning.systems import LanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 TINY = [
@@ -329,6 +332,21 @@ def test_weights_from_starts_a_new_run_from_trained_weights_and_a_fresh_optimize
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "export" / "manifest.json").is_file()  # QAT's int8 export at the end of the finishing phase
     assert "weights_from" in (run / "config.yaml").read_text()  # the run says where it started
+
+
+def test_pruning_from_trained_weights_starts_at_the_first_epoch(fitted, corpora, tmp_path, monkeypatch):
+    """A finishing phase (--weights_from) prunes from epoch 0 unless start_epoch says otherwise; from scratch the
+    network trains dense for an epoch first."""
+    checkpoints, _ = fitted
+    corpus, _, cache = corpora
+    monkeypatch.chdir(tmp_path)
+    pruning = ["--trainer.max_epochs", "2", "-c", str(ROOT / "configs/memory/pruning.yaml")]
+    finishing = build_cli([*data(corpus, cache), *pruning, "--weights_from", str(checkpoints / "last.ckpt")], run=False)
+    scratch = build_cli([*data(corpus, cache), *pruning], run=False)
+    told = build_cli([*data(corpus, cache), *pruning, "--weights_from", str(checkpoints / "last.ckpt"), "--trainer.callbacks.start_epoch", "1"], run=False)
+    for cli, start in ((finishing, 0), (scratch, 1), (told, 1)):
+        callback = next(c for c in cli.trainer.callbacks if isinstance(c, MagnitudePruning))
+        assert callback.resolve_epochs(cli.trainer.max_epochs)[0] == start
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ With ``--trainer.enable_progress_bar false``, or with the output sent to a file 
 the rich bar draws nothing), Lightning prints nothing between the model summary and the end of fit. This callback
 prints, after each validation:
 
-    epoch 3/15 · step 879 · train loss 4.812 · val ppl 112.40 · 9,350 tok/s · peak 612 MiB · 4 min 10 s left
+    epoch 2/15 · step 142 · train loss 4.528 · val ppl 106.28 · 9,992 tok/s · peak 626 MiB · 2 min 05 s left
 
 (peak memory: the memory monitor's when it runs, else the process's peak RSS, as in ``hp/peak_memory_mib``; time
 left: the time per optimizer step so far, validation included, times the steps left). With a progress bar on a

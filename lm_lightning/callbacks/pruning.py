@@ -82,7 +82,8 @@ class MagnitudePruning(ModelPruning):
         schedule: ``cubic`` (Zhu & Gupta 2017), ``linear``, or ``constant`` (all at once at ``start_epoch``).
         start_epoch: First epoch trained with pruned weights (pruning happens at the start of an epoch). Default: 1,
             so the network trains dense for an epoch first, as Zhu & Gupta start from a trained network (pruning
-            at initialization cost far more perplexity in our runs); 0 when training lasts a single epoch.
+            at initialization cost far more perplexity in our runs); 0 when training lasts a single epoch, or when it
+            starts from trained weights (``fit --weights_from``: a finishing phase has nothing to learn dense first).
         end_epoch: First epoch trained at the full ``sparsity``; must be below ``max_epochs``. Default: the last epoch.
         scope: ``layer``: each tensor pruned to ``sparsity`` on its own, as Zhu & Gupta do. ``global``: one magnitude
             threshold over all of them (See et al. 2016, "class-blind"); tensors then differ in sparsity, and one
@@ -138,6 +139,7 @@ class MagnitudePruning(ModelPruning):
         self._restored_masks: dict[str, torch.Tensor] = {}  # from a checkpoint, applied at train start
 
     hparam_name = "pruning"
+    from_trained = False  # set by `fit --weights_from` (cli.py): the default start_epoch is then 0
 
     def hparams(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "schedule": self.schedule, "scope": self.scope,
@@ -197,7 +199,7 @@ class MagnitudePruning(ModelPruning):
                     "pruning happens at the start of an epoch."
                 )
         end = self.end_epoch if self.end_epoch is not None else max(max_epochs - 1, self.start_epoch or 0)
-        start = self.start_epoch if self.start_epoch is not None else min(1, end)
+        start = self.start_epoch if self.start_epoch is not None else (0 if self.from_trained else min(1, end))
         self._start_epoch, self._end_epoch = start, end
         return start, end
 
