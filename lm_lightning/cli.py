@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # torchao logs a failed load of CUDA extensions it was not built for, and a torch deprecation notice at import;
 # neither concerns anything used here.
@@ -370,6 +372,15 @@ def main(args: Optional[list[str]] = None) -> None:
             (generate_command if args[0] == "generate" else score_command)(args[1:])
         else:
             build_cli(args)
+    except SIGTERMException:
+        # Lightning stops at the next batch and raises this SystemExit with no code, which would exit 0: a scheduler
+        # (SLURM's preemption, `timeout`, `kill`) and a shell script must see that the run did not finish.
+        print(
+            "stopped by SIGTERM before the run finished: resume it from its last checkpoint with "
+            "-c RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt (written at the end of each epoch).",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
     except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)
         if args[:1] in (["generate"], ["score"], ["compare"]):  # argparse's own message already names the option
             _exit_with(f"{err}: see python -m lm_lightning {args[0]} --help.")

@@ -159,6 +159,26 @@ def test_a_sigkill_inside_the_save_leaves_the_previous_last_ckpt(tmp_path, corpo
     assert remove_stale_temporary_files(checkpoints) == leftovers and live.exists()
 
 
+def test_a_sigterm_during_fit_exits_143_with_a_sentence_and_keeps_the_last_checkpoint(tmp_path, corpora):
+    """A scheduler's SIGTERM (SLURM preemption, `timeout`): Lightning stops at the next batch with a SystemExit of no
+    code, which would exit 0 as if the run had finished; the CLI exits 128 + 15 and says how to resume."""
+    corpus, _, cache = corpora
+    args = [sys.executable, "-m", "lm_lightning", "fit", *data(corpus, cache), "--trainer.max_epochs", "500"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the console line of the first validation: epoch 0 and its last.ckpt are done
+            if line.startswith("epoch 1/500"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM before the run finished" in err and "Traceback" not in err
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] >= 22
+
+
 @pytest.mark.parametrize(
     "plugin, expected",
     [
