@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_one:
-        result = measure(*args.measure_one[:1], args.test_file, args.prompt, args.tokens, args.repeats, args.threads, not args.speed_only)
+        result = measure(args.measure_one[0], args.test_file, args.prompt, args.tokens, args.repeats, args.threads, not args.speed_only)
         Path(args.measure_one[1]).write_text(json.dumps(result))
         return
     if not args.exports or any("=" not in e for e in args.exports):

@@ -235,7 +235,7 @@ def place_logs(config, subcommand: Optional[str]) -> None:
     ``predict`` of a run's checkpoint (``RUN/checkpoints/*.ckpt``) into that run's own folder, so their metrics and
     ``generated.txt`` sit with the run and no new ``version_N`` appears beside the training runs. An evaluation of
     anything else gets a folder named after it (``test_0``, ``predict_0``, ...)."""
-    logger = config.get("trainer", {}).get("logger") if hasattr(config.get("trainer", {}), "get") else None
+    logger = config["trainer"].get("logger")  # a class path and its arguments, or true/false, or a list of loggers
     if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
         return
     args = logger.get("init_args")

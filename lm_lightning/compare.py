@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from lm_lightning.errors import LMInputError
+from lm_lightning.io import atomic_path
 
 FIGURES = {
     "best_val_ppl": "hp/best_val_ppl",
@@ -175,9 +176,13 @@ def plot(runs: list[Run], out: Path, title: Optional[str] = None) -> None:
     fig.suptitle(title or "Perplexity against memory (lower left is better)")
     rows = math.ceil(len(handles) / 2)
     fig.tight_layout(rect=(0, min(0.45, 0.035 * rows + 0.03), 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # a picture is replaced only when complete
+            fig.savefig(tmp, dpi=110, format=out.suffix[1:])
+    except OSError as err:
+        raise LMInputError(f"--out {out} cannot be written ({err.strerror or err}): give a path in a writable folder.") from None
+    finally:
+        plt.close(fig)
 
 
 def compare_command(args: list[str]) -> list[Run]:
@@ -188,6 +193,8 @@ def compare_command(args: list[str]) -> list[Run]:
     parser.add_argument("--out", type=Path, default=None, help="write the Pareto picture here (.png, .svg or .pdf)")
     parser.add_argument("--title", default=None, help="the picture's title")
     options = parser.parse_args(args)
+    if options.out is not None and options.out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise LMInputError(f"--out {options.out} names no picture format: end it in .png, .svg or .pdf.")
     named = {Path(p).absolute() for p in options.runs}
     runs = [read_run(folder) for folder in run_folders(options.runs)]
     # Of the runs found inside a folder, the trained ones: a stand-alone validate/test/predict of no run's checkpoint

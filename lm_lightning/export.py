@@ -196,9 +196,9 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int, dequant
         raise NotAnExport(f"{WEIGHTS} cannot be read ({one_line(err)})") from None
     state, matrices = {}, {}
     for name, info in plans.items():
-        rows, width = info["shape"][0], info["shape"][-1]
-        if info["dtype"] == "int4" and info["storage"] == "dense" and width % 2 == 0 and not dequantize:
+        if info["dtype"] == "int4" and info["storage"] == "dense" and info["shape"][-1] % 2 == 0 and not dequantize:
             # Stored packed row by row already (an even width starts every row on a byte): resident as it is.
+            rows, width = info["shape"]  # int4 is only ever a quantized matrix
             packed = torch.from_numpy(arrays[name]).reshape(rows, width // 2)
             matrices[name] = IntegerMatrix(packed, torch.from_numpy(arrays[f"{name}.scale"]), 4, width=width)
             continue

@@ -59,15 +59,17 @@ def _int4_table() -> torch.Tensor:
 
 
 _INT4 = _int4_table()
-_FOURS: dict[torch.device, torch.Tensor] = {}
-
-
-def _four(device: torch.device) -> torch.Tensor:
-    four = _FOURS.get(device)
-    if four is None:
-        four = _FOURS[device] = torch.tensor(4, dtype=torch.int8, device=device)
-    return four
 _SCRATCH = threading.local()
+_FOURS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _four(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The shift count 4 as a tensor of ``dtype``, made once: a Python 4 is wrapped into a new tensor on every shift
+    (6 µs a block of 1,310 rows measured here, 3 shifts a block)."""
+    four = _FOURS.get((device, dtype))
+    if four is None:
+        four = _FOURS[device, dtype] = torch.tensor(4, dtype=dtype, device=device)
+    return four
 
 
 def _scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -162,8 +164,8 @@ class IntegerMatrix(nn.Module):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` block by block. A block's codes are unpacked to float32 unscaled (int4 with an even group
         size: as two halves, the codes of the even inputs and of the odd ones, each multiplied by its half of the
-        inputs); with one scale a row the scales then multiply the output, once at the end, instead of every block
-        (the int8 product at one input row: 0.5x float32's time instead of 0.9x)."""
+        inputs). One scale a row multiplies the output, once at the end, instead of every block (the int8 product at
+        one input row: 0.45x float32's time instead of 0.93x); scales by group multiply the block in place."""
         groups = self.scale.shape[1]
         out = x.new_empty(x.shape[0], self.shape[0])
         xs = [x[:, 0::2].contiguous(), x[:, 1::2].contiguous()] if self._by_nibbles else [x]
@@ -206,8 +208,8 @@ class IntegerMatrix(nn.Module):
             return block.view(1, count, cols).copy_(self._codes_as_float(rows))
         half, packed = cols // 2, self.packed[rows]
         codes = _scratch(count * cols, self.scale.device, torch.int8).view(2, count, half)
-        four = _four(packed.device)  # a tensor, not 4: a Python number is wrapped into one on every call
-        torch.bitwise_left_shift(packed, four.to(torch.uint8), out=codes[0].view(torch.uint8))
+        four = _four(packed.device, torch.int8)
+        torch.bitwise_left_shift(packed, _four(packed.device, torch.uint8), out=codes[0].view(torch.uint8))
         codes[0].bitwise_right_shift_(four)
         torch.bitwise_right_shift(packed.view(torch.int8), four, out=codes[1])
         return block.view(2, count, half).copy_(codes)

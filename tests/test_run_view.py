@@ -120,9 +120,16 @@ def test_compare_prints_the_runs_and_draws_the_picture(tmp_path, monkeypatch, ca
     assert len(rows) == 2 and any("| pruning 80% |" in row for row in rows) and any("| none |" in row for row in rows)
     png = (tmp_path / "docs" / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compare", str(tmp_path / "nowhere")])
-    assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
+    for args, message in [
+        ([str(tmp_path / "nowhere")], "is not a folder"),
+        (["lightning_logs", "--out", "pareto.jpeg"], "end it in .png, .svg or .pdf"),
+        (["lightning_logs", "--out", "/dev/null/pareto.png"], "cannot be written"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["pareto.png"]  # no temporary file left
 
 
 def test_every_memory_callback_names_itself_in_the_hparams_row():

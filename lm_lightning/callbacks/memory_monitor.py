@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from lm_lightning.callbacks.throughput import TOKENS_PER_SEC
 from lm_lightning.errors import LMInputError
 
 try:
@@ -330,7 +331,7 @@ class MemoryMonitor(Callback):
         if self.predicted is not None:
             error = (self.predicted.peak - peak) / peak
             rows.append(("predicted at fit start", f"{human_bytes(self.predicted.peak)} ({error:+.0%})"))
-        tokens_per_sec = trainer.logged_metrics.get("train/tokens_per_sec")
+        tokens_per_sec = trainer.logged_metrics.get(TOKENS_PER_SEC)
         if tokens_per_sec is not None:
             rows.append(("tokens/s (TokenThroughput)", f"{float(tokens_per_sec):,.0f}"))
         title = f"Memory: {len(self.history)} measured batch(es), precision {trainer.precision}, {device}"
