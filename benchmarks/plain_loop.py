@@ -26,7 +26,7 @@ import yaml
 
 from lm_lightning.data import StreamWindows, TokenDataModule
 from lm_lightning.evaluation import perplexity
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

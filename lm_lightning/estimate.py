@@ -37,7 +37,7 @@ from lm_lightning.callbacks.memory_monitor import allocated_bytes, human_bytes, 
 from lm_lightning.callbacks.precision import bf16_lstm_supported
 from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing, enable_fake_quantization
-from lm_lightning.data.windows import Batch
+from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 
 # What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged

@@ -16,8 +16,21 @@ import torch.nn.functional as F
 from lightning.fabric.utilities import move_data_to_device
 from torch import nn
 
+from lm_lightning.data.batch import Bags
 from lm_lightning.errors import LMInputError
-from lm_lightning.models.bag import Bags, bag_nll
+
+
+def bag_nll(logits: torch.Tensor, targets: Bags | torch.Tensor) -> torch.Tensor:
+    """Summed count-weighted negative log-likelihood of the target bags under ``logits`` ``(streams, time, vocab)``.
+
+    ``-sum_r sum_w c_rw log_softmax(logits_r)_w = sum_r (sum_w c_rw) logsumexp(logits_r) - sum_{nonzeros} c_rw logits_rw``:
+    the right-hand form reads only the nonzero targets and builds no log-softmax of the whole batch in the forward pass.
+    """
+    logits = logits.reshape(-1, logits.size(-1))
+    if isinstance(targets, torch.Tensor):  # dense reference path
+        return -(targets.reshape(logits.shape).to(logits.dtype) * logits.log_softmax(-1)).sum()
+    picked = logits[targets.segment_ids(), targets.indices]
+    return (targets.totals().to(logits.dtype) * logits.logsumexp(-1)).sum() - (targets.counts.to(logits.dtype) * picked).sum()
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor | Bags) -> torch.Tensor:

@@ -56,7 +56,7 @@ from lm_lightning.export_format import (
 from lm_lightning.export_format import sha256 as _sha256
 from lm_lightning.inference import IntegerMatrix, integer_modules
 from lm_lightning.io import atomic_directory, atomic_path
-from lm_lightning.models import NETWORKS
+from lm_lightning.networks import NETWORKS
 from lm_lightning.quantization import block_width, check_quantization, dequantize_weight, quantize_weight
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from lm_lightning.export_format import (
     network_tensors,
     stored_as,
 )
-from lm_lightning.models import NETWORKS
+from lm_lightning.networks import NETWORKS
 from lm_lightning.quantization import block_width
 
 # The loader's ceilings: a manifest or header larger than these, or a network of more numbers, is refused unread.

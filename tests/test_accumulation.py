@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.testing import assert_close
 
 from lm_lightning.cli import build_cli, main
-from lm_lightning.data.windows import Batch, StreamWindows
+from lm_lightning.data.batch import Batch
+from lm_lightning.data.windows import StreamWindows
 from lm_lightning.systems import LanguageModel
 
 ACCUMULATION = "lm_lightning.callbacks.accumulation.MicroBatchAccumulation"

@@ -29,14 +29,15 @@ from lm_lightning.callbacks.quantization import (
 from lm_lightning.cli import build_cli, main
 from lm_lightning.data import segments
 from lm_lightning.data.bag import BagDataModule, BagRows, batch_bytes
+from lm_lightning.data.batch import Bags
 from lm_lightning.data.segments import build_vocabulary, count_matrix
 from lm_lightning.data.windows import StreamWindows
 from lm_lightning.errors import LMInputError
-from lm_lightning.evaluation import perplexity
+from lm_lightning.evaluation import bag_nll, perplexity
 from lm_lightning.export import load_exported
 from lm_lightning.exported import ExportedModel
 from lm_lightning.inference import IntegerEmbeddingBag
-from lm_lightning.models.bag import BagLSTMNetwork, Bags, bag_nll
+from lm_lightning.networks.bag import BagLSTMNetwork
 from lm_lightning.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.systems.bag import BagLanguageModel
 

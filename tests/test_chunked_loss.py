@@ -18,7 +18,7 @@ from lm_lightning.callbacks.quantization import enable_fake_quantization
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

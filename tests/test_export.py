@@ -25,12 +25,12 @@ import lm_lightning.export_checks as export_checks
 from lm_lightning.callbacks.export import plain_copy
 from lm_lightning.callbacks.quantization import disable_fake_quantization, enable_fake_quantization
 from lm_lightning.data import Vocabulary
-from lm_lightning.data.windows import Batch
+from lm_lightning.data.batch import Bags, Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export import export_model, load_exported
 from lm_lightning.io import atomic_directory, atomic_write_text
-from lm_lightning.models import BagLSTMNetwork, Bags, LSTMNetwork
+from lm_lightning.networks import BagLSTMNetwork, LSTMNetwork
 from lm_lightning.quantization import fake_quantize, quantize_weight
 
 
@@ -473,7 +473,7 @@ def test_files_follow_the_umask_and_the_process_umask_is_never_changed(tmp_path,
         "import json, os, sys\n"
         "from lm_lightning.data import Vocabulary\n"
         "from lm_lightning.export import export_model\n"
-        "from lm_lightning.models import LSTMNetwork\n"
+        "from lm_lightning.networks import LSTMNetwork\n"
         "modes = {}\n"
         "for umask in ('022', '077', '027'):\n"
         "    os.umask(int(umask, 8))\n"

@@ -23,7 +23,7 @@ from lm_lightning.errors import LMInputError
 from lm_lightning.export import export_model, load_exported
 from lm_lightning.exported import ExportedModel
 from lm_lightning.inference import IntegerEmbedding, IntegerLinear, IntegerLSTM, IntegerMatrix, resident_bytes
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.quantization import dequantize_weight, quantize_weight
 
 

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from lm_lightning.data import Batch, TokenDataModule
 from lm_lightning.errors import LMInputError
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
 

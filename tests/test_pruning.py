@@ -17,7 +17,7 @@ from lm_lightning.callbacks.export import Export, export_network
 from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

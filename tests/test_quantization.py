@@ -23,7 +23,7 @@ from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export import load_exported
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.quantization import fake_quantize
 from lm_lightning.systems import LanguageModel
 

@@ -11,7 +11,7 @@ from lm_lightning.callbacks.memory_monitor import allocated_bytes
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
-from lm_lightning.models import LSTMNetwork, lstm
+from lm_lightning.networks import LSTMNetwork, lstm
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,13 +29,14 @@ import math
 from typing import Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
 
 
-class MicroBatchAccumulation(Callback):
+class MicroBatchAccumulation(MemoryStrategy):
     """Split each training batch of streams into micro-batches and accumulate their gradients.
 
     Logs ``accumulation/micro_batch_size`` and ``accumulation/steps`` once per epoch. Validation and test keep
@@ -59,13 +60,13 @@ class MicroBatchAccumulation(Callback):
         self._scheduler: Optional[GradientAccumulationScheduler] = None
         self._batch_size = 0
 
-    hparam_name = "micro_batches"
+    name = "micro_batches"
 
     def hparams(self) -> dict[str, object]:
         later = {epoch: size for epoch, size in self.sizes.items() if epoch}
         return {"micro_batch_size": self.sizes[0], "schedule": str(later) if later else "none"}
 
-    def strategy_label(self) -> str:
+    def label(self) -> str:
         return f"micro-batches of {self.sizes[0]}"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

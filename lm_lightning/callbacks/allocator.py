@@ -20,9 +20,9 @@ import ctypes
 from typing import Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
@@ -40,7 +40,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
     return libc
 
 
-class ReturnFreedMemory(Callback):
+class ReturnFreedMemory(MemoryStrategy):
     """Large freed buffers go straight back to the OS (glibc's mmap threshold fixed), so peak RSS stays near the
     bytes in use and near ``estimate``'s prediction; costs tokens/s (each large buffer is mapped anew every step).
 
@@ -59,12 +59,12 @@ class ReturnFreedMemory(Callback):
         self.mmap_threshold = mmap_threshold
         self.applied = False
 
-    hparam_name = "allocator"
+    name = "allocator"
 
     def hparams(self) -> dict[str, int]:
         return {"mmap_threshold": self.mmap_threshold}
 
-    def strategy_label(self) -> str:
+    def label(self) -> str:
         return "freed memory returned"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

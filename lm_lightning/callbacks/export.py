@@ -27,7 +27,7 @@ from lm_lightning.callbacks.quantization import QuantizationAwareFinishing, disa
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export import export_model, load_exported, network_tensors, record_evaluation
-from lm_lightning.models import NETWORKS
+from lm_lightning.networks import NETWORKS
 from lm_lightning.quantization import block_width, check_quantization
 
 log = logging.getLogger(__name__)

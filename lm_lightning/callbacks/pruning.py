@@ -34,6 +34,7 @@ import torch.nn.utils.prune as torch_prune
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
+from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
 
 SCHEDULES = ("constant", "linear", "cubic")
@@ -74,7 +75,7 @@ def _pruned_count(module: nn.Module, attr: str) -> int:
     return 0 if mask is None else int((mask == 0).sum())
 
 
-class MagnitudePruning(ModelPruning):
+class MagnitudePruning(ModelPruning, MemoryStrategy):
     """Unstructured magnitude (L1) pruning to a target sparsity on a gradual schedule.
 
     Args:
@@ -138,14 +139,23 @@ class MagnitudePruning(ModelPruning):
         self._mirrors: dict[str, tuple[nn.Module, str, str]] = {}  # name -> (module, attr, target name)
         self._restored_masks: dict[str, torch.Tensor] = {}  # from a checkpoint, applied at train start
 
-    hparam_name = "pruning"
-    from_trained = False  # set by `fit --weights_from` (cli.py): the default start_epoch is then 0
+    name = "pruning"
+    trains_for_export = True
+    from_trained = False  # set by `fit --weights_from` (start_from_trained): the default start_epoch is then 0
+
+    def start_from_trained(self) -> None:
+        self.from_trained = True
+
+    def probe(self, system: L.LightningModule) -> None:
+        # estimate measures the costliest state: the mask and the masked copy torch's pruning keeps beside each weight.
+        for module, attr in prunable_weights(system.network)[0].values():
+            torch_prune.identity(module, attr)
 
     def hparams(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "schedule": self.schedule, "scope": self.scope,
                 "start_epoch": self._start_epoch, "end_epoch": self._end_epoch}  # fmt: skip
 
-    def strategy_label(self) -> str:
+    def label(self) -> str:
         return f"pruning {self.sparsity:.0%}"
 
     # --- schedule -------------------------------------------------------------------------------------
@@ -314,7 +324,6 @@ class MagnitudePruning(ModelPruning):
 
     # --- export ---------------------------------------------------------------------------------------
     def export_metadata(self) -> dict[str, Any]:
-        """What the export step records about this strategy (its presence also tells the step to export)."""
         return {
             "target": self.sparsity,
             "scope": self.scope,

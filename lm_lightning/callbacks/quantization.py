@@ -11,7 +11,7 @@ Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what th
 * ``FakeQuantizedLSTM``: torchao has no LSTM. ``nn.LSTM`` computes with its ``_flat_weights`` list (refreshed by
   ``RNNBase.__setattr__``), not with the attributes, so a parametrization or a swapped attribute can be silently
   ignored; the forward here puts the fake-quantized weights into that list for the duration of the call.
-* ``FakeQuantizedEmbeddingBag``: torchao has no ``nn.EmbeddingBag`` either; the bag network (``models/bag.py``)
+* ``FakeQuantizedEmbeddingBag``: torchao has no ``nn.EmbeddingBag`` either; the bag network (``networks/bag.py``)
   embeds its count-weighted segments with one. Its forward is ``nn.EmbeddingBag``'s ``F.embedding_bag`` call, every
   setting of the module kept, on the fake-quantized weight.
 * Switching in place: module classes are swapped, as ``torch.nn.utils.parametrize`` does, instead of building
@@ -33,9 +33,9 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
 from lm_lightning.quantization import block_width, check_quantization, fake_quantize
 
@@ -166,7 +166,7 @@ def disable_fake_quantization(network: nn.Module) -> None:
             module.__dict__.pop("activation_fake_quantizer", None)
 
 
-class QuantizationAwareFinishing(Callback):
+class QuantizationAwareFinishing(MemoryStrategy):
     """Train the last part of the run on fake-quantized weights; the export step then writes int8/int4 weights.
     Without this callback, an integer export (``--export.bits 8``) is post-training quantization.
 
@@ -200,13 +200,14 @@ class QuantizationAwareFinishing(Callback):
         self.start_step: Optional[int] = None
         self.started_at: Optional[int] = None  # global step at which fake quantization was switched on
 
-    hparam_name = "qat"
+    name = "qat"
+    trains_for_export = True
 
     def hparams(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size if self.bits == 4 else "none",
                 "last_epochs": self.last_epochs, "last_fraction": self.last_fraction}  # fmt: skip
 
-    def strategy_label(self) -> str:
+    def label(self) -> str:
         return f"QAT int{self.bits}" + (f" groups of {self.group_size}" if self.bits == 4 else "")
 
     @property
@@ -270,8 +271,14 @@ class QuantizationAwareFinishing(Callback):
             )
 
     def export_metadata(self) -> dict[str, Any]:
-        """What the export step records about this strategy (its presence also tells the step to export)."""
         return {"bits": self.bits, "group_size": self.group_size, "active": self.active, "start_step": self.started_at}
+
+    def export_quantization(self) -> tuple[int, int]:
+        return self.bits, self.group_size
+
+    def probe(self, system: L.LightningModule) -> None:
+        # estimate measures the costliest state: fake quantization on (its quantized copies of the weights).
+        enable_fake_quantization(system.network, self.bits, self.group_size)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The trained module goes back to plain nn modules (deep-copyable, picklable as usual); the export step,

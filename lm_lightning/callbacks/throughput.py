@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
-from lm_lightning.data.windows import Batch
+from lm_lightning.data.batch import Batch
 
 TOKENS_PER_SEC = "train/tokens_per_sec"
 

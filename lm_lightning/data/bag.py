@@ -9,7 +9,7 @@ over every word of a segment.
 
 Segments are then laid out exactly as the token path lays out tokens, by the same ``StreamWindows`` (``windows.py``):
 ``batch_size`` parallel streams of consecutive segments, walked in windows of ``bptt`` segments, so the model's state
-carries from one window to the next. A window reaches the model as :class:`~lm_lightning.models.bag.Bags`, the CSR
+carries from one window to the next. A window reaches the model as :class:`~lm_lightning.networks.bag.Bags`, the CSR
 rows of its segments (ids, offsets, counts): never as a dense batch x vocabulary matrix. ``batch_bytes`` says what
 that saves.
 """
@@ -29,13 +29,12 @@ from scipy import sparse
 from torch.utils.data import DataLoader
 
 from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
+from lm_lightning.data.batch import Bags, Batch
 from lm_lightning.data.cache import CacheDamaged, cache_key, check_files, check_sha256, check_vocab, file_sha256, open_or_build
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.segments import BagVocabulary, Segment, Segmenter, build_vocabulary, count_matrix, resolve_segment
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
-from lm_lightning.data.windows import Batch
 from lm_lightning.errors import LMInputError
-from lm_lightning.models.bag import Bags
 
 log = logging.getLogger(__name__)
 

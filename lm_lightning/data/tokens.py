@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
+from lm_lightning.data.batch import Batch
 from lm_lightning.data.cache import TokenCache, cache_key
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
 from lm_lightning.data.vocabulary import EOS, Vocabulary
-from lm_lightning.data.windows import Batch, TokenRows
+from lm_lightning.data.windows import TokenRows
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)

@@ -28,42 +28,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 
 MicroBatchSize = Union[int, Callable[[], Optional[int]], None]
-
-
-class Batch(NamedTuple):
-    """One window, or one stream group of a window, as the systems, callbacks and benchmarks read it (by name).
-
-    ``inputs``/``targets`` are ``(streams, time)`` token ids or ``Bags``; ``first_stream`` is the first stream of
-    the group (0 for a whole window), the key of the hidden state the group carries; ``divisor`` turns the summed
-    negative log-likelihood of the targets into this batch's loss (the window's target tokens or words, times the
-    group's share of the window).
-    """
-
-    inputs: Any
-    targets: Any
-    first_stream: int
-    num_streams: int
-    length: int
-    divisor: float
-
-    @property
-    def num_items(self) -> int:
-        """Target tokens (or segments) in the batch: what throughput counts."""
-        return self.num_streams * self.length
-
-    @classmethod
-    def prompt(cls, inputs: Any, length: int) -> Batch:
-        """A prompt for ``predict``: one stream of ``length`` tokens (or segments), no targets."""
-        return cls(inputs, None, 0, 1, length, 0.0)
 
 
 class RowSequence(Protocol):

@@ -1,4 +1,4 @@
-"""The bag-of-words path's LightningModule: the training system around a segment-level network (``models/bag.py``)
+"""The bag-of-words path's LightningModule: the training system around a segment-level network (``networks/bag.py``)
 fed by ``data/bag.py``.
 
 From :class:`~lm_lightning.systems.base.StreamSystem`, unchanged: the hidden state carried and detached across
@@ -20,9 +20,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lm_lightning.data.windows import Batch
+from lm_lightning.data.batch import Bags, Batch
 from lm_lightning.errors import LMInputError
-from lm_lightning.models.bag import BagLSTMNetwork, Bags, BagWeighting
+from lm_lightning.networks.bag import BagLSTMNetwork, BagWeighting
 from lm_lightning.systems.base import StreamSystem
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lm_lightning.checkpointing import gather_rng_states, restore_rng_states
-from lm_lightning.data.windows import Batch
+from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
 from lm_lightning.hparams import nan_metrics, peak_memory_mib, run_hparams

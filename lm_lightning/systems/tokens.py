@@ -1,4 +1,4 @@
-"""The token path's LightningModule: the training system around a token network (``models/lstm.py`` by default).
+"""The token path's LightningModule: the training system around a token network (``networks/lstm.py`` by default).
 
 Everything about training over stream windows comes from :class:`~lm_lightning.systems.base.StreamSystem`; this
 class adds what is particular to tokens: its hyper-parameters, the network it builds, and text generation (a sample
@@ -16,10 +16,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lm_lightning.chunked_loss import chunked_nll
-from lm_lightning.data.windows import Batch
+from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.generation import sample
-from lm_lightning.models import LSTMNetwork
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems.base import StreamSystem
 
 # torch's optimizers that accept sparse gradients (the others raise at their first step).
@@ -110,13 +110,13 @@ class LanguageModel(StreamSystem):
             callable(getattr(self.network, "features", None)) and isinstance(getattr(self.network, "decoder", None), nn.Linear)
         ):
             raise LMInputError(
-                f"--model.loss_chunk_size needs a network with a features() method and an nn.Linear decoder (as models/lstm.py has); "
+                f"--model.loss_chunk_size needs a network with a features() method and an nn.Linear decoder (as networks/lstm.py has); "
                 f"{type(self.network).__name__} lacks them: add them, or give --model.loss_chunk_size 0."
             )
         if recompute_segments:
             if not hasattr(self.network, "recompute_segments"):
                 raise LMInputError(
-                    f"--model.recompute_segments needs a network with a recompute_segments attribute (as models/lstm.py has); "
+                    f"--model.recompute_segments needs a network with a recompute_segments attribute (as networks/lstm.py has); "
                     f"{type(self.network).__name__} lacks it: add it, or give --model.recompute_segments 0."
                 )
             self.network.recompute_segments = recompute_segments

@@ -24,74 +24,20 @@ plain reference path that tests hold the sparse path equal to; it is not meant f
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lm_lightning.data.batch import Bags
 from lm_lightning.errors import LMInputError
-from lm_lightning.models.lstm import check_network_args, init_weights
+from lm_lightning.networks.lstm import check_network_args, init_weights
 
 Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, streams, hidden_dim)
 BagWeighting = Literal["mean", "sum"]
 
 
-class Bags(NamedTuple):
-    """A ``(streams, time)`` grid of segments as CSR rows over the vocabulary, row ``s * time + t`` for stream ``s``.
-
-    Row ``r`` holds the word ids ``indices[offsets[r]:offsets[r + 1]]`` (distinct, sorted) with their ``counts``:
-    exactly scipy's CSR ``indices``/``indptr``/``data`` and ``nn.EmbeddingBag``'s ``input``/``offsets``
-    (``include_last_offset=True``)/``per_sample_weights``. Ids and offsets are int32 (half of int64; EmbeddingBag and
-    indexing take them as they are), counts float32.
-    """
-
-    indices: torch.Tensor  # (nnz,) int32
-    offsets: torch.Tensor  # (streams * time + 1,) int32
-    counts: torch.Tensor  # (nnz,) float32
-    streams: int
-
-    @property
-    def num_segments(self) -> int:
-        return self.offsets.numel() - 1
-
-    def segment_ids(self) -> torch.Tensor:
-        """The row of each nonzero, ``(nnz,)``."""
-        rows = torch.arange(self.num_segments, device=self.offsets.device, dtype=self.offsets.dtype)
-        return torch.repeat_interleave(rows, self.offsets.diff(), output_size=self.indices.numel())
-
-    def totals(self) -> torch.Tensor:
-        """Words per segment, ``(streams * time,)``: differences of the running sum of counts at the row offsets."""
-        # At least float32: a precision plugin may have cast the counts to bfloat16, whose running sums stop being
-        # exact integers at 256 (float32's at 2**24).
-        running = F.pad(self.counts.cumsum(0, dtype=torch.promote_types(self.counts.dtype, torch.float32)), (1, 0))
-        return running[self.offsets[1:].long()] - running[self.offsets[:-1].long()]
-
-    def words(self) -> torch.Tensor:
-        """Words in all segments (the divisor of a per-word loss), in at least float32."""
-        return self.counts.sum(dtype=torch.promote_types(self.counts.dtype, torch.float32))
-
-    def to_dense(self, vocab_size: int) -> torch.Tensor:
-        """``(streams, time, vocab)`` counts: for tests and tiny examples only (this is what the sparse form avoids)."""
-        dense = torch.zeros(self.num_segments, vocab_size, dtype=self.counts.dtype, device=self.counts.device)
-        dense[self.segment_ids().long(), self.indices.long()] = self.counts
-        return dense.view(self.streams, -1, vocab_size)
-
-
 Segments = Union[Bags, torch.Tensor]
-
-
-def bag_nll(logits: torch.Tensor, targets: Segments) -> torch.Tensor:
-    """Summed count-weighted negative log-likelihood of the target bags under ``logits`` ``(streams, time, vocab)``.
-
-    ``-sum_r sum_w c_rw log_softmax(logits_r)_w = sum_r (sum_w c_rw) logsumexp(logits_r) - sum_{nonzeros} c_rw logits_rw``:
-    the right-hand form reads only the nonzero targets and builds no log-softmax of the whole batch in the forward pass.
-    """
-    logits = logits.reshape(-1, logits.size(-1))
-    if isinstance(targets, torch.Tensor):  # dense reference path
-        return -(targets.reshape(logits.shape).to(logits.dtype) * logits.log_softmax(-1)).sum()
-    picked = logits[targets.segment_ids(), targets.indices]
-    return (targets.totals().to(logits.dtype) * logits.logsumexp(-1)).sum() - (targets.counts.to(logits.dtype) * picked).sum()
 
 
 class BagLSTMNetwork(nn.Module):
@@ -134,7 +80,7 @@ class BagLSTMNetwork(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_weights(self.embedding, self.lstm, self.decoder)  # as the token network (models/lstm.py)
+        init_weights(self.embedding, self.lstm, self.decoder)  # as the token network (networks/lstm.py)
 
     def embed(self, segments: Segments) -> torch.Tensor:
         """Bag vectors ``(streams, time, embedding_dim)`` of sparse ``Bags`` or of dense ``(streams, time, vocab)`` counts."""
