@@ -41,11 +41,12 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 from lm_lightning.callbacks import (  # noqa: E402
     Export,
     GenerationWriter,
-    MagnitudePruning,
+    MemoryStrategy,
     PrecisionGuard,
     QuantizationAwareFinishing,
     TokenThroughput,
     ValidationLine,
+    memory_strategies,
 )
 from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
 from lm_lightning.checkpointing import (  # noqa: E402
@@ -56,8 +57,11 @@ from lm_lightning.checkpointing import (  # noqa: E402
     keep_command_line_settings,
     load_checkpoint_file,
 )
+from lm_lightning.compare import compare_command  # noqa: E402
 from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError, parser_error_sentence, undecodable_config  # noqa: E402
+from lm_lightning.estimate import USAGE, estimate_command, split_arguments  # noqa: E402
+from lm_lightning.exported import generate_command, score_command  # noqa: E402
 from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
@@ -97,12 +101,16 @@ class LMCLI(LightningCLI):
             {
                 "model": {
                     "class_path": "lm_lightning.systems.LanguageModel",
-                    "init_args": {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}},
+                    "init_args": {
+                        "network": {"class_path": "lm_lightning.networks.LSTMNetwork"},
+                        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}},
+                    },
                 },
                 "data": {"class_path": "lm_lightning.data.TokenDataModule"},
             }
         )
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        # The network is injected (LightningCLI's "models with multiple submodules"): its vocab_size is the data's.
+        parser.link_arguments("data.vocab_size", "model.init_args.network.init_args.vocab_size", apply_on="instantiate")
         # ModelCheckpoint whose last.ckpt is written after every epoch, not only after improving ones (checkpointing.py).
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -169,9 +177,8 @@ class LMCLI(LightningCLI):
         checkpoint = load_checkpoint_file(path, flag="--weights_from")
         check_compatible(checkpoint, self.model, path, flag="--weights_from")
         self.model.load_state_dict(checkpoint["state_dict"])
-        for callback in self.trainer.callbacks:  # a finishing phase prunes from its first epoch unless told otherwise
-            if isinstance(callback, MagnitudePruning):
-                callback.from_trained = True
+        for strategy in memory_strategies(self.trainer):  # e.g. a finishing phase prunes from its first epoch
+            strategy.start_from_trained()
 
     def instantiate_trainer(self, **kwargs):
         try:
@@ -192,11 +199,12 @@ class LMCLI(LightningCLI):
         # Every checkpoint write is atomic (temporary file in the target folder, fsync, rename), unless the user
         # passed a CheckpointIO plugin of their own.
         install_atomic_checkpoint_io(trainer.strategy)
-        # Stacked presets can name one of our callbacks twice (-c monitor.yaml -c lean.yaml: two memory monitors, each
-        # probing and logging the same tags; two pruning callbacks would both prune the same weights). As with any
-        # setting given twice, the later one wins.
-        kept = {type(c): c for c in trainer.callbacks if type(c).__module__.startswith("lm_lightning.callbacks")}
-        dropped = [c for c in trainer.callbacks if type(c).__module__.startswith("lm_lightning.callbacks") and kept[type(c)] is not c]
+        # Stacked presets can name one of our callbacks or a memory strategy twice (-c monitor.yaml -c lean.yaml: two
+        # memory monitors, each probing and logging the same tags; two pruning callbacks would both prune the same
+        # weights). As with any setting given twice, the later one wins.
+        ours = [c for c in trainer.callbacks if isinstance(c, MemoryStrategy) or type(c).__module__.startswith("lm_lightning.callbacks")]
+        kept = {type(c): c for c in ours}
+        dropped = [c for c in ours if kept[type(c)] is not c]
         if dropped:
             trainer.callbacks[:] = [c for c in trainer.callbacks if not any(c is d for d in dropped)]
             names = sorted({type(c).__name__ for c in dropped})
@@ -269,11 +277,12 @@ def _run_folder(ckpt_path: Optional[str]) -> Optional[Path]:
 # top and at the end of the help, where a reader looks.
 FIT_HELP = (
     "Train a language model (default: an embedding + LSTM network on the embedded corpus). "
-    "Model options (sizes, dropout, optimizer, schedule, sampling): --model.help LanguageModel "
-    "(bag-of-words: --model.help BagLanguageModel). "
+    "Model options (optimizer, schedule, sampling): --model.help LanguageModel "
+    "(bag-of-words: --model.help BagLanguageModel); the network and its sizes: --model.network.help LSTMNetwork "
+    "(another network: --model.network CLASS_PATH). "
     "Data options (corpus, tokenizer, vocabulary, batch size, bptt): --data.help TokenDataModule "
     "(bag-of-words: --data.help BagDataModule). "
-    "Set them as --model.hidden_dim 512, --data.bptt 70, --model.optimizer.lr 0.01. "
+    "Set them as --model.network.hidden_dim 512, --data.bptt 70, --model.optimizer.lr 0.01. "
     "Recipes: -c configs/ptb_small.yaml; memory strategies: -c configs/memory/lean.yaml (one file each in configs/memory); "
     "what fits in a memory budget, before training: python -m lm_lightning estimate --help."
 )
@@ -352,24 +361,32 @@ def export_checkpoint(args: list[str]) -> dict:
     return report
 
 
+def estimate(args: list[str]) -> None:
+    """``estimate``: fit's arguments built into the run's objects here, predicted by ``estimate.py``."""
+    if {"-h", "--help"} & set(args):
+        print(USAGE)
+        raise SystemExit(0)
+    fit_args, budget = split_arguments(args)
+    cli = build_cli(fit_args, run=False)
+    estimate_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget)
+
+
+# The subcommands beside LightningCLI's fit/validate/test/predict: name -> function of the remaining arguments.
+COMMANDS = {
+    "export": export_checkpoint,  # a checkpoint's export step
+    "estimate": estimate,  # the peak of a fit, before it runs
+    "compare": compare_command,  # runs side by side from their TensorBoard events, and the Pareto picture
+    "generate": generate_command,  # an export folder alone: no config, corpus or checkpoint
+    "score": score_command,
+}
+
+
 def main(args: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = sys.argv[1:] if args is None else args
     try:
-        if args[:1] == ["export"]:
-            export_checkpoint(args[1:])
-        elif args[:1] == ["estimate"]:
-            from lm_lightning.estimate import estimate_command
-
-            estimate_command(args[1:])
-        elif args[:1] == ["compare"]:  # runs side by side from their TensorBoard events, and the Pareto picture
-            from lm_lightning.compare import compare_command
-
-            compare_command(args[1:])
-        elif args[:1] in (["generate"], ["score"]):  # an export folder alone: no config, corpus or checkpoint
-            from lm_lightning.exported import generate_command, score_command
-
-            (generate_command if args[0] == "generate" else score_command)(args[1:])
+        if args[:1] and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
         else:
             build_cli(args)
     except SIGTERMException:

@@ -14,10 +14,12 @@ Same flags and config files as ``fit``. How each part is predicted:
 * **the process baseline**: this process's resident memory after Python, torch, Lightning and the data are loaded,
   less the model's parameters, plus what ``fit`` itself adds (its loop, logger and progress bar; measured here).
 
-The probe runs the strategies that change what a step holds: precision, the chunked loss, recomputation, sparse
-embedding gradients, micro-batches (``MicroBatchAccumulation``), fake quantization (on from the first step: its
-worst case) and pruning (its masks and original copies). ``--budget SIZE`` then searches the cheapest settings that
-fit (least recomputation, largest micro-batch, the same effective batch) and prints the ``fit`` line that uses them.
+The probe runs the run's precision and every memory strategy in its callbacks, each put in its costliest state by
+its own ``probe()`` (the contract of ``callbacks/strategy.py``: fake quantization on from the first step, pruning's
+masks and copies present, a fork's strategy whatever it says), with the micro-batch as the streams of a step.
+``--budget SIZE`` then searches the cheapest settings that fit, turning the three levers it knows (``LEVERS``: least
+recomputation, largest micro-batch at the same effective batch, the chunked loss) and prints the ``fit`` line that
+uses them.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.utils.prune as torch_prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
+from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE, ChunkedLoss
 from lm_lightning.callbacks.memory_monitor import allocated_bytes, human_bytes, storage_bytes
 from lm_lightning.callbacks.precision import bf16_lstm_supported
-from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
-from lm_lightning.callbacks.quantization import QuantizationAwareFinishing, enable_fake_quantization
+from lm_lightning.callbacks.recompute import Recomputation
+from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
 from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 
@@ -135,7 +137,7 @@ class Estimate:
         rows = [
             ("process baseline (Python, torch, Lightning, data)", self.baseline),
             ("parameters", self.params),
-            *([("pruning masks and masked weights", self.pruning)] if self.pruning else []),
+            *([("masks and copies kept by strategies (pruning)", self.pruning)] if self.pruning else []),
             ("gradients", self.grads),
             (f"optimizer state ({self.optimizer_name})", self.optimizer),
             (f"saved activations ({self.settings.micro_batch_size} streams x {bptt} steps)", self.activations),
@@ -152,27 +154,32 @@ def _probe_batch(streams: int, bptt: int, vocab: int, generator: torch.Generator
     return Batch(inputs, targets, first_stream=0, num_streams=streams, length=bptt, divisor=float(streams * bptt))
 
 
+# The levers the budget search turns (the rest of the run stays as configured). A strategy of the same class given
+# in the run is replaced by the search's setting of it.
+LEVERS = {"chunked_loss": ChunkedLoss, "recompute": Recomputation}
+
+
 class Probe:
     """Training steps of a copy of the run's model, with the run's precision and memory strategies, on random ids."""
 
     def __init__(self, model: Any, trainer: Any, vocab_size: int, bptt: int) -> None:
         self.template, self.trainer, self.vocab_size, self.bptt = model, trainer, vocab_size, bptt
-        self.qat = next((c for c in trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
-        self.pruning = next((c for c in trainer.callbacks if isinstance(c, MagnitudePruning)), None)
+        self.strategies = memory_strategies(trainer)
         # As PrecisionGuard does in fit: oneDNN off where it has no bfloat16 LSTM (CPUs without AVX-512 BF16).
         self.onednn = torch.backends.mkldnn.enabled and ("16" not in str(trainer.precision) or bf16_lstm_supported())
         self.optimizer_note = ""  # set by measure(): state a low-bit optimizer keeps in float32
 
+    def strategies_for(self, settings: Settings) -> list[MemoryStrategy]:
+        """The run's strategies with the levers set as ``settings`` says."""
+        kept = [s for s in self.strategies if not isinstance(s, tuple(LEVERS.values()))]
+        levers = [ChunkedLoss(settings.loss_chunk_size)] if settings.loss_chunk_size else []
+        levers += [Recomputation(settings.recompute_segments)] if settings.recompute_segments else []
+        return kept + levers
+
     def build(self, settings: Settings) -> tuple[Any, torch.optim.Optimizer]:
         model = copy.deepcopy(self.template)
-        model.hparams.loss_chunk_size = settings.loss_chunk_size
-        if hasattr(model.network, "recompute_segments"):
-            model.network.recompute_segments = settings.recompute_segments
-        if self.pruning is not None:  # the masks and original copies torch's pruning keeps (their values do not matter)
-            for module, attr in prunable_weights(model.network)[0].values():
-                torch_prune.identity(module, attr)
-        if self.qat is not None:
-            enable_fake_quantization(model.network, self.qat.bits, self.qat.group_size)
+        for strategy in self.strategies_for(settings):
+            strategy.probe(model)
         model = self.trainer.precision_plugin.convert_module(model)
         model.train()
         config = model.configure_optimizers()
@@ -194,8 +201,8 @@ class Probe:
         compiled = not type(optimizer).__module__.startswith("torch.optim")
         with PeakAllocated(enabled=not compiled) as step:
             clip, algorithm = self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
-            if clip and model.hparams.get("sparse_embedding_grad"):
-                model.configure_gradient_clipping(optimizer, clip, algorithm)  # its sparse-aware rule
+            if clip and any(p.grad is not None and p.grad.is_sparse for p in model.parameters()):
+                model.configure_gradient_clipping(optimizer, clip, algorithm)  # the system's sparse-aware rule
             elif clip and algorithm == "value":
                 torch.nn.utils.clip_grad_value_(model.parameters(), clip)
             elif clip:
@@ -214,10 +221,13 @@ class Probe:
                 self.step(model, optimizer, streams, seed=seed)
             one, two = self.step(model, optimizer, max(1, n // 2), seed=2), self.step(model, optimizer, n, seed=3)
         params = list(model.parameters())
-        pruned = [(m, a) for m, a in prunable_weights(model.network)[0].values() if hasattr(m, f"{a}_mask")]
+        # What a strategy keeps beside the parameters in the network's modules (pruning's masks and masked copies, a
+        # fork's buffers): every tensor the modules hold that is not a parameter.
+        extra = [t for m in model.network.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
+        extra += [b for b in model.network.buffers()]
         steady = {
             "params": storage_bytes(params),
-            "pruning": storage_bytes([t for m, a in pruned for t in (getattr(m, f"{a}_mask"), getattr(m, a))]),
+            "pruning": max(0, storage_bytes([*params, *extra]) - storage_bytes(params)),
             "grads": storage_bytes(p.grad for p in params),
             "optimizer": storage_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)),
         }
@@ -278,12 +288,10 @@ def _divisors_descending(n: int) -> list[int]:
 def search(probe: Probe, current: Settings, batch_size: int, bptt: int, baseline: int, precision: str, budget: int):
     """The first settings that fit, in order of cost: least recomputation, then the largest micro-batch, then the
     configured loss before the chunked one. Returns (fitting estimate or None, the smallest estimate seen)."""
-    chunks = list(dict.fromkeys([current.loss_chunk_size, current.loss_chunk_size or 256]))
+    chunks = list(dict.fromkeys([current.loss_chunk_size, current.loss_chunk_size or DEFAULT_CHUNK_SIZE]))
     recomputes = list(dict.fromkeys([current.recompute_segments, max(current.recompute_segments, round(bptt**0.5))]))
-    if not hasattr(probe.template.network, "recompute_segments"):
-        recomputes = [0]
-    if not callable(getattr(probe.template.network, "features", None)):
-        chunks = [0]
+    if not callable(getattr(probe.template.network, "features", None)):  # the chunked loss needs the output-layer hook
+        chunks = [current.loss_chunk_size]
     cache: dict[tuple[int, int], tuple] = {}
     smallest: Optional[Estimate] = None
     for recompute in recomputes:
@@ -319,10 +327,11 @@ def fit_line(args: list[str], current: Settings, chosen: Settings, batch_size: i
         if not has_accumulation:
             extra += ["-c", str(Path(__file__).resolve().parents[1] / "configs" / "memory" / "accumulation.yaml")]
         extra += ["--trainer.callbacks.micro_batch_size", str(chosen.micro_batch_size)]
+    # A strategy given twice: the CLI keeps the later one, so these replace the run's own.
     if chosen.loss_chunk_size != current.loss_chunk_size:
-        extra += ["--model.loss_chunk_size", str(chosen.loss_chunk_size)]
+        extra += ["--trainer.callbacks+=ChunkedLoss", "--trainer.callbacks.chunk_size", str(chosen.loss_chunk_size)]
     if chosen.recompute_segments != current.recompute_segments:
-        extra += ["--model.recompute_segments", str(chosen.recompute_segments)]
+        extra += ["--trainer.callbacks+=Recomputation", "--trainer.callbacks.segments", str(chosen.recompute_segments)]
     return " ".join(["python -m lm_lightning fit", *args, *extra])
 
 
@@ -331,7 +340,9 @@ def predict(model: Any, trainer: Any, data: Any, baseline: int) -> tuple[Estimat
     accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
     # The largest micro-batch of its schedule sets the peak.
     micro = max(accumulation.sizes.values()) if accumulation is not None else data.hparams.batch_size
-    current = Settings(micro, int(model.hparams.get("loss_chunk_size", 0) or 0), int(getattr(model.network, "recompute_segments", 0)))
+    levers = {s.name: s for s in memory_strategies(trainer) if isinstance(s, tuple(LEVERS.values()))}
+    chunk = levers["chunked_loss"].chunk_size if "chunked_loss" in levers else 0
+    current = Settings(micro, chunk, levers["recompute"].segments if "recompute" in levers else 0)
     probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt)
     with torch.random.fork_rng(devices=[]):  # the probe's dropout masks must not move the run's
         estimate = _from_measurement(probe.measure(current), current, baseline, str(trainer.precision), probe)
@@ -343,7 +354,7 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
     data = getattr(trainer, "datamodule", None)
     if model.device.type != "cpu" or allocated_bytes(model.device) is None or not hasattr(getattr(data, "hparams", None), "bptt"):
         return None
-    if not callable(getattr(model, "_loss", None)) or type(model).__name__ == "BagLanguageModel":
+    if not callable(getattr(model, "_loss", None)) or not getattr(model, "token_inputs", False):
         return None
     # At fit start the loop and logger exist, but most of FIT_OVERHEAD_BYTES comes with the first steps and validation.
     baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
@@ -355,29 +366,31 @@ HINTS = {
     "optimizer state": " An optimizer with less state changes the training but not the model: SGD keeps none, SGD with "
     "momentum one buffer per weight, torchao.optim.AdamW8bit about a quarter of AdamW's for weights whose sizes are "
     "multiples of its block_size (--model.optimizer ...).",
-    "parameters": " A smaller vocabulary (--data.max_vocab_size) or tied weights (--model.tie_weights true) shrink the largest matrices.",
-    "gradients": " Tied weights (--model.tie_weights true) or sparse embedding gradients (--model.sparse_embedding_grad true, untied) shrink them.",
+    "parameters": " A smaller vocabulary (--data.max_vocab_size) or tied weights (--model.network.init_args.tie_weights true) shrink the largest matrices.",
+    "gradients": " Tied weights (--model.network.init_args.tie_weights true) or sparse embedding gradients (untied: "
+    "-c configs/memory/sparse_gradients.yaml) shrink them.",
 }
 
 
-def estimate_command(args: list[str]) -> Estimate:
-    """``python -m lm_lightning estimate [fit's flags and -c files] [--budget SIZE]``."""
-    from lm_lightning.cli import build_cli  # the CLI imports this module's callers; keep the import light
+USAGE = (
+    "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE]\n\n"
+    "Predicts the peak memory of `fit` with the same arguments, part by part, without training.\n"
+    "  --budget SIZE   also find the cheapest settings that fit SIZE (e.g. 2GiB, 1.5GB, 800MiB) and print the fit line\n"
+    "Every other option is fit's: python -m lm_lightning fit --help"
+)
 
-    if {"-h", "--help"} & set(args):
-        print(
-            "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE]\n\n"
-            "Predicts the peak memory of `fit` with the same arguments, part by part, without training.\n"
-            "  --budget SIZE   also find the cheapest settings that fit SIZE (e.g. 2GiB, 1.5GB, 800MiB) and print the fit line\n"
-            "Every other option is fit's: python -m lm_lightning fit --help"
-        )
-        raise SystemExit(0)
-    fit_args, budget = _pop_budget(args)
+
+def split_arguments(args: list[str]) -> tuple[list[str], Optional[int]]:
+    """``estimate``'s arguments -> (``fit``'s arguments, the budget in bytes or None); checks that this system can."""
     if allocated_bytes(torch.device("cpu")) is None:
         raise LMInputError("estimate needs glibc's allocator statistics (Linux): on this system read MemoryMonitor's figures after a short fit.")
-    cli = build_cli(fit_args, run=False)
-    model, trainer, data = cli.model, cli.trainer, cli.datamodule
-    if not hasattr(model, "_loss") or type(model).__name__ == "BagLanguageModel":
+    return _pop_budget(args)
+
+
+def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], budget: Optional[int]) -> Estimate:
+    """``python -m lm_lightning estimate [fit's flags and -c files] [--budget SIZE]``, on the objects the CLI built from
+    ``fit_args`` (cli.py parses them; this module never builds a CLI)."""
+    if not hasattr(model, "_loss") or not getattr(model, "token_inputs", False):
         raise LMInputError("estimate covers the token path (LanguageModel): for the bag path, read MemoryMonitor's figures after a short fit.")
     # This process now holds what fit holds before its first step, plus the model's parameters.
     baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
@@ -389,8 +402,8 @@ def estimate_command(args: list[str]) -> Estimate:
         print(probe.optimizer_note)
     if os.environ.get("MALLOC_MMAP_MAX_") == "0" or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         print(
-            "Note: MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ keep freed memory in the process, so its RSS grows past this "
-            "(WikiText-2 recipe: 1.15 GiB measured against 0.94 GiB without them)."
+            "Note: MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ keep freed memory in the process, so its RSS grows past "
+            "this prediction of the bytes in use."
         )
     if budget is not None:
         found, smallest = search(probe, current, batch_size, bptt, baseline, str(trainer.precision), budget)
@@ -412,9 +425,8 @@ def estimate_command(args: list[str]) -> Estimate:
             print(fit_line(fit_args, current, found.settings, batch_size, accumulation is not None))
         if not any(type(c).__name__ == "ReturnFreedMemory" for c in trainer.callbacks):
             print(
-                "Predicted from the bytes in use; glibc's heap keeps freed buffers on top of them (at 33k words a fit's "
-                "peak RSS was up to a quarter higher, a tenth with -c configs/memory/lean.yaml, which returns them): "
-                "leave that headroom."
+                "Predicted from the bytes in use; glibc's heap keeps freed buffers on top of them, more so at large "
+                "vocabularies (-c configs/memory/lean.yaml returns them): leave some headroom."
             )
         return found or smallest
     return estimate

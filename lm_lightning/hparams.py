@@ -17,8 +17,10 @@ The first five columns, capitalized so that they sort first, are the ones Tensor
 others: ``Batch`` (streams x bptt), ``Corpus`` (source and tokenizer), ``Memory strategies`` (e.g. ``bf16-mixed +
 micro-batches of 8 + pruning 80% + QAT int8``), ``Optimizer`` (class, learning rate, schedule) and ``Precision``.
 
-A memory-strategy callback describes itself with ``hparams()`` (its settings) and ``strategy_label()`` (a few words, or
-"" for a callback that saves nothing, such as a monitor); a fork's own callback does the same to get its column.
+The memory strategies describe themselves through their contract (``callbacks/strategy.py``: ``name``, ``label()``,
+``hparams()``), so a fork's own strategy gets its columns and its words in "Memory strategies" with nothing to add
+here; the export step describes its format the same way. The network's settings are read from the system's
+configuration (``network/class`` and ``network/<argument>``), whatever the network.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+
+from lm_lightning.callbacks.export import Export
+from lm_lightning.callbacks.strategy import memory_strategies
 
 METRICS = ("hp/best_val_ppl", "hp/test_ppl", "hp/export_test_ppl", "hp/peak_memory_mib", "hp/export_mib")
 # How a run samples text at validation, and where it caches: not something that tells training runs apart.
@@ -53,11 +58,17 @@ def run_hparams(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]
     scheduler = type(configs[0].scheduler).__name__ if configs else "none"
     data = trainer.datamodule
     data_hparams = dict(getattr(data, "hparams", {}))
-    labels = strategy_labels(trainer, module)
+    labels = strategy_labels(trainer)
     details: dict[str, Any] = {"model/class": type(module).__name__}
     for key, value in module.hparams.items():
         if not key.startswith("_") and key not in SAMPLING and (value is None or isinstance(value, _PRIMITIVE)):
             details[f"model/{key}"] = _flat(value)
+    network = module.hparams.get("network")
+    if isinstance(network, dict) or hasattr(network, "get"):  # {"class_path", "init_args"} (LightningCLI's or ours)
+        details["network/class"] = str(network.get("class_path", "?")).rpartition(".")[2]
+        for key, value in dict(network.get("init_args") or {}).items():
+            if key not in SAMPLING and (value is None or isinstance(value, _PRIMITIVE)):
+                details[f"network/{key}"] = _flat(value)
     details["model/parameters"] = sum(p.numel() for p in module.parameters())
     if optimizer is not None:
         details["optimizer/class"] = type(optimizer).__name__
@@ -81,12 +92,12 @@ def run_hparams(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]
             "trainer/world_size": trainer.world_size,
         }
     )
-    for callback in trainer.callbacks:
-        if callable(getattr(callback, "hparams", None)):
-            name = getattr(callback, "hparam_name", type(callback).__name__)
-            details.update({f"{name}/{k}": _flat(v) for k, v in callback.hparams().items()})
-            label = callback.strategy_label() if callable(getattr(callback, "strategy_label", None)) else ""
-            labels += [label] if label else []
+    for strategy in memory_strategies(trainer):
+        name = strategy.name or type(strategy).__name__
+        details.update({f"{name}/{k}": _flat(v) for k, v in strategy.hparams().items()})
+        labels += [strategy.label()] if strategy.label() else []
+    for step in (c for c in trainer.callbacks if isinstance(c, Export)):
+        details.update({f"export/{k}": _flat(v) for k, v in step.hparams().items()})
     # TensorBoard's HPARAMS tab orders the columns by name and shows the first five until you pick others: these five
     # sort first (capitals come before lower case) and say at a glance what a run was.
     lr = optimizer.defaults.get("lr") if optimizer is not None else None
@@ -103,18 +114,11 @@ def run_hparams(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]
     return {**headline, **details}
 
 
-def strategy_labels(trainer: L.Trainer, module: L.LightningModule) -> list[str]:
-    """The memory strategies that are settings of the trainer, the optimizer or the model rather than callbacks."""
+def strategy_labels(trainer: L.Trainer) -> list[str]:
+    """The memory levers that are settings of the trainer or the optimizer rather than callbacks."""
     labels = [] if str(trainer.precision) in ("32-true", "32") else [str(trainer.precision)]
     if trainer.optimizers and not type(trainer.optimizers[0]).__module__.startswith("torch.optim"):
         labels.append(type(trainer.optimizers[0]).__name__)  # an optimizer-state choice (torchao's 8-bit AdamW, ...)
-    hparams = module.hparams
-    if hparams.get("loss_chunk_size"):
-        labels.append(f"chunked loss {hparams['loss_chunk_size']}")
-    if hparams.get("recompute_segments"):
-        labels.append(f"recompute {hparams['recompute_segments']}")
-    if hparams.get("sparse_embedding_grad"):
-        labels.append("sparse embedding grads")
     return labels
 
 

@@ -131,16 +131,3 @@ def val_ppl(cli) -> list[float]:
     events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     return [e.value for e in events.Scalars("val/ppl")]
-
-
-def network_without_extras(system_class):
-    """A subclass of ``system_class`` whose network is a bare GRU (no features(), decoder or recompute_segments)."""
-
-    class BareGRU(system_class):
-        def build_network(self):
-            import torch
-
-            return torch.nn.GRU(4, 4)
-
-    return BareGRU
-

@@ -30,7 +30,7 @@ def base_args(corpus: Path) -> list[str]:
     return [
         "--data.source", str(corpus), "--data.min_freq", "1", "--data.batch_size", str(BATCH_SIZE),
         "--data.eval_batch_size", "4", "--data.bptt", str(BPTT),
-        "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.num_layers", "2", "--model.dropout", "0",
+        "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.network.num_layers", "2", "--model.network.dropout", "0",
         "--model.sample_length", "0", "--model.optimizer", "SGD", "--model.optimizer.lr", "1",
         "--trainer.precision", "64-true", "--trainer.gradient_clip_val", "0.1", "--trainer.log_every_n_steps", "1",
         "--trainer.limit_val_batches", "3",

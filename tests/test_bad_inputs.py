@@ -20,7 +20,7 @@ from lm_lightning.preflight import check_training_budget
 
 LINES = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]  # conftest.tiny_corpus
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TINY_MODEL = ["--model.embedding_dim", "8", "--model.hidden_dim", "8", "--model.num_layers", "1", "--model.sample_length", "2"]
+TINY_MODEL = ["--model.network.embedding_dim", "8", "--model.network.hidden_dim", "8", "--model.network.num_layers", "1", "--model.sample_length", "2"]
 ONE_STEP = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"]
 
 
@@ -66,10 +66,10 @@ def one_sentence(err: str, pattern: str, parser_error: bool) -> str:
 PARSER_CASES = [
     ("unknown-tokenizer", ["--data.tokenizer", "foo"], r"^error: --data.tokenizer 'foo' is not valid: give one of treebank, whitespace, char\.$"),
     ("mistyped-key", ["--data.batchsize", "3"], r"^error: --data.batchsize is not an option of TokenDataModule: did you mean --data.batch_size\?"),
-    ("mistyped-model-key", ["--model.num_layer", "3"], r"^error: --model.num_layer is not an option of LanguageModel: did you mean --model.num_layers\?"),
+    ("mistyped-model-key", ["--model.num_layer", "3"], r"^error: --model.num_layer is not an option of LanguageModel: did you mean --model.network.num_layers\?"),
     ("wrong-type", ["--data.batch_size", "ten"], r"^error: --data.batch_size 'ten' is not valid: give an integer\.$"),
     ("wrong-type-float", ["--model.optimizer.lr", "abc"], r"^error: --model.optimizer.lr 'abc' is not valid: give a number\.$"),
-    ("wrong-type-bool", ["--model.tie_weights", "maybe"], r"^error: --model.tie_weights 'maybe' is not valid: give true/false\.$"),
+    ("wrong-type-bool", ["--model.network.tie_weights", "maybe"], r"^error: --model.network.tie_weights 'maybe' is not valid: give true/false\.$"),
     ("precision-nonsense", ["--trainer.precision", "nonsense"], r"^error: --trainer.precision 'nonsense' is not valid: give one of 64, 32, 16, .*bf16-mixed"),
     ("max-epochs-text", ["--trainer.max_epochs", "ten"], r"^error: --trainer.max_epochs 'ten' is not valid: give an integer or null\.$"),
     ("unknown-trainer-flag", ["--trainer.max_epocs", "3"], r"^error: --trainer.max_epocs is not an option: did you mean --trainer.max_epochs\? \(`python -m"),
@@ -118,15 +118,15 @@ def test_unknown_subcommand_and_export_keys(tmp_path, monkeypatch, capsys):
 
 # Settings that parse but cannot train (or would train on nothing); found before any run folder exists.
 SETTING_CASES = [
-    ("num-layers-0", ["--model.num_layers", "0"], r"--model.num_layers must be a positive integer, got 0"),
-    ("embedding-0", ["--model.embedding_dim", "0", "--model.tie_weights", "false"], r"--model.embedding_dim must be a positive integer, got 0"),
-    ("hidden-0", ["--model.hidden_dim", "0", "--model.tie_weights", "false"], r"--model.hidden_dim must be a positive integer, got 0"),
-    ("tied-sizes-differ", ["--model.hidden_dim", "16"], r"tie_weights needs embedding_dim == hidden_dim \(got 8 and 16\).*--model.tie_weights false"),
+    ("num-layers-0", ["--model.network.num_layers", "0"], r"--model.network.num_layers must be a positive integer, got 0"),
+    ("embedding-0", ["--model.network.embedding_dim", "0", "--model.network.tie_weights", "false"], r"--model.network.embedding_dim must be a positive integer, got 0"),
+    ("hidden-0", ["--model.network.hidden_dim", "0", "--model.network.tie_weights", "false"], r"--model.network.hidden_dim must be a positive integer, got 0"),
+    ("tied-sizes-differ", ["--model.network.hidden_dim", "16"], r"tie_weights needs embedding_dim == hidden_dim \(got 8 and 16\).*--model.network.tie_weights false"),
     ("lr-negative", ["--model.optimizer.lr", "-1"], r"--model.optimizer.lr must be positive, got -1.0: give a learning rate"),
     ("lr-zero", ["--model.optimizer.lr", "0"], r"--model.optimizer.lr must be positive, got 0.0"),
     ("weight-decay-negative", ["--model.optimizer.weight_decay", "-1"], r"--model.optimizer was refused by torch \(Invalid weight_decay value: -1.0\)"),
-    ("dropout-1.5", ["--model.dropout", "1.5"], r"--model.dropout must be in \[0, 1\), got 1.5"),
-    ("dropout-negative", ["--model.dropout", "-0.1"], r"--model.dropout must be in \[0, 1\), got -0.1"),
+    ("dropout-1.5", ["--model.network.dropout", "1.5"], r"--model.network.dropout must be in \[0, 1\), got 1.5"),
+    ("dropout-negative", ["--model.network.dropout", "-0.1"], r"--model.network.dropout must be in \[0, 1\), got -0.1"),
     ("sample-length-negative", ["--model.sample_length", "-1"], r"--model.sample_length must be >= 0, got -1"),
     ("max-new-tokens-negative", ["--model.max_new_tokens", "-5"], r"--model.max_new_tokens must be >= 0, got -5"),
     ("temperature-negative", ["--model.temperature", "-1"], r"--model.temperature must be >= 0, got -1.0: give 0 for greedy"),

@@ -159,7 +159,7 @@ def bag_fit(tmp_path_factory):
     try:
         os.chdir(workdir)
         args = ["fit", *BOW, *QUIET, "--data.source", str(corpus), "--data.segment", "line", "--data.batch_size", "4", "--data.eval_batch_size", "2",
-                "--data.bptt", "6", "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.dropout", "0", "--trainer.max_epochs", "8",
+                "--data.bptt", "6", "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.network.dropout", "0", "--trainer.max_epochs", "8",
                 "--model.optimizer.lr", "0.03", "--trainer.log_every_n_steps", "5"]  # fmt: skip
         cli = build_cli(args)
     finally:
@@ -235,7 +235,7 @@ def short_fit(tmp_path: Path, corpus: Path, *extra: str):
     try:
         os.chdir(tmp_path)
         args = ["fit", *BOW, *QUIET, "--data.source", str(corpus), "--data.segment", "line", "--data.batch_size", "4", "--data.eval_batch_size", "2",
-                "--data.bptt", "6", "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.dropout", "0", "--trainer.num_sanity_val_steps", "0",
+                "--data.bptt", "6", "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.network.dropout", "0", "--trainer.num_sanity_val_steps", "0",
                 "--trainer.log_every_n_steps", "1", *extra]  # fmt: skip
         return build_cli(args)
     finally:

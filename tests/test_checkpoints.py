@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 TINY = [
     "--data.tokenizer", "whitespace", "--data.min_freq", "1", "--data.batch_size", "4", "--data.bptt", "8",
-    "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.num_layers", "1", "--model.sample_length", "4",
+    "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.network.num_layers", "1", "--model.sample_length", "4",
     *QUIET,
 ]  # fmt: skip
 OTHER_WORDS = "\n".join(["one two three four five six seven eight nine ten ."] * 90) + "\n"
@@ -214,14 +214,14 @@ def test_predict_takes_the_architecture_from_the_checkpoint_and_generation_setti
 
     monkeypatch.setattr(LanguageModel, "generate", spy)
     flags = ["--model.max_new_tokens", "3", "--model.temperature", "0.5", "--model.top_k", "4", "--model.seed", "7"]
-    args = ["predict", *data(corpus, cache), "--ckpt_path", str(checkpoints / "last.ckpt"), *flags, "--model.hidden_dim", "32"]
+    args = ["predict", *data(corpus, cache), "--ckpt_path", str(checkpoints / "last.ckpt"), *flags, "--model.network.hidden_dim", "32"]
     with caplog.at_level("WARNING"):
         cli = build_cli([*args, "--data.prompt", "the cat"])
     assert generated == [(2, 3, 0.5, 4, 2 + 3)]  # 3 new tokens after the 2-token prompt, with the flags' sampler
     hp = cli.model.hparams
     assert (hp.max_new_tokens, hp.temperature, hp.top_k, hp.seed) == (3, 0.5, 4, 7)
-    assert hp.hidden_dim == 16 and hp.embedding_dim == 16  # the checkpoint's network, not --model.hidden_dim 32
-    assert "--model.hidden_dim 32 is ignored: the architecture comes from the checkpoint (hidden_dim=16)" in caplog.text
+    assert hp.hidden_dim == 16 and hp.embedding_dim == 16  # the checkpoint's network, not --model.network.hidden_dim 32
+    assert "--model.network.hidden_dim 32 is ignored: the architecture comes from the checkpoint (hidden_dim=16)" in caplog.text
 
 
 # --- a bad --ckpt_path --------------------------------------------------------------------------------------

@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
-from conftest import network_without_extras, val_ppl
+from conftest import val_ppl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.profiler import ProfilerActivity, profile
 
-from lm_lightning import chunked_loss
-from lm_lightning.callbacks import allocator
+from lm_lightning.callbacks import ChunkedLoss, allocator, chunked_loss
 from lm_lightning.callbacks.memory_monitor import MemoryMonitor, allocated_bytes
 from lm_lightning.callbacks.quantization import enable_fake_quantization
 from lm_lightning.cli import build_cli
@@ -141,37 +140,33 @@ def test_a_fit_with_the_chunked_loss_follows_the_plain_fit(tmp_path, monkeypatch
     up to float summation order, and the setting is the command line's when resuming (not the checkpoint's)."""
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6"]
-    common += ["--model.embedding_dim", "48", "--model.hidden_dim", "48", *FAST]
+    common += ["--model.network.embedding_dim", "48", "--model.network.hidden_dim", "48", *FAST]
 
     plain = build_cli(["fit", *common])
     chunked = build_cli(["fit", *common, "-c", str(ROOT / "configs/memory/chunked_loss.yaml")])
-    assert chunked.model.hparams.loss_chunk_size == 256 and plain.model.hparams.loss_chunk_size == 0
+    assert chunked.model.loss_head.chunk_size == 256 and plain.model.loss_head is None
     assert val_ppl(chunked) == pytest.approx(val_ppl(plain), rel=1e-4)
 
     last = Path(plain.trainer.log_dir) / "checkpoints" / "last.ckpt"
-    resumed = build_cli(["fit", *common, "--trainer.max_epochs", "3", "--model.loss_chunk_size", "64", "--ckpt_path", str(last)])
-    assert resumed.model.hparams.loss_chunk_size == 64 and resumed.trainer.current_epoch == 3
+    resumed = build_cli(["fit", *common, "--trainer.max_epochs", "3", "--trainer.callbacks+=ChunkedLoss", "--trainer.callbacks.chunk_size", "64", "--ckpt_path", str(last)])
+    assert resumed.model.loss_head.chunk_size == 64 and resumed.trainer.current_epoch == 3
 
 
-@pytest.mark.parametrize(
-    "setting, value, sentence",
-    [
-        ("loss_chunk_size", 64, r"--model.loss_chunk_size needs a network with a features\(\) method .* GRU lacks them"),
-        ("recompute_segments", 5, r"--model.recompute_segments needs a network with a recompute_segments attribute .* GRU lacks it"),
-    ],
-)
-def test_settings_a_forked_network_cannot_take_are_one_sentence(setting, value, sentence):
-    """The chunked loss and recomputation need the LSTMNetwork's extras; a fork's network without them is refused
-    (tests/test_recompute.py and here), and runs with the plain settings."""
-    bare = network_without_extras(LanguageModel)
-    with pytest.raises(LMInputError, match=sentence):
-        bare(vocab_size=50, **{setting: value})
-    bare(vocab_size=50)
+def test_a_network_without_the_output_layer_hook_is_one_sentence_and_trains_plainly():
+    """The chunked loss needs the contract's optional features() and decoder; a fork's network without them is refused
+    before training, and trains with the plain loss."""
+    from gru_model import BareGRUNetwork
+
+    system = LanguageModel(BareGRUNetwork(50))
+    with pytest.raises(LMInputError, match=r"^ChunkedLoss needs a network with a features\(\) method and an nn.Linear decoder .* BareGRUNetwork lacks them"):
+        ChunkedLoss(64).apply(system)
+    ids = torch.randint(0, 50, (2, 5))
+    assert torch.isfinite(system._nll(ids, ids, None)[0])
 
 
-def test_a_negative_chunk_size_is_one_sentence():
-    with pytest.raises(LMInputError, match=r"^--model.loss_chunk_size must be >= 0, got -1: give .* 256"):
-        LanguageModel(vocab_size=50, loss_chunk_size=-1)
+def test_a_bad_chunk_size_is_one_sentence():
+    with pytest.raises(LMInputError, match=r"^ChunkedLoss chunk_size must be a positive number of tokens, got -1: give e.g. 256.$"):
+        ChunkedLoss(-1)
 
 
 def test_the_chunked_loss_composes_with_every_other_strategy(tmp_path, monkeypatch):
@@ -181,9 +176,9 @@ def test_the_chunked_loss_composes_with_every_other_strategy(tmp_path, monkeypat
     cli = build_cli(
         ["fit", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/presets/debug.yaml"),
          "-c", str(ROOT / "configs/memory/all.yaml"), "-c", str(ROOT / "configs/memory/chunked_loss.yaml"),
-         "--trainer.limit_train_batches", "16", "--model.embedding_dim", "64", "--model.hidden_dim", "64", *FAST]
+         "--trainer.limit_train_batches", "16", "--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64", *FAST]
     )  # fmt: skip
-    assert cli.model.hparams.loss_chunk_size == 256 and cli.trainer.global_step == 4
+    assert cli.model.loss_head.chunk_size == 256 and cli.trainer.global_step == 4
     events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
@@ -197,7 +192,7 @@ def test_the_memory_monitor_sees_what_the_chunked_loss_keeps(tmp_path, monkeypat
     loss keeps its float32 log-softmax (1.7 MB) for backward; the chunked one the decoder's weight gradient instead."""
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/presets/debug.yaml"), *FAST]
-    common += ["-c", str(ROOT / "configs/memory/monitor.yaml"), "--model.embedding_dim", "64", "--model.hidden_dim", "64"]
+    common += ["-c", str(ROOT / "configs/memory/monitor.yaml"), "--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64"]
     common += ["--data.batch_size", "8", "--trainer.callbacks.log_every_n_steps", "1", "--model.sample_length", "0"]
 
     def measured(*extra: str) -> tuple[dict, int]:
@@ -206,7 +201,7 @@ def test_the_memory_monitor_sees_what_the_chunked_loss_keeps(tmp_path, monkeypat
         return monitor.history[-1], cli.datamodule.vocab_size
 
     plain, vocab = measured()
-    chunked, _ = measured("--model.loss_chunk_size", "64")
+    chunked, _ = measured("--trainer.callbacks+=ChunkedLoss", "--trainer.callbacks.chunk_size", "64")
     log_softmax, weight_grad = 8 * 35 * vocab * 4, vocab * 64 * 4
     assert plain["memory/activations_bytes"] >= log_softmax
     assert plain["memory/retained_bytes"] >= 0.95 * plain["memory/activations_bytes"]
@@ -233,10 +228,10 @@ def test_the_lean_preset_is_the_chunked_loss_with_its_memory_measured(tmp_path, 
     monkeypatch.setattr(allocator, "_glibc", FakeGlibc)
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6"]
-    common += ["--model.embedding_dim", "48", "--model.hidden_dim", "48", *FAST]
+    common += ["--model.network.embedding_dim", "48", "--model.network.hidden_dim", "48", *FAST]
     plain = build_cli(["fit", *common])
     lean = build_cli(["fit", *common, "-c", str(ROOT / "configs/memory/lean.yaml")])
-    assert lean.model.hparams.loss_chunk_size == 256
+    assert lean.model.loss_head.chunk_size == 256
     assert val_ppl(lean) == pytest.approx(val_ppl(plain), rel=1e-4)
     assert calls == [(allocator.M_MMAP_THRESHOLD, 4 * 2**20), (allocator.M_TRIM_THRESHOLD, 4 * 2**20), ("trim", 0)]
     [monitor] = [c for c in lean.trainer.callbacks if isinstance(c, MemoryMonitor)]

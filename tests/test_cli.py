@@ -20,7 +20,7 @@ from lm_lightning.export import load_exported
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-SMALL = ["--model.embedding_dim", "64", "--model.hidden_dim", "64", "--model.num_layers", "1", "--model.sample_length", "8"]
+SMALL = ["--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64", "--model.network.num_layers", "1", "--model.sample_length", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_default_recipe_equals_the_command_line_defaults(capsys):
 def test_help_documents_the_arguments(capsys):
     for args, expected in [
         (["fit", "--help"], ["--data", "--model", "--checkpoint.monitor", "--trainer.precision"]),
-        (["fit", "--model.help", "LanguageModel"], ["--model.tie_weights", "Share the embedding and decoder", "--model.optimizer"]),
+        (["fit", "--model.help", "LanguageModel"], ["--model.network.tie_weights", "Share the embedding and decoder", "--model.optimizer"]),
         (["fit", "--data.help", "TokenDataModule"], ["--data.bptt", "Window length", "--data.source", "nltk:<corpus>"]),
     ]:
         with pytest.raises(SystemExit):

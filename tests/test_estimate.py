@@ -19,7 +19,7 @@ from lm_lightning.errors import LMInputError
 from lm_lightning.estimate import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--model.embedding_dim", "64", "--model.hidden_dim", "64", "--model.sample_length", "0"]
+SMALL = ["--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64", "--model.sample_length", "0"]
 SGD = ["--model.optimizer", "SGD", "--model.optimizer.lr", "1", "--model.optimizer.weight_decay", "0"]
 MEASURE = [
     "-c", str(ROOT / "configs/memory/monitor.yaml"), "--trainer.callbacks.log_every_n_steps", "1", "--trainer.max_epochs", "1",
@@ -53,14 +53,14 @@ def configurations(big: Path) -> dict[str, list[str]]:
         "AdamW float32": [],
         "bf16-mixed": ["-c", str(memory / "bf16.yaml")],
         "accumulation 4 x 8 streams": ["-c", str(memory / "accumulation.yaml")],
-        "chunked loss": ["--model.loss_chunk_size", "64"],
-        "recomputation": ["--model.recompute_segments", "5"],
+        "chunked loss": ["--trainer.callbacks+=ChunkedLoss", "--trainer.callbacks.chunk_size", "64"],
+        "recomputation": ["--trainer.callbacks+=Recomputation", "--trainer.callbacks.segments", "5"],
         "SGD with momentum": [*SGD, "--model.optimizer.momentum", "0.9"],
         "torchao 8-bit AdamW": ["--model.optimizer", "torchao.optim.AdamW8bit", "--model.optimizer.lr", "0.003"],
-        "SGD, untied, sparse embedding gradient": [*SGD, "--model.tie_weights", "false", "--model.sparse_embedding_grad", "true"],
+        "SGD, untied, sparse embedding gradient": [*SGD, "--model.network.tie_weights", "false", "--trainer.callbacks+=SparseEmbeddingGradients"],
         "pruning + int8 QAT": ["-c", str(memory / "pruning.yaml"), "-c", str(memory / "qat.yaml")],
         "vocabulary 20k": large,
-        "vocabulary 20k, chunked loss": [*large, "--model.loss_chunk_size", "256"],
+        "vocabulary 20k, chunked loss": [*large, "--trainer.callbacks+=ChunkedLoss", "--trainer.callbacks.chunk_size", "256"],
     }
 
 

@@ -168,7 +168,7 @@ def trained_export(tmp_path_factory):
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--data.source", str(corpus), "--data.cache_dir", str(root / "cache"), "--data.min_freq", "1",
             "--data.batch_size", "4", "--data.eval_batch_size", "2", "--data.bptt", "8",
-            "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.sample_length", "0",
+            "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.sample_length", "0",
             "--export.bits", "8", "--export.folder", str(root / "export"),
         ]
     )  # fmt: skip

@@ -15,8 +15,8 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 def test_short_fit_clearly_beats_the_unigram_baseline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(
-        ["fit", *QUIET, "--trainer.max_epochs", "3", "--model.embedding_dim", "128", "--model.hidden_dim", "128",
-         "--model.num_layers", "1", "--model.sample_length", "0", "--trainer.num_sanity_val_steps", "0"]
+        ["fit", *QUIET, "--trainer.max_epochs", "3", "--model.network.embedding_dim", "128", "--model.network.hidden_dim", "128",
+         "--model.network.num_layers", "1", "--model.sample_length", "0", "--trainer.num_sanity_val_steps", "0"]
     )
     unigram = cli.datamodule.unigram_perplexity("valid")
     val_ppl = float(cli.trainer.callback_metrics["val/ppl"])
@@ -27,7 +27,7 @@ def test_short_fit_clearly_beats_the_unigram_baseline(tmp_path, monkeypatch):
 def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     """Resuming restores weights, optimizer state and the step counter: the run continues, it does not restart."""
     monkeypatch.chdir(tmp_path)
-    common = ["-c", str(ROOT / "configs/presets/debug.yaml"), *QUIET, "--model.embedding_dim", "32", "--model.hidden_dim", "32", "--model.num_layers", "1"]
+    common = ["-c", str(ROOT / "configs/presets/debug.yaml"), *QUIET, "--model.network.embedding_dim", "32", "--model.network.hidden_dim", "32", "--model.network.num_layers", "1"]
     first = build_cli(["fit", *common])
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     state = torch.load(last, weights_only=False)

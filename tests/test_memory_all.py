@@ -18,7 +18,7 @@ def test_all_strategies_train_together_and_export_a_sparse_int8_model(tmp_path, 
         ["fit", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/presets/debug.yaml"),
          "-c", str(ROOT / "configs/memory/all.yaml"), "--trainer.limit_train_batches", "16",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--model.embedding_dim", "64", "--model.hidden_dim", "64"]
+         "--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64"]
     )
     assert str(cli.trainer.precision) == "bf16-mixed"
     assert cli.trainer.global_step == 4  # 16 micro-batches of 8 streams = 4 optimizer steps of 32 streams

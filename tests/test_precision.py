@@ -35,7 +35,7 @@ def tiny_args(corpus: Path, *extra: str) -> list[str]:
     # Dropout off: masks drawn on bfloat16 and float32 tensors differ, and would hide the precision effect.
     return [
         *QUIET, "--data.source", str(corpus), "--data.batch_size", "4", "--data.bptt", "8", "--data.min_freq", "1",
-        "--model.embedding_dim", "32", "--model.hidden_dim", "32", "--model.num_layers", "1", "--model.dropout", "0",
+        "--model.network.embedding_dim", "32", "--model.network.hidden_dim", "32", "--model.network.num_layers", "1", "--model.network.dropout", "0",
         "--model.sample_length", "0", "--model.optimizer.lr", "0.01", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
         "--trainer.callbacks+=lm_lightning.callbacks.precision.PrecisionGuard", *extra,
     ]  # fmt: skip

@@ -31,8 +31,8 @@ LSTM_WEIGHTS = [f"lstm.weight_{kind}_l{k}" for k in range(2) for kind in ("ih", 
 def base_args(corpus: Path) -> list[str]:
     return [
         "--data.source", str(corpus), "--data.min_freq", "1", "--data.batch_size", "8", "--data.eval_batch_size", "4",
-        "--data.bptt", "7", "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.num_layers", "2",
-        "--model.dropout", "0", "--model.sample_length", "0", "--trainer.log_every_n_steps", "1",
+        "--data.bptt", "7", "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.network.num_layers", "2",
+        "--model.network.dropout", "0", "--model.sample_length", "0", "--trainer.log_every_n_steps", "1",
         "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "3", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     ]  # fmt: skip

@@ -30,7 +30,7 @@ from lm_lightning.systems import LanguageModel
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ["-c", str(ROOT / "configs/presets/debug.yaml")]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-SMALL = ["--model.embedding_dim", "32", "--model.hidden_dim", "32", "--model.num_layers", "1", "--model.sample_length", "0"]
+SMALL = ["--model.network.embedding_dim", "32", "--model.network.hidden_dim", "32", "--model.network.num_layers", "1", "--model.sample_length", "0"]
 QAT = ["--trainer.callbacks+=lm_lightning.callbacks.quantization.QuantizationAwareFinishing"]
 
 

@@ -26,7 +26,7 @@ from lm_lightning.checkpointing import restore_rng_states, rng_state
 KILLED = -signal.SIGKILL
 RUN = [
     "--data.tokenizer", "whitespace", "--data.min_freq", "1", "--data.batch_size", "4", "--data.bptt", "8",
-    "--model.embedding_dim", "16", "--model.hidden_dim", "16", "--model.num_layers", "1", "--model.dropout", "0.3",
+    "--model.network.embedding_dim", "16", "--model.network.hidden_dim", "16", "--model.network.num_layers", "1", "--model.network.dropout", "0.3",
     "--model.sample_length", "4", "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "5",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--checkpoint.save_top_k", "-1",  # keep every epoch's checkpoint, to compare intermediate states too

@@ -14,8 +14,8 @@ from lm_lightning.compare import Run, pareto_front, quality, read_run, strategie
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TINY = ["-c", str(ROOT / "configs/presets/debug.yaml"), "--model.embedding_dim", "32", "--model.hidden_dim", "32",
-        "--model.num_layers", "1", "--trainer.max_epochs", "2"]  # fmt: skip
+TINY = ["-c", str(ROOT / "configs/presets/debug.yaml"), "--model.network.embedding_dim", "32", "--model.network.hidden_dim", "32",
+        "--model.network.num_layers", "1", "--trainer.max_epochs", "2"]  # fmt: skip
 
 
 def fit(*args: str) -> Path:
@@ -90,7 +90,7 @@ def test_fit_help_leads_to_the_model_and_data_options(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--model.help LanguageModel" in text and "--data.help TokenDataModule" in text
     assert text.count("--model.help LanguageModel") == 2  # at the top and at the end
-    for flag, option in (("--model.help", "--model.hidden_dim"), ("--data.help", "--data.bptt")):
+    for flag, option in (("--model.help", "--model.network.hidden_dim"), ("--data.help", "--data.bptt")):
         with pytest.raises(SystemExit):
             main(["fit", flag, "LanguageModel" if flag == "--model.help" else "TokenDataModule"])
         assert option in capsys.readouterr().out

@@ -1,7 +1,12 @@
-"""Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``; the export step is ``--export.*``."""
+"""Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``; the export step is ``--export.*``.
+
+The memory strategies subclass :class:`MemoryStrategy` (``strategy.py``: the contract, written once); the others are
+steps of a run (export, console line, throughput, generation writer) or checks (precision guard, memory monitor).
+"""
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.allocator import ReturnFreedMemory
+from lm_lightning.callbacks.chunked_loss import ChunkedLoss
 from lm_lightning.callbacks.console import ValidationLine
 from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.generation_writer import GenerationWriter
@@ -9,17 +14,25 @@ from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.callbacks.pruning import MagnitudePruning
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
+from lm_lightning.callbacks.recompute import Recomputation
+from lm_lightning.callbacks.sparse_gradients import SparseEmbeddingGradients
+from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
 from lm_lightning.callbacks.throughput import TokenThroughput
 
 __all__ = [
+    "ChunkedLoss",
     "Export",
     "GenerationWriter",
-    "MicroBatchAccumulation",
     "MagnitudePruning",
     "MemoryMonitor",
+    "MemoryStrategy",
+    "MicroBatchAccumulation",
     "PrecisionGuard",
     "QuantizationAwareFinishing",
+    "Recomputation",
     "ReturnFreedMemory",
+    "SparseEmbeddingGradients",
     "TokenThroughput",
     "ValidationLine",
+    "memory_strategies",
 ]

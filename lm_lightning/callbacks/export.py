@@ -91,7 +91,7 @@ class Export(Callback):
         self._enabled = (
             self.enabled
             if self.enabled is not None
-            else (self.bits is not None or any(hasattr(c, "export_metadata") for c in trainer.callbacks))
+            else (self.bits is not None or any(getattr(c, "trains_for_export", False) for c in trainer.callbacks))
         )
         if self._enabled and self._bits is not None:  # fail now, not after training, if the export cannot be written
             for name, tensor in network_tensors(pl_module.network)[0].items():

@@ -7,11 +7,8 @@ With ``tie_weights`` the decoder reuses the embedding matrix (Press & Wolf 2017,
 Improve Language Models", arXiv:1608.05859; Inan et al. 2017): it removes ``vocab_size x hidden_dim``
 parameters, often the largest single matrix, and usually lowers perplexity.
 
-This file knows nothing about Lightning. The network contract, which any replacement keeps (see the GRU in
-tests/): ``forward(inputs, hidden=None) -> (logits, hidden)`` with ``inputs`` ``(streams, time)`` token ids, ``logits``
-``(streams, time, vocab)``, and ``hidden`` whatever state the network carries to the next window (``None`` means a
-zero state; tensors, or tuples of them, which the system detaches between windows). A network that sets ``config``
-to its constructor arguments can be rebuilt from an export without code (``lm_lightning/export.py``).
+This file knows nothing about Lightning; it keeps the network contract of ``networks/contract.py``, with the
+optional output-layer hook (``features`` and ``decoder``) that the chunked loss uses.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lm_lightning.errors import LMInputError
 
@@ -73,16 +69,7 @@ class LSTMNetwork(nn.Module):
         num_layers: Stacked LSTM layers.
         dropout: Dropout on embeddings, between LSTM layers and before the decoder.
         tie_weights: Share the embedding and decoder matrices; needs embedding_dim == hidden_dim.
-
-    ``recompute_segments`` (an attribute, not an argument: how to compute, not what the network is) splits each
-    training window into that many time segments and recomputes each segment's LSTM in the backward pass
-    (``torch.utils.checkpoint``): the forward pass keeps only each segment's input and the state between segments, and
-    the backward pass holds one segment's internals at a time, for one more LSTM forward pass. 0 turns it off. With
-    dropout between LSTM layers the masks are drawn segment by segment (same distribution as one draw per window), and
-    the recomputation redraws exactly the masks of the forward pass.
     """
-
-    recompute_segments: int = 0
 
     def __init__(
         self,
@@ -112,16 +99,8 @@ class LSTMNetwork(nn.Module):
 
     def features(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
         """What the decoder reads, (batch, time, hidden_dim), and the new hidden state: the chunked loss
-        (``lm_lightning/chunked_loss.py``) starts here instead of from the logits."""
-        x = self.dropout(self.embedding(ids))
-        if self.recompute_segments and self.training and torch.is_grad_enabled():
-            outputs = []
-            for segment in x.tensor_split(min(self.recompute_segments, x.size(1)), dim=1):
-                output, hidden = checkpoint(self.lstm, segment, hidden, use_reentrant=False)
-                outputs.append(output)
-            output = torch.cat(outputs, dim=1)
-        else:
-            output, hidden = self.lstm(x, hidden)
+        (``callbacks/chunked_loss.py``) starts here instead of from the logits."""
+        output, hidden = self.lstm(self.dropout(self.embedding(ids)), hidden)
         return self.dropout(output), hidden
 
     def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:

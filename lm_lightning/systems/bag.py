@@ -22,7 +22,6 @@ from torchmetrics import MeanMetric
 
 from lm_lightning.data.batch import Bags, Batch
 from lm_lightning.errors import LMInputError
-from lm_lightning.networks.bag import BagLSTMNetwork, BagWeighting
 from lm_lightning.systems.base import StreamSystem
 
 
@@ -30,13 +29,9 @@ class BagLanguageModel(StreamSystem):
     """Bag-of-words segments -> LSTM -> the words of the next segment, trained with truncated BPTT over segments.
 
     Args:
-        vocab_size: Set from the datamodule by the CLI; give it only when using the class on its own.
-        embedding_dim: Width of the word vectors, summed (or averaged) into one vector per segment.
-        hidden_dim: Width of each LSTM layer.
-        num_layers: Stacked LSTM layers.
-        dropout: Dropout on segment vectors, between LSTM layers and before the decoder.
-        tie_weights: Decode with the bag embedding matrix (Press & Wolf 2017); needs embedding_dim == hidden_dim.
-        bag_weighting: ``sum``: a segment is the count-weighted sum of its word vectors; ``mean``: their mean.
+        network: The network to train, ``--model.network CLASS_PATH`` with ``--model.network.init_args.*`` (default in
+            configs/bag_embedded.yaml: ``lm_lightning.networks.BagLSTMNetwork``); its ``vocab_size`` is set from the
+            datamodule by the CLI.
         optimizer: Optimizer class and arguments, e.g. ``--model.optimizer AdamW --model.optimizer.lr 3e-3``.
         lr_scheduler: Optional schedule, stepped once per epoch (``ReduceLROnPlateau`` watches ``val/ppl``).
         sample_length: How many of the likeliest words of the segment after the datamodule's ``prompt`` are logged
@@ -44,36 +39,25 @@ class BagLanguageModel(StreamSystem):
         predict_words: How many of the likeliest next-segment words ``predict`` lists.
     """
 
+    token_inputs = False
+
     def __init__(
         self,
-        vocab_size: int,
-        embedding_dim: int = 128,
-        hidden_dim: int = 128,
-        num_layers: int = 1,
-        dropout: float = 0.3,
-        tie_weights: bool = False,
-        bag_weighting: BagWeighting = "sum",
+        network: nn.Module,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         sample_length: int = 10,
         predict_words: int = 15,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(network, optimizer, lr_scheduler)
         if sample_length < 0:
             raise LMInputError(f"--model.sample_length must be >= 0, got {sample_length}: give a number of words (0 turns it off).")
         if predict_words < 1:
             raise LMInputError(f"--model.predict_words must be a positive integer, got {predict_words}: give e.g. 15.")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.attach(self.build_network())
+        self.save_hyperparameters_and_network()
         self.val_unigram_loss = MeanMetric()
         self.test_unigram_loss = MeanMetric()
         self._unigram: Optional[torch.Tensor] = None
-
-    def build_network(self) -> nn.Module:
-        hp = self.hparams
-        return BagLSTMNetwork(
-            hp.vocab_size, hp.embedding_dim, hp.hidden_dim, hp.num_layers, hp.dropout, hp.tie_weights, hp.bag_weighting
-        )
 
     # --- the unigram baseline beside every evaluation -------------------------------------------------
     def _unigram_metric(self, stage: str) -> MeanMetric:

@@ -4,13 +4,20 @@ Lightning 2 leaves this to the user for recurrent models (it removed ``truncated
 state from one window to the next and detaching it, one state per stream group when a window arrives as
 micro-batches (``callbacks/accumulation.py``), resetting it at epoch boundaries, perplexity weighted by target
 tokens (or words), the best-so-far perplexity for TensorBoard's HPARAMS tab, and building the optimizer and LR
-schedule that LightningCLI injects. The network is built by the subclass and knows nothing of Lightning.
+schedule that LightningCLI injects. The network is injected (``--model.network CLASS_PATH``; ``networks/contract.py``
+says what it must do) and knows nothing of Lightning.
+
+Memory strategies that change how a window's loss is computed (``callbacks/``) do it through two hooks, ``None`` for
+the plain path: ``loss_head`` computes the summed loss from the network's features instead of its logits (the chunked
+loss), and ``window_runner`` runs the network over the window (recomputation runs it in checkpointed time segments).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar, Optional
 
 import lightning as L
 import torch
@@ -24,6 +31,12 @@ from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
 from lm_lightning.hparams import nan_metrics, peak_memory_mib, run_hparams
+from lm_lightning.networks.contract import build_network, network_spec
+
+# (network, features, targets) -> summed negative log-likelihood: the loss from the features, not the logits.
+LossHead = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
+# (step, inputs, hidden) -> (outputs, hidden), where step is the network's forward or features.
+WindowRunner = Callable[[Callable[..., tuple[torch.Tensor, Any]], Any, Any], tuple[torch.Tensor, Any]]
 
 
 def detach_hidden(hidden: Any) -> Any:
@@ -49,27 +62,35 @@ def seed_dropout_per_rank(global_rank: int) -> None:
 
 
 class StreamSystem(L.LightningModule):
-    """Base of ``LanguageModel`` and ``BagLanguageModel``. A subclass saves its own hyper-parameters, calls
-    ``self.attach(self.build_network())`` and implements ``_log_sample`` (what each validation shows as text)."""
+    """Base of ``LanguageModel`` and ``BagLanguageModel``. A subclass saves its hyper-parameters with
+    :meth:`save_hyperparameters_and_network` and implements ``_log_sample`` (what each validation shows as text)."""
 
-    def __init__(self, optimizer: OptimizerCallable, lr_scheduler: Optional[LRSchedulerCallable]) -> None:
+    #: Windows are ``(streams, time)`` token-id tensors (False on the bag path): strategies that cut windows in time or
+    #: score next tokens read it.
+    token_inputs: ClassVar[bool] = True
+
+    def __init__(self, network: nn.Module, optimizer: OptimizerCallable, lr_scheduler: Optional[LRSchedulerCallable]) -> None:
         super().__init__()
+        # A checkpoint written outside the CLI stores the network as {"class_path", "init_args"}.
+        self.network = build_network(network) if isinstance(network, dict) else network
+        self.val_loss = MeanMetric()  # after the network, so the model summary lists the network first
+        self.test_loss = MeanMetric()
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.loss_head: Optional[LossHead] = None  # set by a memory strategy (the chunked loss)
+        self.window_runner: Optional[WindowRunner] = None  # set by a memory strategy (recomputation)
         self._hidden: dict[str, Any] = {}
         self._micro_losses: list[torch.Tensor] = []
         self._best_val_ppl = math.inf
         self._rng_states: Optional[list[dict[str, Any]]] = None  # from a loaded checkpoint, put back at train start
 
-    def attach(self, network: nn.Module) -> None:
-        """The network, then the metrics (in this order, so the model summary lists the network first)."""
-        self.network = network
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
-
-    def build_network(self) -> nn.Module:
-        """Override to train another network with the same ``forward(inputs, hidden) -> (logits, hidden)`` contract."""
-        raise NotImplementedError
+    def save_hyperparameters_and_network(self) -> None:
+        """The subclass's arguments as hyper-parameters (a checkpoint rebuilds the system from them), the network as
+        its configuration: LightningCLI records ``{"class_path", "init_args"}``; a network built in Python is
+        recorded the same way from its class and ``config``."""
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], frame=inspect.currentframe().f_back)
+        if isinstance(self.hparams.get("network"), nn.Module):
+            self.hparams["network"] = network_spec(self.network)
 
     def forward(self, inputs: Any, hidden: Any = None) -> tuple[torch.Tensor, Any]:
         return self.network(inputs, hidden)
@@ -106,10 +127,10 @@ class StreamSystem(L.LightningModule):
         return total / batch.divisor
 
     def _nll(self, inputs: Any, targets: Any, hidden: Any) -> tuple[torch.Tensor, Any]:
-        """Summed negative log-likelihood of ``targets`` and the new hidden state (``LanguageModel`` can compute it
-        without the full logits)."""
-        logits, hidden = self(inputs, hidden)
-        return nll(logits, targets), hidden
+        """Summed negative log-likelihood of ``targets`` and the new hidden state, through the strategies' hooks."""
+        step = self.network if self.loss_head is None else self.network.features
+        outputs, hidden = step(inputs, hidden) if self.window_runner is None else self.window_runner(step, inputs, hidden)
+        return (nll(outputs, targets) if self.loss_head is None else self.loss_head(self.network, outputs, targets)), hidden
 
     def _reset_hidden(self, stage: str) -> None:
         for key in [key for key in self._hidden if key.split("/")[0] == stage]:
@@ -240,6 +261,25 @@ class StreamSystem(L.LightningModule):
         if self._rng_states is not None:
             restore_rng_states(self._rng_states, self.trainer)
             self._rng_states = None
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
+    ) -> None:
+        # torch's clip_grad_norm_ has no sparse kernel (linalg_vector_norm on SparseCPU): with sparse gradients
+        # (callbacks/sparse_gradients.py) the same rule, by hand.
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not gradient_clip_val or not any(grad.is_sparse for grad in grads):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm == "value":
+            for grad in grads:
+                (grad._values() if grad.is_sparse else grad).clamp_(-gradient_clip_val, gradient_clip_val)
+            return None
+        norms = [(grad.coalesce().values() if grad.is_sparse else grad).float().norm() for grad in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        scale = (gradient_clip_val / (total + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+        return None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
