@@ -49,12 +49,17 @@ def recipe_batch_size(recipe: str) -> int:
     return yaml.safe_load(Path(recipe).read_text()).get("data", {}).get("init_args", {}).get("batch_size", 32)
 
 
-def int4_group_size(recipe: str) -> int:
-    """int4 groups must divide the input widths: 32 for the default's 256, 40 for ptb_small's 200."""
+def network_args(recipe: str) -> dict:
     import yaml
 
     model = yaml.safe_load(Path(recipe).read_text()).get("model", {}).get("init_args", {})
-    widths = {model.get("embedding_dim", 256), model.get("hidden_dim", 256)}
+    return model.get("network", {}).get("init_args", {}) or {}
+
+
+def int4_group_size(recipe: str) -> int:
+    """int4 groups must divide the input widths: 32 for the default's 256, 40 for ptb_small's 200."""
+    network = network_args(recipe)
+    widths = {network.get("embedding_dim", 256), network.get("hidden_dim", 256)}
     return next(g for g in range(32, 257) if all(w % g == 0 for w in widths))
 
 
@@ -62,38 +67,38 @@ def takes_sparse_gradients(recipe: str) -> bool:
     """An untied recipe trained by SGD without weight decay (ptb_small): its embedding can have a sparse gradient."""
     import yaml
 
-    model = yaml.safe_load(Path(recipe).read_text()).get("model", {}).get("init_args", {})
-    optimizer = model.get("optimizer", {})
+    optimizer = yaml.safe_load(Path(recipe).read_text()).get("model", {}).get("init_args", {}).get("optimizer", {})
     return (
-        model.get("tie_weights") is False
+        network_args(recipe).get("tie_weights") is False
         and str(optimizer.get("class_path", "")).endswith("SGD")
         and not optimizer.get("init_args", {}).get("weight_decay", 0)
     )
 
 
-def strategies(scratch: Path, group_size: int, batch_size: int, sparse: bool = False) -> dict[str, list[str]]:
-    """Name -> extra ``-c`` presets. The memory monitor is stacked on every run, the baseline included."""
+def strategies(scratch: Path, group_size: int, batch_size: int, sparse: bool = False, extra: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Name -> extra ``-c`` presets: one row per preset file in configs/memory/ (named by it), then the presets given
+    with ``--preset`` (a fork's strategy: its row is labelled by the strategy itself, in the run's HPARAMS). The memory
+    monitor is stacked on every run, the baseline included. Two presets are adapted to the recipe: accumulation runs
+    4 micro-batches per step whatever its batch size (also inside "all"), and QAT int4 gets a row at a group size that
+    divides its widths. Sparse embedding gradients run only on a recipe that can take them (untied, SGD)."""
     int4 = scratch / "qat_int4.yaml"
     int4.write_text(QAT_INT4.format(group_size=group_size))
-    accumulation = scratch / "accumulation.yaml"  # 4 micro-batches per step whatever the recipe's batch size
+    accumulation = scratch / "accumulation.yaml"
     accumulation.write_text(ACCUMULATION.format(micro_batch_size=batch_size // 4))
-    sparse_rows = {}
-    if sparse:
-        (scratch / "sparse.yaml").write_text("model:\n  init_args:\n    sparse_embedding_grad: true\n")
-        sparse_rows = {"sparse embedding gradient": [str(scratch / "sparse.yaml")]}
-    return {
-        BASELINE: [],
-        "chunked loss (256 tokens)": [str(MEMORY / "chunked_loss.yaml")],
-        "lean preset (configs/memory/lean.yaml)": [str(MEMORY / "lean.yaml")],
-        "recomputation (5 segments)": [str(MEMORY / "recompute.yaml")],
-        **sparse_rows,
-        "bf16-mixed": [str(MEMORY / "bf16.yaml")],
-        f"accumulation 4 x {batch_size // 4} streams": [str(accumulation)],
-        "pruning 80%": [str(MEMORY / "pruning.yaml")],
-        "QAT int8": [str(MEMORY / "qat.yaml")],
-        "QAT int4": [str(int4)],
-        "all (bf16 + accumulation + pruning + QAT int8)": [str(MEMORY / "bf16.yaml"), str(accumulation), str(MEMORY / "pruning.yaml"), str(MEMORY / "qat.yaml")],
+    adapted = {
+        "accumulation.yaml": [str(accumulation)],
+        "all.yaml": [str(MEMORY / "bf16.yaml"), str(accumulation), str(MEMORY / "pruning.yaml"), str(MEMORY / "qat.yaml")],
     }
+    rows: dict[str, list[str]] = {BASELINE: []}
+    for preset in sorted(MEMORY.glob("*.yaml")):
+        if preset.name == "monitor.yaml" or (preset.name == "sparse_gradients.yaml" and not sparse):
+            continue
+        rows[preset.stem] = adapted.get(preset.name, [str(preset)])
+        if preset.name == "qat.yaml":
+            rows["qat int4"] = [str(int4)]
+    for preset in extra:
+        rows[Path(preset).stem] = [str(Path(preset).resolve())]
+    return rows
 
 
 # Optimizer state as a choice (--optimizers): one row per optimizer, each with its full settings (nothing carried over
@@ -153,8 +158,12 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int, eval_bat
     test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     log_dir = Path(cli.trainer.log_dir)
     logged = scalars(log_dir)
+    from lm_lightning.callbacks import memory_strategies
+
     result = {
         "name": name,
+        # Each strategy's own words (its label(): the contract of callbacks/strategy.py), a fork's strategy too.
+        "strategies": " + ".join(s.label() for s in memory_strategies(cli.trainer) if s.label()) or "none",
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
         "tokens_per_sec": statistics.median(logged.get("train/tokens_per_sec", [math.nan])),
         # What the forward pass kept for backward, by the allocator's count where there is one (it sees the chunked
@@ -189,8 +198,8 @@ def mib(n: float) -> str:
 
 def table(rows: list[dict], baseline: dict) -> str:
     lines = [
-        "| strategy | peak memory (RSS) | optimizer state | kept for backward per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| preset | strategies (their labels) | peak memory (RSS) | optimizer state | kept for backward per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         ratio = row["tokens_per_sec"] / baseline["tokens_per_sec"]
@@ -198,8 +207,9 @@ def table(rows: list[dict], baseline: dict) -> str:
         for i, (label, export) in enumerate(exports.items()):
             first = i == 0
             lines.append(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                     row["name"] if first else "",
+                    row.get("strategies", "") if first else "",
                     mib(row["peak_rss_bytes"]) if first else "",
                     mib(row.get("optimizer_bytes", math.nan)) if first else "",
                     mib(row.get("activations_bytes", math.nan)) if first else "",
@@ -255,6 +265,7 @@ def main() -> None:
     parser.add_argument("--optimizers", action="store_true", help="compare optimizers (state bytes, perplexity) instead of strategies")
     parser.add_argument("--no-plain-loop", action="store_true", help="leave out the plain PyTorch loop")
     parser.add_argument("--only", nargs="*", default=None, help="names of the strategies to run (default: all)")
+    parser.add_argument("--preset", action="append", default=[], help="another strategy's preset (YAML) to measure as a row")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--run-one", nargs=4, metavar=("NAME", "JSON", "GROUP_SIZE", "EVAL_BATCHES"), help=argparse.SUPPRESS)
     args, cli_args = parser.parse_known_args()
@@ -278,7 +289,7 @@ def main() -> None:
     batch_size = recipe_batch_size(args.recipe)
     if batch_size % 4:
         sys.exit(f"--recipe's batch_size {batch_size} must be divisible by 4 for the accumulation runs.")
-    plan = strategies(scratch, group_size, batch_size, sparse=takes_sparse_gradients(args.recipe))
+    plan = strategies(scratch, group_size, batch_size, sparse=takes_sparse_gradients(args.recipe), extra=tuple(args.preset))
     if args.optimizers:
         plan = {BASELINE: [], **optimizer_rows(scratch)}
     if args.only:

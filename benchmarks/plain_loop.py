@@ -37,6 +37,10 @@ def settings(recipe: Path) -> tuple[dict, dict, dict]:
     cfg = yaml.safe_load(recipe.read_text())
     model = {k: p.default for k, p in inspect.signature(LanguageModel.__init__).parameters.items() if p.default is not p.empty}
     model.update(cfg.get("model", {}).get("init_args", {}))
+    # The network's arguments: LSTMNetwork's defaults, then the recipe's (--model.network.init_args.*).
+    network = {k: p.default for k, p in inspect.signature(LSTMNetwork.__init__).parameters.items() if p.default is not p.empty}
+    network.update((model.get("network") or {}).get("init_args", {}))
+    model["network"] = network
     data = {k: p.default for k, p in inspect.signature(TokenDataModule.__init__).parameters.items() if p.default is not p.empty}
     data.update(cfg.get("data", {}).get("init_args", {}))
     trainer = {"max_epochs": 1000, "gradient_clip_val": None, **cfg.get("trainer", {}), "seed": cfg.get("seed_everything", 0)}
@@ -75,9 +79,7 @@ def main() -> None:
     train = StreamWindows(dm.ids("train"), data["batch_size"], data["bptt"])
     valid = StreamWindows(dm.ids("valid"), data["eval_batch_size"], data["bptt"], split="valid")
     test = StreamWindows(dm.ids("test"), data["eval_batch_size"], data["bptt"], split="test")
-    network = LSTMNetwork(
-        dm.vocab_size, *(model[k] for k in ("embedding_dim", "hidden_dim", "num_layers", "dropout", "tie_weights"))
-    )
+    network = LSTMNetwork(dm.vocab_size, **model["network"])
     optimizer = instantiate(model["optimizer"], network.parameters())
     scheduler = instantiate(model["lr_scheduler"], optimizer)
     epochs = args.epochs or trainer["max_epochs"]

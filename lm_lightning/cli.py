@@ -60,7 +60,7 @@ from lm_lightning.checkpointing import (  # noqa: E402
 from lm_lightning.compare import compare_command  # noqa: E402
 from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError, parser_error_sentence, undecodable_config  # noqa: E402
-from lm_lightning.estimate import USAGE, estimate_command, split_arguments  # noqa: E402
+from lm_lightning.estimate import USAGE, Estimate, estimate_command, split_arguments  # noqa: E402
 from lm_lightning.exported import generate_command, score_command  # noqa: E402
 from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
@@ -361,14 +361,14 @@ def export_checkpoint(args: list[str]) -> dict:
     return report
 
 
-def estimate(args: list[str]) -> None:
+def estimate(args: list[str]) -> Estimate:
     """``estimate``: fit's arguments built into the run's objects here, predicted by ``estimate.py``."""
     if {"-h", "--help"} & set(args):
         print(USAGE)
         raise SystemExit(0)
     fit_args, budget = split_arguments(args)
     cli = build_cli(fit_args, run=False)
-    estimate_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget)
+    return estimate_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget)
 
 
 # The subcommands beside LightningCLI's fit/validate/test/predict: name -> function of the remaining arguments.

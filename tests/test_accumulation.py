@@ -18,6 +18,7 @@ from torch.testing import assert_close
 from lm_lightning.cli import build_cli, main
 from lm_lightning.data.batch import Batch
 from lm_lightning.data.windows import StreamWindows
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
 ACCUMULATION = "lm_lightning.callbacks.accumulation.MicroBatchAccumulation"
@@ -176,7 +177,7 @@ def test_bad_arguments_fail_at_start_up_with_one_sentence(tiny_corpus, tmp_path,
 def test_saved_activations_shrink_with_the_micro_batch():
     """Bytes autograd keeps for backward in one training step: whole batch of 32 streams vs micro-batch of 8."""
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=1000, embedding_dim=64, hidden_dim=64, num_layers=2, dropout=0.0).train()
+    model = LanguageModel(LSTMNetwork(1000, embedding_dim=64, hidden_dim=64, num_layers=2, dropout=0.0)).train()
     weights = {p.data_ptr() for p in model.parameters()}
 
     def saved_bytes(streams: int) -> int:

@@ -192,7 +192,7 @@ def test_validate_from_the_saved_config_and_checkpoint_matches_fit(bag_fit, tmp_
     best = run / "checkpoints" / Path(fit_cli.trainer.checkpoint_callback.best_model_path).name
     validate = build_cli(["validate", "-c", str(run / "config.yaml"), *QUIET, "--ckpt_path", str(best)])
     assert float(validate.trainer.callback_metrics["val/ppl"]) == pytest.approx(float(fit_cli.trainer.checkpoint_callback.best_model_score), rel=1e-5)
-    assert BagLanguageModel.load_from_checkpoint(best).hparams.bag_weighting == "sum"  # re-created from its own arguments
+    assert BagLanguageModel.load_from_checkpoint(best).network.bag_weighting == "sum"  # re-created from its own arguments
 
 
 def test_predict_lists_the_likeliest_next_words(bag_fit, tmp_path, monkeypatch, capsys):

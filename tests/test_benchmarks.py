@@ -101,10 +101,8 @@ def test_plain_loop_trains_the_recipe_the_template_trains(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     recipe = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
     recipe["trainer"]["max_epochs"] = 2
+    recipe["model"]["init_args"]["network"]["init_args"].update(embedding_dim=48, hidden_dim=48, dropout=0.0)
     recipe["model"]["init_args"].update(
-        embedding_dim=48,
-        hidden_dim=48,
-        dropout=0.0,
         optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 5.0, "weight_decay": 0.0}},
         lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
     )
@@ -142,7 +140,7 @@ def test_plain_loop_resumed_after_an_epoch_is_the_uninterrupted_run(tmp_path):
     masks included, and ends where the uninterrupted run ends."""
     recipe = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
     recipe["trainer"]["max_epochs"] = 2
-    recipe["model"]["init_args"].update(embedding_dim=32, hidden_dim=32, dropout=0.3)
+    recipe["model"]["init_args"]["network"]["init_args"].update(embedding_dim=32, hidden_dim=32, dropout=0.3)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 

@@ -220,7 +220,9 @@ def test_predict_takes_the_architecture_from_the_checkpoint_and_generation_setti
     assert generated == [(2, 3, 0.5, 4, 2 + 3)]  # 3 new tokens after the 2-token prompt, with the flags' sampler
     hp = cli.model.hparams
     assert (hp.max_new_tokens, hp.temperature, hp.top_k, hp.seed) == (3, 0.5, 4, 7)
-    assert hp.hidden_dim == 16 and hp.embedding_dim == 16  # the checkpoint's network, not --model.network.hidden_dim 32
+    network = hp.network["init_args"]
+    assert network["hidden_dim"] == 16 and network["embedding_dim"] == 16  # the checkpoint's network, not --model.network.hidden_dim 32
+    assert cli.model.network.hidden_dim == 16
     assert "--model.network.hidden_dim 32 is ignored: the architecture comes from the checkpoint (hidden_dim=16)" in caplog.text
 
 

@@ -46,7 +46,8 @@ def test_fit_writes_config_checkpoints_and_hparams(fitted):
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(name.startswith("best-") for name in ckpts)
     assert cli.trainer.global_step == 50
-    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the datamodule
+    assert cli.model.hparams.network["init_args"]["vocab_size"] == cli.datamodule.vocab_size  # linked from the datamodule
+    assert cli.model.network.vocab_size == cli.datamodule.vocab_size
 
 
 def test_validate_test_predict_from_saved_config_and_checkpoint(fitted, tmp_path, monkeypatch, capsys):
@@ -137,7 +138,7 @@ def test_tensorboard_has_the_documented_scalars_text_and_hparams(fitted):
     runs = read_run(run)
     assert not any(k.startswith("_") or "_class_path" in k or "_instantiator" in k for k in runs.hparams)
     expected = {"Batch": "32 x 35", "Corpus": "embedded (treebank)", "Memory strategies": "none", "Optimizer": "AdamW lr 0.003",
-                "Precision": "32-true", "model/class": "LanguageModel", "model/hidden_dim": 64, "optimizer/class": "AdamW",
+                "Precision": "32-true", "model/class": "LanguageModel", "network/class": "LSTMNetwork", "network/hidden_dim": 64, "optimizer/class": "AdamW",
                 "optimizer/lr": pytest.approx(3e-3), "optimizer/lr_scheduler": "none", "data/source": "embedded",
                 "data/batch_size": 32, "data/bptt": 35, "data/tokenizer": "treebank", "trainer/precision": "32-true",
                 "export/format": "none"}  # fmt: skip
@@ -150,12 +151,13 @@ def test_tensorboard_has_the_documented_scalars_text_and_hparams(fitted):
 
 
 def test_a_model_defined_outside_the_package_trains_by_class_path_and_learns(tiny_corpus, tmp_path, monkeypatch):
-    """The GRU of tests/gru_model.py, by class path only, trains on the tiny corpus to well below its unigram baseline."""
+    """The GRU of tests/gru_model.py, by class path only (one file, no subclass), trains on the tiny corpus to well
+    below its unigram baseline."""
     monkeypatch.chdir(tmp_path)
     data = ["--data.source", str(tiny_corpus), "--data.tokenizer", "whitespace", "--data.min_freq", "1", "--data.batch_size", "4",
             "--data.eval_batch_size", "2", "--data.bptt", "8", "--trainer.max_epochs", "6"]
-    cli = build_cli(["fit", *QUIET, "--model", "gru_model.GRULanguageModel", *SMALL, *data])
-    assert type(cli.model).__name__ == "GRULanguageModel" and isinstance(cli.model.network.gru, torch.nn.GRU)
+    cli = build_cli(["fit", *QUIET, "--model.network", "gru_model.GRUNetwork", *SMALL, *data])
+    assert type(cli.model).__name__ == "LanguageModel" and isinstance(cli.model.network.gru, torch.nn.GRU)
     ppl, unigram = float(cli.trainer.callback_metrics["val/ppl"]), cli.datamodule.unigram_perplexity("valid")
     assert ppl < unigram / 2, f"GRU validation perplexity {ppl:.2f} does not beat the unigram baseline {unigram:.2f} by 2x"
 
@@ -186,7 +188,8 @@ def test_default_recipe_equals_the_command_line_defaults(capsys):
 def test_help_documents_the_arguments(capsys):
     for args, expected in [
         (["fit", "--help"], ["--data", "--model", "--checkpoint.monitor", "--trainer.precision"]),
-        (["fit", "--model.help", "LanguageModel"], ["--model.network.tie_weights", "Share the embedding and decoder", "--model.optimizer"]),
+        (["fit", "--model.help", "LanguageModel"], ["--model.network", "The network to train", "--model.optimizer"]),
+        (["fit", "--model.network.help", "LSTMNetwork"], ["--network.tie_weights", "Share the embedding and decoder", "--network.hidden_dim"]),
         (["fit", "--data.help", "TokenDataModule"], ["--data.bptt", "Window length", "--data.source", "nltk:<corpus>"]),
     ]:
         with pytest.raises(SystemExit):

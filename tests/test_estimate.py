@@ -28,8 +28,8 @@ MEASURE = [
 ]  # fmt: skip
 ESTIMATE = """
 import dataclasses, json, sys
-from lm_lightning.estimate import estimate_command
-estimate = estimate_command(sys.argv[1:])
+from lm_lightning.cli import estimate as run_estimate
+estimate = run_estimate(sys.argv[1:])
 print("ESTIMATE" + json.dumps({**dataclasses.asdict(estimate), "peak": estimate.peak}))
 """
 
@@ -131,12 +131,12 @@ def test_a_bad_budget_is_one_sentence():
 
 @pytest.mark.skipif(allocated_bytes(torch.device("cpu")) is None, reason="estimate needs glibc's mallinfo2 (Linux)")
 def test_a_budget_gets_the_cheapest_fit_line_or_the_smallest_reachable_peak(tmp_path, monkeypatch, capsys):
-    from lm_lightning import estimate
+    from lm_lightning import cli, estimate
 
     # In this (pytest) process the resident set grows from call to call; the search is what is tested here (the
     # baseline against real fits in the test above), so it is held at a fixed value.
     monkeypatch.setattr(estimate, "resident_bytes", lambda: 500 * 2**20)
-    estimate_command = estimate.estimate_command
+    estimate_command = cli.estimate
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), *SMALL]
     as_configured = estimate_command(common)
@@ -148,7 +148,7 @@ def test_a_budget_gets_the_cheapest_fit_line_or_the_smallest_reachable_peak(tmp_
     line = next(text for text in out.splitlines() if text.startswith("python -m lm_lightning fit"))
     assert line.startswith("python -m lm_lightning fit " + " ".join(common))
     chosen = found.settings
-    assert (chosen.loss_chunk_size and "--model.loss_chunk_size" in line) or (
+    assert (chosen.loss_chunk_size and "--trainer.callbacks+=ChunkedLoss" in line) or (
         chosen.micro_batch_size < 32 and f"--trainer.callbacks.micro_batch_size {chosen.micro_batch_size}" in line
     )
     # Least recomputation first: nothing recomputed when a micro-batch or the chunked loss is enough.
@@ -189,7 +189,7 @@ def test_the_printed_fit_line_runs_with_the_chosen_settings(tmp_path, monkeypatc
     cli = build_cli(["fit", *args, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     accumulation = next(c for c in cli.trainer.callbacks if isinstance(c, MicroBatchAccumulation))
     assert accumulation.sizes[0] == 8 and cli.trainer.global_step == 2  # 5 micro-batches of 8 streams: 4 + 1 steps
-    assert cli.model.hparams.loss_chunk_size == 256 and cli.model.network.recompute_segments == 6
+    assert cli.model.loss_head.chunk_size == 256 and cli.model.window_runner.segments == 6
 
 
 def test_the_cli_loads_no_library_a_plain_run_does_not_use():

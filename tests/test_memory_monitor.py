@@ -15,6 +15,7 @@ from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.cli import build_cli
 from lm_lightning.data import Batch
 from lm_lightning.errors import LMInputError
+from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def window(inputs: torch.Tensor, targets: torch.Tensor) -> Batch:
 
 def tiny_model(**kwargs) -> LanguageModel:
     """vocab 50, embedding 8, hidden 8, one layer, untied, no dropout, Adam: 1,426 float32 parameters in 7 tensors."""
-    return LanguageModel(50, 8, 8, 1, dropout=0.0, tie_weights=False, optimizer=torch.optim.Adam, sample_length=0, **kwargs)
+    return LanguageModel(LSTMNetwork(50, 8, 8, 1, dropout=0.0, tie_weights=False), optimizer=torch.optim.Adam, sample_length=0, **kwargs)
 
 
 def saved_by_graph_walk(loss: torch.Tensor, exclude: list[torch.Tensor]) -> int:
@@ -157,7 +158,7 @@ def test_hooks_are_removed_when_a_step_raises(tmp_path):
             self.hooks = next(c for c in self.trainer.callbacks if isinstance(c, MemoryMonitor))._saved
             raise RuntimeError("boom")
 
-    model = Failing(50, 8, 8, 1, dropout=0.0, tie_weights=False, sample_length=0)
+    model = Failing(LSTMNetwork(50, 8, 8, 1, dropout=0.0, tie_weights=False), sample_length=0)
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[MemoryMonitor(1), PrecisionGuard()], logger=False, enable_checkpointing=False, enable_progress_bar=False)
     ids = torch.randint(0, 50, (BATCH, TIME))
     batches = [window(ids, ids)]

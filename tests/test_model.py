@@ -27,7 +27,7 @@ def test_carrying_hidden_state_across_windows_equals_one_long_pass():
 
 def test_system_carries_and_detaches_hidden_state_between_windows():
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=30, embedding_dim=8, hidden_dim=8, num_layers=1, dropout=0.0).eval()
+    model = LanguageModel(LSTMNetwork(30, embedding_dim=8, hidden_dim=8, num_layers=1, dropout=0.0)).eval()
     ids = torch.randint(0, 30, (2, 21))
     windows = [Batch(ids[:, s : s + 5], ids[:, s + 1 : s + 6], first_stream=0, num_streams=2, length=5, divisor=2 * 5) for s in range(0, 20, 5)]
     with torch.no_grad():
@@ -74,24 +74,16 @@ def test_bad_model_arguments_fail_at_construction(kwargs, words):
 
 def test_bad_generation_arguments_fail_at_construction():
     with pytest.raises(LMInputError, match="temperature"):
-        LanguageModel(vocab_size=10, temperature=-1)
+        LanguageModel(LSTMNetwork(10), temperature=-1)
     with pytest.raises(LMInputError, match="top_k"):
-        LanguageModel(vocab_size=10, top_k=0)
+        LanguageModel(LSTMNetwork(10), top_k=0)
 
 
 def test_model_overfits_a_tiny_text(tiny_corpus, tmp_path):
     """A model that cannot memorise 20 distinct tokens has a bug in its data path or loss."""
     L.seed_everything(0)
     dm = TokenDataModule(source=str(tiny_corpus), batch_size=4, eval_batch_size=4, bptt=10, min_freq=1, cache_dir=str(tmp_path / "cache"))
-    model = LanguageModel(
-        vocab_size=dm.vocab_size,
-        embedding_dim=32,
-        hidden_dim=32,
-        num_layers=1,
-        dropout=0.0,
-        sample_length=0,
-        optimizer=lambda p: torch.optim.Adam(p, lr=2e-2),
-    )
+    model = LanguageModel(LSTMNetwork(dm.vocab_size, embedding_dim=32, hidden_dim=32, num_layers=1, dropout=0.0), sample_length=0, optimizer=lambda p: torch.optim.Adam(p, lr=2e-2))
     trainer = L.Trainer(
         max_epochs=12,
         check_val_every_n_epoch=100,
@@ -110,7 +102,7 @@ def test_model_overfits_a_tiny_text(tiny_corpus, tmp_path):
 
 def test_generation_is_reproducible_and_respects_top_k():
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=40, embedding_dim=8, hidden_dim=8, num_layers=1)
+    model = LanguageModel(LSTMNetwork(40, embedding_dim=8, hidden_dim=8, num_layers=1))
     prompt = torch.tensor([[1, 2, 3]])
     a = model.generate(prompt, 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
     b = model.generate(prompt, 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))

@@ -145,7 +145,7 @@ def test_lstm_weights_are_named_and_a_tied_matrix_is_pruned_once():
     untied = LSTMNetwork(30, 16, 16, num_layers=2, tie_weights=False)
     assert sorted(prunable_weights(untied)[0]) == sorted(["embedding.weight", "decoder.weight", *LSTM_WEIGHTS])
     # The trap this avoids: ModelPruning's own discovery skips nn.LSTM and lists the tied matrix twice.
-    default = ModelPruning.sanitize_parameters_to_prune(LanguageModel(30, 16, 16, 2), (), ["weight"])
+    default = ModelPruning.sanitize_parameters_to_prune(LanguageModel(LSTMNetwork(30, 16, 16, 2)), (), ["weight"])
     assert [type(m).__name__ for m, _ in default] == ["Embedding", "Linear"]
 
 
@@ -168,7 +168,7 @@ def zeroed_by_hand(model: LanguageModel) -> LSTMNetwork:
 @pytest.mark.parametrize("scope, parameters", [("layer", None), ("global", LSTM_WEIGHTS)])
 def test_pruned_lstm_computes_with_zeros_before_and_after_an_optimizer_step(scope, parameters):
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=30, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0).eval()
+    model = LanguageModel(LSTMNetwork(30, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0)).eval()
     ids = torch.randint(0, 30, (3, 7))
     dense = model(ids)[0].detach()
     cb = set_up(model, scope=scope, parameters=parameters)
@@ -297,7 +297,7 @@ def test_preset_stacks_with_default_and_another_callback_preset(tmp_path, capsys
 def test_sparse_export_is_small_and_loads_to_the_same_logits(tmp_path):
     export = pytest.importorskip("lm_lightning.export")
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=500, embedding_dim=64, hidden_dim=64, num_layers=1, dropout=0.0, tie_weights=False).eval()
+    model = LanguageModel(LSTMNetwork(500, embedding_dim=64, hidden_dim=64, num_layers=1, dropout=0.0, tie_weights=False)).eval()
     dense = export.export_model(copy.deepcopy(model.network), tmp_path / "dense")
     cb = set_up(model, scope="layer")
     cb.apply_pruning(0.9)
@@ -318,12 +318,12 @@ def test_sparse_export_is_small_and_loads_to_the_same_logits(tmp_path):
 def test_restored_masks_keep_zeros_zero_through_optimizer_steps():
     """A checkpoint holds plain weights and the masks; the masks go back on, and steps cannot revive a zero."""
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=30, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0)
+    model = LanguageModel(LSTMNetwork(30, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0))
     cb = set_up(model, scope="layer")
     cb.apply_pruning(0.5)
     state, masks = {k: v.clone() for k, v in cb._make_pruning_permanent_on_state_dict(model).items()}, cb.state_dict()["masks"]
 
-    fresh = LanguageModel(vocab_size=30, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0)
+    fresh = LanguageModel(LSTMNetwork(30, embedding_dim=16, hidden_dim=16, num_layers=2, dropout=0.0))
     fresh.load_state_dict(state)  # a plain model: the checkpoint loads without this callback too
     resumed = set_up(fresh, scope="layer")
     resumed.load_state_dict({"masks": masks})

@@ -90,9 +90,11 @@ def test_fit_help_leads_to_the_model_and_data_options(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--model.help LanguageModel" in text and "--data.help TokenDataModule" in text
     assert text.count("--model.help LanguageModel") == 2  # at the top and at the end
-    for flag, option in (("--model.help", "--model.network.hidden_dim"), ("--data.help", "--data.bptt")):
+    assert "--model.network.help LSTMNetwork" in text  # the network's sizes
+    for flag, name, option in (("--model.help", "LanguageModel", "--model.network"), ("--model.network.help", "LSTMNetwork", "--network.hidden_dim"),
+                               ("--data.help", "TokenDataModule", "--data.bptt")):  # fmt: skip
         with pytest.raises(SystemExit):
-            main(["fit", flag, "LanguageModel" if flag == "--model.help" else "TokenDataModule"])
+            main(["fit", flag, name])
         assert option in capsys.readouterr().out
 
 
@@ -133,7 +135,7 @@ def test_compare_prints_the_runs_and_draws_the_picture(tmp_path, monkeypatch, ca
 
 
 def test_every_memory_callback_names_itself_in_the_hparams_row():
-    """A strategy's settings come from its own hparams(); the label from strategy_label() (a fork's callback too)."""
+    """A strategy's settings come from its own hparams(); the label from label() (the contract of callbacks/strategy.py)."""
     from lm_lightning.callbacks import MagnitudePruning, MicroBatchAccumulation, QuantizationAwareFinishing, ReturnFreedMemory
 
     for callback, label in [
@@ -142,7 +144,7 @@ def test_every_memory_callback_names_itself_in_the_hparams_row():
         (QuantizationAwareFinishing(bits=4, group_size=16), "QAT int4 groups of 16"),
         (ReturnFreedMemory(), "freed memory returned"),
     ]:
-        assert callback.strategy_label() == label
+        assert callback.label() == label
         assert all(isinstance(v, (bool, int, float, str, type(None))) for v in callback.hparams().values())
         yaml.safe_dump(callback.hparams())  # plain values only
 

@@ -49,14 +49,14 @@ def check_network_args(
         )
     for name, value in (("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
         if value < 1:
-            raise LMInputError(f"--model.{name} must be a positive integer, got {value}: give 1 or more (the default is a good start).")
+            raise LMInputError(f"--model.network.{name} must be a positive integer, got {value}: give 1 or more (the default is a good start).")
     if tie_weights and embedding_dim != hidden_dim:
         raise LMInputError(
             f"tie_weights needs embedding_dim == hidden_dim (got {embedding_dim} and {hidden_dim}): "
-            "make them equal or pass --model.tie_weights false."
+            "make them equal or pass --model.network.tie_weights false."
         )
     if not 0 <= dropout < 1:  # also refuses NaN
-        raise LMInputError(f"--model.dropout must be in [0, 1), got {dropout}: give a rate such as 0.2 (0 turns dropout off).")
+        raise LMInputError(f"--model.network.dropout must be in [0, 1), got {dropout}: give a rate such as 0.2 (0 turns dropout off).")
 
 
 class LSTMNetwork(nn.Module):
