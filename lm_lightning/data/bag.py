@@ -33,7 +33,8 @@ from lm_lightning.data.batch import Bags, Batch
 from lm_lightning.data.cache import CacheDamaged, cache_key, check_files, check_sha256, check_vocab, file_sha256, open_or_build
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.segments import BagVocabulary, Segment, Segmenter, build_vocabulary, count_matrix, resolve_segment
-from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
+from lm_lightning.data.sources import Corpus, load_corpus
+from lm_lightning.data.splits import SPLITS
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)
