@@ -24,10 +24,11 @@ A memory-strategy callback describes itself with ``hparams()`` (its settings) an
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+
+from lm_lightning.measure import peak_rss_mib
 
 METRICS = ("hp/best_val_ppl", "hp/test_ppl", "hp/export_test_ppl", "hp/peak_memory_mib", "hp/export_mib")
 # How a run samples text at validation, and where it caches: not something that tells training runs apart.
@@ -124,17 +125,6 @@ def peak_memory_mib(trainer: L.Trainer) -> Optional[float]:
         if getattr(callback, "peak_bytes", None) is not None:
             return callback.peak_bytes / 2**20
     return peak_rss_mib()
-
-
-def peak_rss_mib() -> Optional[float]:
-    """This process's peak resident memory (``VmHWM``) in MiB, or None where ``/proc`` does not say (not Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def nan_metrics() -> dict[str, float]:

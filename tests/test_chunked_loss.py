@@ -13,11 +13,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from lm_lightning import chunked_loss
 from lm_lightning.callbacks import allocator
-from lm_lightning.callbacks.memory_monitor import MemoryMonitor, allocated_bytes
+from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.quantization import enable_fake_quantization
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
+from lm_lightning.measure import allocated_bytes
 from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import val_ppl
 
-from lm_lightning.callbacks.memory_monitor import allocated_bytes
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
+from lm_lightning.measure import allocated_bytes
 from lm_lightning.networks import LSTMNetwork, lstm
 from lm_lightning.systems import LanguageModel
 
