@@ -77,27 +77,57 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle per back edge met by a depth-first search, each as ``[a, b, ..., a]``."""
-    cycles: list[list[str]] = []
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
+def knots(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles, one per knot (strongly connected component, Tarjan's algorithm): each as a cycle
+    ``[a, b, ..., a]`` through the knot, followed by any of the knot's modules that cycle does not pass through.
 
-    def visit(module: str) -> None:
-        state[module] = 1
-        path.append(module)
-        for target in sorted(graph[module]):
-            if state.get(target) == 1:
-                cycles.append([*path[path.index(target) :], target])
-            elif target not in state:
-                visit(target)
-        path.pop()
-        state[module] = 2
+    A knot rather than every cycle: one knot can hold very many cycles, and untying it is one job."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def connect(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph[module]:
+            if target not in index:
+                connect(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = set()
+            while (member := stack.pop()) != module:
+                component.add(member)
+            found.append(component | {module})
 
     for module in sorted(graph):
-        if module not in state:
-            visit(module)
-    return cycles
+        if module not in index:
+            connect(module)
+    return [_cycle_through(graph, sorted(c)) for c in sorted(found, key=min) if len(c) > 1]
+
+
+def _cycle_through(graph: dict[str, set[str]], knot: list[str]) -> list[str]:
+    """A shortest cycle from the knot's first module back to it (breadth-first inside the knot), then the rest."""
+    start, members = knot[0], set(knot)
+    previous = {start: start}
+    frontier = [start]
+    while frontier:
+        step = []
+        for module in frontier:
+            for target in sorted(graph[module] & members):
+                if target == start:
+                    cycle = [module]
+                    while cycle[-1] != start:
+                        cycle.append(previous[cycle[-1]])
+                    cycle = [*reversed(cycle), start]
+                    return cycle + [f"(also {m})" for m in knot if m not in cycle]
+                if target not in previous:
+                    previous[target] = module
+                    step.append(target)
+        frontier = step
+    raise AssertionError(f"{knot} is not a knot")
 
 
 def test_the_graph_sees_imports_inside_functions_and_not_under_type_checking():
@@ -110,11 +140,12 @@ def test_the_graph_sees_imports_inside_functions_and_not_under_type_checking():
     )
     names = [n.names[0].name if isinstance(n, ast.Import) else n.module for n in _imports(tree)]
     assert sorted(names) == ["a", "c", "d", "g", "typing"]
-    assert find_cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z", "x"]]
+    graph = {"x": {"y"}, "y": {"z", "v"}, "z": {"x"}, "w": {"x"}, "v": {"y"}, "u": set()}
+    assert knots(graph) == [["v", "y", "v", "(also x)", "(also z)"]]
 
 
 def test_no_import_cycles():
-    cycles = find_cycles(import_graph())
+    cycles = knots(import_graph())
     assert not cycles, f"{len(cycles)} import cycle(s):\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
