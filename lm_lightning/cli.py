@@ -57,7 +57,8 @@ from lm_lightning.checkpointing import (  # noqa: E402
     load_checkpoint_file,
 )
 from lm_lightning.data import StreamDataModule  # noqa: E402
-from lm_lightning.errors import LMInputError, parser_error_sentence, undecodable_config  # noqa: E402
+from lm_lightning.errors import LMInputError  # noqa: E402
+from lm_lightning.parser_messages import parser_error_sentence, undecodable_config  # noqa: E402
 from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
