@@ -48,14 +48,13 @@ from lm_lightning.callbacks import (  # noqa: E402
     ValidationLine,
 )
 from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
-from lm_lightning.checkpointing import (  # noqa: E402
-    BestAndLastCheckpoint,
+from lm_lightning.checkpoint_loading import (  # noqa: E402
     check_compatible,
-    install_atomic_checkpoint_io,
     is_checked_path,
     keep_command_line_settings,
     load_checkpoint_file,
 )
+from lm_lightning.checkpointing import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
 from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError  # noqa: E402
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config  # noqa: E402
