@@ -3,6 +3,11 @@
 Parsed with ``ast``, not imported, so a cycle is found even where Python happens to tolerate it. Every import counts
 -- at module level, inside a function or method, under ``try`` -- because an import inside a function is still an
 import (STYLE.md); only those under ``if TYPE_CHECKING:`` are left out, since they never run.
+
+``from lm_lightning.a import b`` is an edge to the module ``lm_lightning.a.b`` when ``b`` is one, else to
+``lm_lightning.a`` (a package's ``__init__``). Python also runs the ``__init__`` of every package on the way
+(``lm_lightning.a``), but those edges are left out: a package whose ``__init__`` gathers its modules' names would
+otherwise knot with each of them.
 """
 
 from __future__ import annotations
