@@ -1,4 +1,4 @@
-"""Checkpoints that survive kills and full disks, resume bit for bit, and refuse the wrong file in one sentence.
+"""Checkpoints that survive kills and full disks, and resume bit for bit.
 
 What Lightning (2.6) lacks and this module adds:
 
@@ -12,18 +12,13 @@ What Lightning (2.6) lacks and this module adds:
   writes it after every epoch, and removes temporary files that killed runs left behind.
 * RNG state per rank (:func:`gather_rng_states`, :func:`restore_rng_states`): the dropout masks of a resumed run
   are those the uninterrupted run would have drawn. ``StreamSystem`` stores them in its checkpoints.
-* :func:`load_checkpoint_file` and :func:`check_compatible`: a missing, folder, unreadable, truncated or foreign
-  ``--ckpt_path`` is one :class:`LMInputError`, raised before any run folder exists.
-* :func:`keep_command_line_settings`: with ``--ckpt_path``, LightningCLI replaces every ``--model.*`` value by the
-  checkpoint's hyper-parameters; the architecture must come from the checkpoint, but how to generate text (and to
-  compute the loss) is the caller's choice.
+
+Reading a checkpoint back (``--ckpt_path``) is ``checkpoint_loading.py``.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
-import inspect
 import logging
 import os
 import random
@@ -40,7 +35,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
 from lm_lightning.errors import LMInputError
 
@@ -49,15 +43,6 @@ log = logging.getLogger(__name__)
 # Written as ".<target name>.<pid>.<random>.tmp" next to the target: hidden, and the pid tells a leftover of a killed
 # run (its process is gone) from the save in progress of a live one.
 TMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-
-# --model.* settings that say how to generate text or compute the loss, not what the network is: with --ckpt_path they
-# come from the command line (and config files), everything else from the checkpoint.
-COMMAND_LINE_SETTINGS = (
-    "sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words", "loss_chunk_size", "recompute_segments"
-)  # fmt: skip
-
-# Values of --ckpt_path that Lightning resolves itself (fit: "last" in the checkpoint folder).
-LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 # --- atomic writes ------------------------------------------------------------------------------------------
@@ -254,96 +239,3 @@ def restore_rng_states(states: list[dict[str, Any]], trainer: L.Trainer) -> None
         )
     if trainer.global_rank < len(states):
         set_rng_state(states[trainer.global_rank])
-
-
-# --- reading a --ckpt_path ----------------------------------------------------------------------------------
-def is_checked_path(path: Any) -> bool:
-    """Whether ``path`` is a local file name to check (not a keyword Lightning resolves, not a URL)."""
-    return isinstance(path, (str, Path)) and str(path) not in LIGHTNING_CKPT_KEYWORDS and "://" not in str(path)
-
-
-def load_checkpoint_file(path: str | Path, flag: str = "--ckpt_path", resume: bool = False) -> dict[str, Any]:
-    """The checkpoint at ``path`` (on the CPU), or one :class:`LMInputError` saying why it is not one (or, with
-    ``resume``, why fit cannot continue from it)."""
-    path = Path(path)
-    where = "e.g. RUN/checkpoints/last.ckpt"
-    if not path.exists():
-        raise LMInputError(f"{flag} {path} is not a file (it does not exist): give a checkpoint written by fit, {where}.")
-    if path.is_dir():
-        inside = next((p for p in (path / "last.ckpt", path / "checkpoints" / "last.ckpt") if p.is_file()), None)
-        hint = f"e.g. {inside}" if inside else where
-        raise LMInputError(f"{flag} {path} is not a file (it is a folder): give a checkpoint file, {hint}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise LMInputError(f"{flag} {path} is not readable (permission denied): fix its permissions or copy it.") from None
-    except Exception as err:  # random bytes, a truncated zip, another format: whatever torch raises
-        raise LMInputError(
-            f"{flag} {path} cannot be loaded into this run's model: it is not a complete checkpoint ({type(err).__name__}; "
-            "truncated or another format), give a .ckpt written by fit."
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise LMInputError(
-            f"{flag} {path} cannot be loaded into this run's model: it holds no Lightning state_dict, give a .ckpt written by fit."
-        )
-    if resume and not all(key in checkpoint for key in ("optimizer_states", "loops")):
-        raise LMInputError(
-            f"{flag} {path} holds the weights only (--checkpoint.save_weights_only), so fit cannot resume from it: give a "
-            "full checkpoint (last.ckpt), or use this one with validate, test, predict or export."
-        )
-    return checkpoint
-
-
-def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | Path, flag: str = "--ckpt_path") -> None:
-    """Refuse a checkpoint whose weights do not fit ``model`` (another vocabulary, size or network), naming a tensor."""
-    stored, expected = checkpoint["state_dict"], model.state_dict()
-    fix = "pass -c RUN/config.yaml of the run that wrote it"
-    for name, tensor in expected.items():
-        if name not in stored:
-            raise LMInputError(
-                f"{flag} {path} cannot be loaded into this run's model: it has no {name} (another network); {fix}."
-            )
-        shape = tuple(getattr(stored[name], "shape", ()))
-        if shape != tuple(tensor.shape):
-            raise LMInputError(
-                f"{flag} {path} cannot be loaded into this run's model: {name} is {list(shape)} there and "
-                f"{list(tensor.shape)} here (another vocabulary or architecture); {fix}."
-            )
-    unexpected = sorted(set(stored) - set(expected))
-    if unexpected:
-        raise LMInputError(
-            f"{flag} {path} cannot be loaded into this run's model: it has {unexpected[0]}, which this model lacks "
-            f"(another network); {fix}."
-        )
-
-
-# --- --model.* flags next to --ckpt_path --------------------------------------------------------------------
-def keep_command_line_settings(before: Any, after: Any) -> None:
-    """After LightningCLI put the checkpoint's hyper-parameters into the model config (``after``), give back the
-    generation settings of the command line (``before``), and warn about architecture flags that lose."""
-    if before is None or after is None or getattr(before, "init_args", None) is None or getattr(after, "init_args", None) is None:
-        return
-    given, stored = before.init_args, after.init_args
-    defaults = _init_defaults(getattr(before, "class_path", None))
-    for key in vars(given):
-        if key in COMMAND_LINE_SETTINGS:  # also into a checkpoint older than the setting
-            stored[key] = given[key]
-        elif key in ("vocab_size", "optimizer", "lr_scheduler") or key not in stored:
-            continue
-        elif given[key] != stored[key] and key in defaults and given[key] != defaults[key]:
-            log.warning(
-                "--model.%s %s is ignored: the architecture comes from the checkpoint (%s=%s).", key, given[key], key, stored[key]
-            )
-
-
-def _init_defaults(class_path: Optional[str]) -> dict[str, Any]:
-    if not class_path:
-        return {}
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return {}
-    return {
-        p.name: p.default for p in inspect.signature(cls.__init__).parameters.values() if p.default is not inspect.Parameter.empty
-    }

@@ -49,19 +49,19 @@ from lm_lightning.callbacks import (  # noqa: E402
     memory_strategies,
 )
 from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
-from lm_lightning.checkpointing import (  # noqa: E402
-    BestAndLastCheckpoint,
+from lm_lightning.checkpoint_loading import (  # noqa: E402
     check_compatible,
-    install_atomic_checkpoint_io,
     is_checked_path,
     keep_command_line_settings,
     load_checkpoint_file,
 )
+from lm_lightning.checkpointing import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
 from lm_lightning.compare import compare_command  # noqa: E402
 from lm_lightning.data import StreamDataModule  # noqa: E402
-from lm_lightning.errors import LMInputError, parser_error_sentence, undecodable_config  # noqa: E402
+from lm_lightning.errors import LMInputError  # noqa: E402
 from lm_lightning.estimate import USAGE, Estimate, estimate_command, split_arguments  # noqa: E402
 from lm_lightning.exported import generate_command, score_command  # noqa: E402
+from lm_lightning.parser_messages import parser_error_sentence, undecodable_config  # noqa: E402
 from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 

@@ -31,16 +31,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE, ChunkedLoss
-from lm_lightning.callbacks.memory_monitor import allocated_bytes, human_bytes, storage_bytes
 from lm_lightning.callbacks.precision import bf16_lstm_supported
 from lm_lightning.callbacks.recompute import Recomputation
 from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
 from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
+from lm_lightning.measure import PeakAllocated, allocated_bytes, human_bytes, resident_bytes, storage_bytes
 
 # What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged
 # text load and keep (oneDNN's primitive cache, TensorBoard's summary modules, the validation windows, the sanity
@@ -58,41 +57,6 @@ def parse_size(text: str) -> int:
         raise LMInputError(f"--budget {text!r} is not a size: give a number with a unit, such as 2GiB, 1.5GB or 800MiB.")
     number, unit = float(match.group(1)), match.group(2).upper()
     return int(number * 1024 ** ("KMGT".find(unit) + 1)) if unit else int(number)
-
-
-def resident_bytes() -> int:
-    """This process's resident set size now (Linux: /proc/self/statm)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakAllocated(TorchDispatchMode):
-    """The allocator's bytes in use, sampled after every tensor operation run inside the block (backward's too: the
-    autograd engine carries the mode into it); ``peak`` is the highest. Operation granularity: an operation's own
-    scratch buffers, freed before it returns, are not seen."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        super().__init__()
-        self.enabled = enabled
-
-    def __enter__(self) -> PeakAllocated:
-        self.peak = allocated_bytes(torch.device("cpu"))
-        return super().__enter__() if self.enabled else self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.peak = max(self.peak, allocated_bytes(torch.device("cpu")))
-        if self.enabled:
-            super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, allocated_bytes(torch.device("cpu")))
-        return out
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ configuration (``network/class`` and ``network/<argument>``), whatever the netwo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 
 from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.strategy import memory_strategies
+from lm_lightning.measure import peak_rss_mib
 
 METRICS = ("hp/best_val_ppl", "hp/test_ppl", "hp/export_test_ppl", "hp/peak_memory_mib", "hp/export_mib")
 # How a run samples text at validation, and where it caches: not something that tells training runs apart.
@@ -128,17 +128,6 @@ def peak_memory_mib(trainer: L.Trainer) -> Optional[float]:
         if getattr(callback, "peak_bytes", None) is not None:
             return callback.peak_bytes / 2**20
     return peak_rss_mib()
-
-
-def peak_rss_mib() -> Optional[float]:
-    """This process's peak resident memory (``VmHWM``) in MiB, or None where ``/proc`` does not say (not Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def nan_metrics() -> dict[str, float]:

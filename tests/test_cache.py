@@ -19,8 +19,9 @@ from scipy import sparse
 import lm_lightning.data.cache as cache_module
 import lm_lightning.data.tokens as tokens_module
 from lm_lightning.data import BagDataModule
-from lm_lightning.data.bag import check_bag_entry
-from lm_lightning.data.cache import TokenCache, clear_leftovers, entry_lock
+from lm_lightning.data.bag_cache import check_bag_entry
+from lm_lightning.data.cache import TokenCache
+from lm_lightning.data.locks import clear_leftovers, entry_lock
 from lm_lightning.errors import LMInputError
 
 IDS = {"train": TRAIN_IDS, "valid": VALID_IDS, "test": TEST_IDS}

@@ -14,9 +14,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lm_lightning.callbacks.memory_monitor import allocated_bytes
 from lm_lightning.errors import LMInputError
 from lm_lightning.estimate import parse_size
+from lm_lightning.measure import allocated_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64", "--model.sample_length", "0"]

@@ -37,7 +37,8 @@ from nltk.corpus.util import LazyCorpusLoader
 import lm_lightning.data.sources as sources
 from lm_lightning.data import Preprocessor, TokenDataModule, load_corpus
 from lm_lightning.data.preprocessing import MAX_CHUNK_CHARS
-from lm_lightning.data.sources import NAMED_DATASETS, NamedDataset, download, named_corpus, split_documents
+from lm_lightning.data.sources import NAMED_DATASETS, NamedDataset, download, named_corpus
+from lm_lightning.data.splits import split_documents
 from lm_lightning.errors import LMInputError
 
 
@@ -55,7 +56,7 @@ def test_embedded_corpus_splits_are_deterministic_and_partition_the_text():
     """Same splits every call; every distinct paragraph of the source lands in exactly one split."""
     from pydoc_data.topics import topics
 
-    from lm_lightning.data.sources import paragraphs_of
+    from lm_lightning.data.splits import paragraphs_of
 
     first, second = load_corpus("embedded"), load_corpus("embedded")
     assert first == second and first.content_hash() == second.content_hash()

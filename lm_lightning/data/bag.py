@@ -16,10 +16,8 @@ that saves.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,17 +26,17 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader
 
+from lm_lightning.data.bag_cache import BAG_CACHE_VERSION, check_bag_entry, save_bag_entry
 from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
 from lm_lightning.data.batch import Bags, Batch
-from lm_lightning.data.cache import CacheDamaged, cache_key, check_files, check_sha256, check_vocab, file_sha256, open_or_build
+from lm_lightning.data.cache import cache_key, open_or_build
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
 from lm_lightning.data.segments import BagVocabulary, Segment, Segmenter, build_vocabulary, count_matrix, resolve_segment
-from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
+from lm_lightning.data.sources import Corpus, load_corpus
+from lm_lightning.data.splits import SPLITS
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)
-
-BAG_CACHE_VERSION = 1
 
 
 def batch_bytes(counts: sparse.csr_matrix, batch_size: int, bptt: int) -> dict[str, float]:
@@ -63,45 +61,6 @@ def as_bags(block: sparse.csr_matrix, streams: int) -> Bags:
     """CSR rows, ``streams`` x time of them in row-major order, as ``Bags`` tensors."""
     arrays = ((block.indices, np.int32), (block.indptr, np.int32), (block.data, np.float32))
     return Bags(*(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a, dtype in arrays), streams)
-
-
-BAG_FILES = ("vocab.json", *(f"{s}.npz" for s in SPLITS))
-
-
-def save_bag_entry(folder: Path, vocab: BagVocabulary, counts: dict[str, sparse.csr_matrix], meta: dict) -> None:
-    vocab.save(folder / "vocab.json")
-    for split, matrix in counts.items():
-        sparse.save_npz(folder / f"{split}.npz", matrix, compressed=False)  # read back with allow_pickle=False
-    meta = {**meta, "sha256": {name: file_sha256(folder / name) for name in BAG_FILES}}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def check_bag_entry(entry: Path) -> tuple[BagVocabulary, dict[str, sparse.csr_matrix]]:
-    """The bag-of-words cache's checks (as the token cache's, ``data/cache.py``): files present, each matrix loadable,
-    float32, ``(segments, vocab_size)`` with the recorded nnz and column ids in range, and every file's sha256."""
-    meta = check_files(entry, BAG_FILES)
-    vocab = check_vocab(entry, meta, BagVocabulary)
-    counts = {}
-    for split in SPLITS:
-        name = f"{split}.npz"
-        try:
-            matrix = sparse.load_npz(entry / name).tocsr()
-            matrix.check_format(full_check=True)  # column ids within the vocabulary, offsets monotone
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise CacheDamaged(f"{name} is unreadable: {err}") from None
-        try:
-            expected = (meta["segments"][split]["segments"], len(vocab)), meta["nnz"][split]
-        except (KeyError, TypeError):
-            raise CacheDamaged(f"meta.json has no shape for {name}") from None
-        if matrix.dtype != np.float32 or (matrix.shape, matrix.nnz) != expected:
-            raise CacheDamaged(
-                f"{name} holds {matrix.dtype} {matrix.shape} with {matrix.nnz} entries, expected float32 {expected}"
-            )
-        if matrix.nnz and not (matrix.data > 0).all():
-            raise CacheDamaged(f"{name} has counts that are not positive")
-        counts[split] = matrix
-    check_sha256(entry, meta, BAG_FILES)
-    return vocab, counts
 
 
 class BagRows:

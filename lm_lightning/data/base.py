@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lm_lightning.data.sources import SPLITS
+from lm_lightning.data.splits import SPLITS
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import RowSequence, StreamWindows
 from lm_lightning.errors import LMInputError

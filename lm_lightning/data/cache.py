@@ -1,4 +1,4 @@
-"""On-disk cache of token ids, so a second run skips tokenization; and the locking both caches and downloads share.
+"""On-disk cache of token ids, so a second run skips tokenization; the checks and build steps every cache shares.
 
 One folder per cache key: ``vocab.json`` plus ``train.npy``, ``valid.npy``, ``test.npy`` (int32, opened
 memory-mapped so a large corpus is not read into RAM) and ``meta.json``, which records every file's sha256. The key
@@ -11,9 +11,9 @@ less than what every run already does to find the key (read and hash the corpus 
 the README has the numbers), so nothing cheaper is used. A damaged entry is rebuilt with one warning, and the rebuilt
 folder replaces it (``atomic_directory(replace=True)``).
 
-Builds hold a per-entry lock (``flock`` on ``.<key>.lock`` in the cache root, removed afterwards), so two processes
-(DDP ranks) opening the same key tokenize once: the second waits, then finds the entry built. Leftovers of killed
-runs (``.<key>.*.tmp`` and ``.<key>.*.old``) are removed at open whenever no live process holds their key's lock.
+Builds hold the entry's lock (``locks.py``), so two processes (DDP ranks) opening the same key tokenize once: the
+second waits, then finds the entry built. Leftovers of killed runs are removed at open whenever no live process holds
+their key's lock.
 """
 
 from __future__ import annotations
@@ -23,26 +23,17 @@ import errno
 import hashlib
 import json
 import logging
-import os
-import re
-import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-from lm_lightning.data.sources import SPLITS
+from lm_lightning.data.locks import clear_leftovers, entry_lock
+from lm_lightning.data.splits import SPLITS
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.errors import LMInputError
 from lm_lightning.io import atomic_directory
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; leftovers are then cleared by age alone
-    fcntl = None
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,13 +41,6 @@ T = TypeVar("T")
 # Bump when tokenization code changes in a way the settings do not capture.
 # 2: meta.json records the sha256 of every file; long lines are tokenized in chunks.
 CACHE_VERSION = 2
-
-# Without a working lock, a leftover is only removed once it is this old: no live build keeps a temporary folder
-# this long without writing into it (a build writes its files at the end, after tokenizing).
-STALE_SECONDS = 30 * 60
-# The names atomic_path / atomic_directory give temporary files and folders (.<name>.<random>.tmp, .<name>.<hex>.old),
-# and the lock files of entry_lock (.<name>.lock), which a killed process leaves behind.
-LEFTOVER = re.compile(r"^\.(?P<name>.+?)(\.[a-z0-9_]+\.(tmp|old)|\.lock)$")
 
 
 class CacheMissing(Exception):
@@ -78,74 +62,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# --- locks and leftovers --------------------------------------------------------------------------------
-@contextmanager
-def entry_lock(target: Path, blocking: bool = True) -> Iterator[Optional[bool]]:
-    """Hold the lock on ``target`` (a cache entry or a downloaded file) through ``.<name>.lock`` next to it.
-
-    Yields True when held, False when another process holds it (only with ``blocking=False``), None where the file
-    system cannot lock. The lock file is removed before it is released, so none stays behind; a waiter that then gets
-    the lock of a removed file notices (the path no longer names its file) and locks the new one instead.
-    """
-    lock = target.parent / f".{target.name}.lock"
-    if fcntl is None:
-        yield None
-        return
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        except OSError as err:  # ENOLCK, EOPNOTSUPP: some network file systems
-            os.close(fd)
-            log.debug("No lock on %s (%s): relying on atomic renames alone.", lock, err)
-            yield None
-            return
-        try:
-            held = os.stat(lock)
-        except FileNotFoundError:
-            held = None
-        mine = os.fstat(fd)
-        if held is not None and (held.st_ino, held.st_dev) == (mine.st_ino, mine.st_dev):
-            break
-        os.close(fd)
-    try:
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)  # while still locked: see the docstring
-        os.close(fd)
-
-
-def clear_leftovers(folder: Path) -> list[Path]:
-    """Remove temporary files and folders of killed runs in ``folder``: those whose name's lock nobody holds."""
-    removed = []
-    try:
-        candidates = [p for p in folder.iterdir() if LEFTOVER.match(p.name)]
-    except OSError:
-        return removed
-    for path in candidates:
-        name = LEFTOVER.match(path.name)["name"]
-        try:
-            with entry_lock(folder / name, blocking=False) as held:
-                if held is False or (held is None and time.time() - path.lstat().st_mtime < STALE_SECONDS):
-                    continue  # a live build (or, without locks, a recent one) may still be writing it
-                if path.name.endswith(".lock"):
-                    continue  # entry_lock removes it on release
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        except OSError:  # a read-only folder, or removed meanwhile by another process: nothing to do
-            continue
-        removed.append(path)
-    if removed:
-        log.info("Removed %d leftover(s) of interrupted runs in %s: %s", len(removed), folder, [p.name for p in removed])
-    return removed
 
 
 def prepare_root(root: Path) -> bool:

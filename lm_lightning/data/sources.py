@@ -13,9 +13,7 @@
 A text file must be a regular file of UTF-8 text under ``LM_LIGHTNING_MAX_TEXT_GB`` (default 1 GiB): a device
 (``/dev/zero``), a binary file or a huge file stops with one sentence instead of filling the memory.
 
-Splits of a single text are deterministic: paragraphs (or lines, for text with few blank lines) are dealt in
-order, each to valid or test whenever that split falls half a block behind its share. Neighbouring text stays
-together inside a block, and all three splits sample the whole text rather than its start or end.
+A single text is dealt into the three splits by ``splits.py``.
 """
 
 from __future__ import annotations
@@ -31,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lm_lightning.data.locks import clear_leftovers, entry_lock
+from lm_lightning.data.splits import SPLITS, blocks_of, paragraphs_of, split_documents
 from lm_lightning.errors import LMInputError
 from lm_lightning.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "valid", "test")
 
 # Tokenizing holds every token of a text as a Python string, tens of bytes each: far more memory than the file.
 MAX_TEXT_GB = 1.0
@@ -145,42 +143,6 @@ def read_text(path: Path, option: str = "--data.source") -> str:
         ) from None
 
 
-def split_documents(
-    blocks: list[str], valid_fraction: float, test_fraction: float, separator: str = "\n"
-) -> tuple[str, str, str]:
-    """Deal blocks in order: a block goes to valid (or test) once that split is half a block behind its share.
-
-    Deterministic, within one block of the asked fractions at every prefix, and interleaved through the text.
-    """
-    for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-        if not 0 < value < 0.5:
-            raise LMInputError(f"{name} must be in (0, 0.5), got {value}.")
-    splits: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
-    shares = {"valid": valid_fraction, "test": test_fraction}
-    for i, block in enumerate(blocks):
-        behind = {name: share * (i + 1) - len(splits[name]) for name, share in shares.items()}
-        name = max(behind, key=behind.__getitem__)  # ties go to valid
-        splits[name if behind[name] >= 0.5 else "train"].append(block)
-    if not splits["valid"] or not splits["test"]:
-        raise LMInputError(
-            f"The text has only {len(blocks)} paragraphs or lines, too few to split off validation and test "
-            "text: give a longer text or a folder with train.txt, valid.txt and test.txt."
-        )
-    return separator.join(splits["train"]), separator.join(splits["valid"]), separator.join(splits["test"])
-
-
-def paragraphs_of(text: str) -> list[str]:
-    return [p.strip("\n") for p in text.split("\n\n") if p.strip()]
-
-
-def blocks_of(text: str) -> tuple[list[str], str]:
-    """Paragraphs (blank-line separated), or lines if the text has too few paragraphs; and how to rejoin them."""
-    paragraphs = paragraphs_of(text)
-    if len(paragraphs) >= 40:
-        return paragraphs, "\n\n"
-    return [line for line in text.splitlines() if line.strip()], "\n"
-
-
 def embedded_corpus(valid_fraction: float, test_fraction: float) -> Corpus:
     from pydoc_data.topics import topics  # the text behind help("keywords") in every CPython install
 
@@ -244,9 +206,6 @@ def download(
 
 
 def named_corpus(name: str, data_dir: Optional[Path]) -> Corpus:
-    # Imported here: cache.py imports SPLITS from this module.
-    from lm_lightning.data.cache import clear_leftovers, entry_lock
-
     spec = NAMED_DATASETS[name]
     folder = data_dir or Path(os.environ.get("LM_LIGHTNING_DATA", Path.home() / ".cache" / "lm_lightning" / "data")) / name
     deadline = time.monotonic() + DOWNLOAD_SECONDS

@@ -15,7 +15,8 @@ from lm_lightning.data.base import StreamDataModule, check_positive, default_cac
 from lm_lightning.data.batch import Batch
 from lm_lightning.data.cache import TokenCache, cache_key
 from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
-from lm_lightning.data.sources import SPLITS, Corpus, load_corpus
+from lm_lightning.data.sources import Corpus, load_corpus
+from lm_lightning.data.splits import SPLITS
 from lm_lightning.data.vocabulary import EOS, Vocabulary
 from lm_lightning.data.windows import TokenRows
 from lm_lightning.errors import LMInputError
