@@ -47,7 +47,6 @@ from lm_lightning.callbacks import (  # noqa: E402
     TokenThroughput,
     ValidationLine,
 )
-from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
 from lm_lightning.checkpointing import (  # noqa: E402
     BestAndLastCheckpoint,
     check_compatible,
@@ -58,6 +57,7 @@ from lm_lightning.checkpointing import (  # noqa: E402
 )
 from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError, parser_error_sentence, undecodable_config  # noqa: E402
+from lm_lightning.export.writer import describe, export_network, test_batch_limit  # noqa: E402
 from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
@@ -367,7 +367,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
             compare_command(args[1:])
         elif args[:1] in (["generate"], ["score"]):  # an export folder alone: no config, corpus or checkpoint
-            from lm_lightning.exported import generate_command, score_command
+            from lm_lightning.export.commands import generate_command, score_command
 
             (generate_command if args[0] == "generate" else score_command)(args[1:])
         else:

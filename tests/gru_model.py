@@ -14,6 +14,8 @@ from lm_lightning.systems import LanguageModel
 class GRUNetwork(nn.Module):
     def __init__(self, vocab_size: int, embedding_dim: int, hidden_dim: int, num_layers: int) -> None:
         super().__init__()
+        # The constructor arguments: an export records them, so `generate` rebuilds this network from its class path.
+        self.config = {"vocab_size": vocab_size, "embedding_dim": embedding_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.gru = nn.GRU(embedding_dim, hidden_dim, num_layers, batch_first=True)
         self.decoder = nn.Linear(hidden_dim, vocab_size)

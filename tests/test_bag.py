@@ -34,11 +34,11 @@ from lm_lightning.data.segments import build_vocabulary, count_matrix
 from lm_lightning.data.windows import StreamWindows
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import bag_nll, perplexity
-from lm_lightning.export import load_exported
-from lm_lightning.exported import ExportedModel
-from lm_lightning.inference import IntegerEmbeddingBag
+from lm_lightning.export.commands import ExportedModel
+from lm_lightning.export.inference import IntegerEmbeddingBag
+from lm_lightning.export.loader import load_exported
+from lm_lightning.export.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.networks.bag import BagLSTMNetwork
-from lm_lightning.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.systems.bag import BagLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.cli import build_cli
-from lm_lightning.export import load_exported
+from lm_lightning.export.loader import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

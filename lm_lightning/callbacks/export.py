@@ -2,7 +2,7 @@
 
 Strategies only change training; this step writes what they trained for. With ``QuantizationAwareFinishing`` on, the
 export has its bits (the weights were trained for exactly that rounding); with ``MagnitudePruning`` on, the pruned
-zeros are stored sparsely (``export.py`` keeps whichever layout is smaller); with both, one export is sparse *and*
+zeros are stored sparsely (``export/writer.py`` keeps whichever layout is smaller); with both, one export is sparse *and*
 integer. Without a strategy, ``--export.bits 8`` (or 4) is post-training quantization and ``--export.enabled true``
 a float32 export. The export is then loaded back and scored on the test split (``export/test_ppl``), so the reported
 perplexity is that of the file, not of the model in memory.
@@ -12,42 +12,17 @@ The CLI always has this step (``--export.*``); ``python -m lm_lightning export``
 
 from __future__ import annotations
 
-import copy
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-import torch
-import torch.nn.utils.prune as torch_prune
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
-from lm_lightning.callbacks.quantization import QuantizationAwareFinishing, disable_fake_quantization
+from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.errors import LMInputError
-from lm_lightning.evaluation import perplexity
-from lm_lightning.export import export_model, load_exported, network_tensors, record_evaluation
-from lm_lightning.networks import NETWORKS
-from lm_lightning.quantization import block_width, check_quantization
-
-log = logging.getLogger(__name__)
-
-
-def plain_copy(network: nn.Module) -> nn.Module:
-    """A copy of ``network`` with pruning made permanent (plain weights with zeros) and fake quantization off;
-    the live network is left as it is."""
-    for module in network.modules():  # torch's pruning pre-hook leaves a non-leaf ``weight``, which deepcopy refuses
-        for name, tensor in list(vars(module).items()):
-            if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
-                setattr(module, name, tensor.detach())
-    plain = copy.deepcopy(network)
-    for module in plain.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                hook.remove(module)  # weight_orig becomes weight = orig * mask (the same Parameter: ties survive)
-                del module._forward_pre_hooks[key]
-    disable_fake_quantization(plain)
-    return plain
+from lm_lightning.export.format import network_tensors
+from lm_lightning.export.quantization import block_width, check_quantization
+from lm_lightning.export.writer import describe, export_network, test_batch_limit
 
 
 class Export(Callback):
@@ -130,50 +105,3 @@ class Export(Callback):
             logger.save()
         print(describe(self.report))
 
-
-def export_network(
-    network: nn.Module,
-    folder: Path,
-    bits: Optional[int],
-    group_size: int,
-    datamodule: Any = None,
-    metadata: Optional[dict] = None,
-    test_batches: Optional[int] = None,
-) -> dict:
-    """Export a plain copy of ``network`` with the datamodule's vocabulary, then score the loaded export on the test
-    split (``test_batches``: at most that many windows; 0 skips it). Returns ``export_model``'s report + ``test_ppl``."""
-    plain = plain_copy(network)
-    metadata = dict(metadata or {})
-    if hasattr(datamodule, "export_settings"):  # how to read text: `generate` and `score` need no datamodule then
-        metadata["text"] = datamodule.export_settings()
-    report = export_model(plain, folder, bits, group_size, getattr(datamodule, "vocab", None), metadata)
-    report["test_ppl"] = None
-    if test_batches != 0 and hasattr(datamodule, "test_dataloader"):
-        # Measured on the export as it is loaded for use (integer weights resident), and written into its manifest:
-        # `score` on the same text reproduces this figure.
-        loaded = load_exported(folder) if type(plain).__name__ in NETWORKS else load_exported(folder, network=plain)
-        datamodule.setup("test")
-        device = next(network.parameters()).device
-        report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches)
-        record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
-        report["bytes"] = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())  # the manifest grew
-    return report
-
-
-def describe(report: dict) -> str:
-    kind = f"int{report['bits']}" if report["bits"] else "float32"
-    ppl = f"{report['test_ppl']:.2f}" if report["test_ppl"] is not None else "not measured"
-    share = report["bytes"] / report["float32_bytes"]
-    size = f"{report['bytes']:,} bytes ({share:.0%} of float32 weights)"
-    return f"Exported the {kind} model to {report['folder']}: {size}, test perplexity {ppl}"
-
-
-def test_batch_limit(trainer: L.Trainer, datamodule: Any) -> Optional[int]:
-    """``--trainer.limit_test_batches`` as a window count (``None``: all); 0 means no test evaluation is wanted."""
-    limit = trainer.limit_test_batches
-    if isinstance(limit, int):
-        return limit
-    if limit >= 1.0:
-        return None
-    datamodule.setup("test")
-    return int(len(datamodule.test_dataloader()) * limit)

@@ -20,7 +20,7 @@ Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what th
   resumed run switches QAT back on from the step count, and pruning hooks (``torch.nn.utils.prune``) run first,
   so the pruned weight is the one that gets quantized.
 * The schedule and ``qat/active`` in TensorBoard. The export step (``callbacks/export.py``) then writes the integer
-  export this run trained for, with the same rule (``lm_lightning/quantization.py``), so it reproduces the
+  export this run trained for, with the same rule (``lm_lightning/export/quantization.py``), so it reproduces the
   fake-quantized model bit for bit.
 """
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
-from lm_lightning.quantization import block_width, check_quantization, fake_quantize
+from lm_lightning.export.quantization import block_width, check_quantization, fake_quantize
 
 log = logging.getLogger(__name__)
 

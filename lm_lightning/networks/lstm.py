@@ -11,7 +11,7 @@ This file knows nothing about Lightning. The network contract, which any replace
 tests/): ``forward(inputs, hidden=None) -> (logits, hidden)`` with ``inputs`` ``(streams, time)`` token ids, ``logits``
 ``(streams, time, vocab)``, and ``hidden`` whatever state the network carries to the next window (``None`` means a
 zero state; tensors, or tuples of them, which the system detaches between windows). A network that sets ``config``
-to its constructor arguments can be rebuilt from an export without code (``lm_lightning/export.py``).
+to its constructor arguments can be rebuilt from an export without code (``lm_lightning/export/rebuild.py``).
 """
 
 from __future__ import annotations
