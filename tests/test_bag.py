@@ -385,7 +385,7 @@ def test_pruning_qat_and_the_export_step_apply_to_bags_together(tiny_corpus, tmp
     # One export, sparse and int8: symmetric quantization keeps the pruned zeros, stored as a bit mask or indices.
     export = next(c for c in cli.trainer.callbacks if type(c).__name__ == "Export")
     manifest = json.loads((Path(export.report["folder"]) / "manifest.json").read_text())
-    assert {"MagnitudePruning", "QuantizationAwareFinishing"} <= set(manifest["metadata"]) and manifest["bits"] == 8
+    assert {"pruning", "qat"} <= set(manifest["metadata"]["strategies"]) and manifest["bits"] == 8
     # (The 6 x 16 embedding and decoder stay dense: at that size a mask's header entry costs more than it saves.)
     assert export.report["tensors"]["lstm.weight_hh_l0"]["format"] == "int8+bitmask"
     for name, trained in network.state_dict().items():

@@ -1,11 +1,11 @@
 """The export step: at the end of fit, one export of the trained network, as the run's strategies call for it.
 
-Strategies only change training; this step writes what they trained for. With ``QuantizationAwareFinishing`` on, the
-export has its bits (the weights were trained for exactly that rounding); with ``MagnitudePruning`` on, the pruned
-zeros are stored sparsely (``export/writer.py`` keeps whichever layout is smaller); with both, one export is sparse *and*
-integer. Without a strategy, ``--export.bits 8`` (or 4) is post-training quantization and ``--export.enabled true``
-a float32 export. The export is then loaded back and scored on the test split (``export/test_ppl``), so the reported
-perplexity is that of the file, not of the model in memory.
+Strategies only change training; this step writes what they trained for, asking them through the memory-strategy
+contract (``callbacks/strategy.py``): a strategy that trained for integer rounding gives the export its bits, one that
+pruned leaves zeros that the writer stores sparsely (``export/writer.py`` keeps whichever layout is smaller); with
+both, one export is sparse *and* integer. Without a strategy, ``--export.bits 8`` (or 4) is post-training
+quantization and ``--export.enabled true`` a float32 export. The export is then loaded back and scored on the test
+split (``export/test_ppl``), so the reported perplexity is that of the file, not of the model in memory.
 
 The CLI always has this step (``--export.*``); ``python -m lm_lightning export`` runs it on a saved checkpoint.
 """
@@ -18,10 +18,11 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
+from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.format import network_tensors
 from lm_lightning.export.quantization import block_width, check_quantization
+from lm_lightning.export.settings import resolve_format, strategy_metadata, trains_for_export
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 
 
@@ -29,11 +30,10 @@ class Export(Callback):
     """Export the trained network at the end of fit, load it back and report its size and test perplexity.
 
     Args:
-        enabled: Export at the end of fit. Unset: when the run trains for an export (``MagnitudePruning`` or
-            ``QuantizationAwareFinishing`` is on) or ``bits`` is given.
-        bits: 8 (int8 per output row) or 4 (int4 groups). Unset: the bits ``QuantizationAwareFinishing`` trained
-            for, else float32.
-        group_size: Inputs sharing one int4 scale. Unset: QAT's, else 32.
+        enabled: Export at the end of fit. Unset: when a strategy of the run trains for an export (pruning,
+            quantization-aware training) or ``bits`` is given.
+        bits: 8 (int8 per output row) or 4 (int4 groups). Unset: the bits a strategy trained for, else float32.
+        group_size: Inputs sharing one int4 scale. Unset: the strategy's, else 32.
         folder: Where the export goes; default ``<log_dir>/export``.
         evaluate: Score the loaded export on the test split (``--trainer.limit_test_batches`` applies).
     """
@@ -55,19 +55,9 @@ class Export(Callback):
             return
         if sum(isinstance(c, Export) for c in trainer.callbacks) > 1:
             raise LMInputError("Export is in trainer.callbacks twice: keep one (the CLI adds it; set it with --export.*).")
-        qat = next((c for c in trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
-        if qat is not None and self.bits is not None and self.bits != qat.bits:
-            raise LMInputError(
-                f"--export.bits {self.bits} differs from the int{qat.bits} that QuantizationAwareFinishing trains for: "
-                "drop --export.bits (the export follows QAT) or change the QAT bits."
-            )
-        self._bits = self.bits if self.bits is not None else (qat.bits if qat is not None else None)
-        self._group_size = self.group_size or (qat.group_size if qat is not None else 32)
-        self._enabled = (
-            self.enabled
-            if self.enabled is not None
-            else (self.bits is not None or any(hasattr(c, "export_metadata") for c in trainer.callbacks))
-        )
+        strategies = memory_strategies(trainer)
+        self._bits, self._group_size = resolve_format(self.bits, self.group_size, strategies)
+        self._enabled = self.enabled if self.enabled is not None else (self.bits is not None or trains_for_export(strategies))
         if self._enabled and self._bits is not None:  # fail now, not after training, if the export cannot be written
             for name, tensor in network_tensors(pl_module.network)[0].items():
                 if tensor.is_floating_point() and tensor.dim() == 2:
@@ -87,7 +77,7 @@ class Export(Callback):
             return
         folder = (Path(self.folder) if self.folder else Path(trainer.log_dir or trainer.default_root_dir) / "export").absolute()
         metadata: dict[str, Any] = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
-        metadata.update({type(c).__name__: c.export_metadata() for c in trainer.callbacks if hasattr(c, "export_metadata")})
+        metadata["strategies"] = strategy_metadata(memory_strategies(trainer))
         self.report = export_network(
             pl_module.network,
             folder,
@@ -96,6 +86,7 @@ class Export(Callback):
             trainer.datamodule,
             metadata,
             test_batches=test_batch_limit(trainer, trainer.datamodule) if self.evaluate else 0,
+            network_init_args=_network_init_args(pl_module),
         )
         metrics = {"export/bytes": float(self.report["bytes"]), "hp/export_mib": self.report["bytes"] / 2**20}
         if self.report["test_ppl"] is not None:
@@ -105,3 +96,9 @@ class Export(Callback):
             logger.save()
         print(describe(self.report))
 
+
+def _network_init_args(pl_module: L.LightningModule) -> Optional[dict]:
+    """The network's constructor arguments when the CLI injected it (``hparams["network"]`` is then
+    ``{"class_path": ..., "init_args": {...}}``); None lets the writer read the network's own ``config``."""
+    spec = getattr(pl_module, "hparams", {}).get("network")
+    return spec.get("init_args") if isinstance(spec, dict) and isinstance(spec.get("init_args"), dict) else None

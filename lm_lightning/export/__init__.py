@@ -2,6 +2,7 @@
 
     format.py         the format on disk: file names, int4 packing, sparse layouts, which tensors are quantized
     quantization.py   the quantization rule (symmetric int8 per row / int4 groups), shared with QAT
+    settings.py       the export's bits and group size, decided once from --export.* and the memory strategies
     writer.py         export_model / export_network: safetensors + manifest, a plain copy of a trained network
     checks.py         what the loader checks in a folder before it reads a weight
     rebuild.py        the network a manifest names, built on the meta device (template registry or class path)
