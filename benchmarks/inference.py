@@ -4,7 +4,7 @@
         fp32=RUN/export-fp32 int8=RUN/export-int8 int4=RUN/export-int4 "80% pruned + int8"=RUN/finish/export
 
 Each export is measured in a process of its own (so one row's memory does not show in the next), loaded the way a user
-loads it (``ExportedModel.load``: int8/int4 codes resident, ``inference.py``), with ``--threads`` threads:
+loads it (``ExportedModel.load``: int8/int4 codes resident, ``export/inference.py``), with ``--threads`` threads:
 
 * resident weight bytes: every parameter and buffer of the loaded network, each storage once, by layer;
 * process memory: RSS after ``import`` (the baseline), after loading, and the peak (VmHWM) after generating and scoring;
@@ -44,7 +44,7 @@ def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int,
     import torch
 
     torch.set_num_threads(threads)
-    from lm_lightning.exported import ExportedModel
+    from lm_lightning.export.commands import ExportedModel
 
     baseline = status_kib("VmRSS")
     start = time.perf_counter()

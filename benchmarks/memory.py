@@ -152,7 +152,8 @@ def export_label(folder: Path) -> str:
 def run_one(name: str, cli_args: list[str], out: Path, group_size: int, eval_batches: int | None) -> None:
     from lm_lightning.cli import build_cli
     from lm_lightning.evaluation import perplexity
-    from lm_lightning.export import export_model, load_exported
+    from lm_lightning.export.loader import load_exported
+    from lm_lightning.export.writer import export_model
 
     cli = build_cli(["fit", *cli_args])
     test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]

@@ -43,12 +43,10 @@ from lm_lightning.callbacks import (  # noqa: E402
     GenerationWriter,
     MemoryStrategy,
     PrecisionGuard,
-    QuantizationAwareFinishing,
     TokenThroughput,
     ValidationLine,
     memory_strategies,
 )
-from lm_lightning.callbacks.export import describe, export_network, test_batch_limit  # noqa: E402
 from lm_lightning.checkpoint_loading import (  # noqa: E402
     check_compatible,
     is_checked_path,
@@ -60,7 +58,9 @@ from lm_lightning.compare import compare_command  # noqa: E402
 from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError  # noqa: E402
 from lm_lightning.estimate import USAGE, Estimate, estimate_command, split_arguments  # noqa: E402
-from lm_lightning.exported import generate_command, score_command  # noqa: E402
+from lm_lightning.export.commands import generate_command, score_command  # noqa: E402
+from lm_lightning.export.settings import resolve_format  # noqa: E402
+from lm_lightning.export.writer import describe, export_network, test_batch_limit  # noqa: E402
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config  # noqa: E402
 from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
@@ -342,9 +342,7 @@ def export_checkpoint(args: list[str]) -> dict:
     check_compatible(checkpoint, cli.model, ckpt_path)
     cli.model.load_state_dict(checkpoint["state_dict"])
     step = next(c for c in cli.trainer.callbacks if isinstance(c, Export))
-    qat = next((c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareFinishing)), None)
-    bits = step.bits if step.bits is not None else (qat.bits if qat is not None else None)
-    group_size = step.group_size or (qat.group_size if qat is not None else 32)
+    bits, group_size = resolve_format(step.bits, step.group_size, memory_strategies(cli.trainer))
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     folder = Path(step.folder) if step.folder else run_dir / f"export-{ckpt_path.stem}"
     metadata = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}

@@ -34,11 +34,11 @@ from lm_lightning.data.segments import build_vocabulary, count_matrix
 from lm_lightning.data.windows import StreamWindows
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import bag_nll, perplexity
-from lm_lightning.export import load_exported
-from lm_lightning.exported import ExportedModel
-from lm_lightning.inference import IntegerEmbeddingBag
+from lm_lightning.export.commands import ExportedModel
+from lm_lightning.export.inference import IntegerEmbeddingBag
+from lm_lightning.export.loader import load_exported
+from lm_lightning.export.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.networks.bag import BagLSTMNetwork
-from lm_lightning.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.systems.bag import BagLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,7 +385,7 @@ def test_pruning_qat_and_the_export_step_apply_to_bags_together(tiny_corpus, tmp
     # One export, sparse and int8: symmetric quantization keeps the pruned zeros, stored as a bit mask or indices.
     export = next(c for c in cli.trainer.callbacks if type(c).__name__ == "Export")
     manifest = json.loads((Path(export.report["folder"]) / "manifest.json").read_text())
-    assert {"MagnitudePruning", "QuantizationAwareFinishing"} <= set(manifest["metadata"]) and manifest["bits"] == 8
+    assert {"pruning", "qat"} <= set(manifest["metadata"]["strategies"]) and manifest["bits"] == 8
     # (The 6 x 16 embedding and decoder stay dense: at that size a mask's header entry costs more than it saves.)
     assert export.report["tensors"]["lstm.weight_hh_l0"]["format"] == "int8+bitmask"
     for name, trained in network.state_dict().items():

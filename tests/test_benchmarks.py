@@ -13,7 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.cli import build_cli
-from lm_lightning.export import load_exported
+from lm_lightning.export.loader import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -58,7 +58,7 @@ def test_converged_benchmark_rows_are_their_exports(tmp_path, monkeypatch):
     # The finishing runs wrote the exports their strategies call for, and the table reports those files.
     kinds = {name: json.loads((Path(r["folder"]) / "manifest.json").read_text()) for name, r in results.items()}
     assert [kinds[n]["bits"] for n in results] == [None, 8, 4, 4, 4, 8, 8]
-    assert {"QuantizationAwareFinishing", "MagnitudePruning"} <= set(kinds[list(results)[-1]]["metadata"])
+    assert {"qat", "pruning"} <= set(kinds[list(results)[-1]]["metadata"]["strategies"])
     assert results["int8 PTQ"]["weights_bytes"] < 0.3 * fp32["weights_bytes"]
     pruned = next(r for n, r in results.items() if n.startswith("80% pruned"))
     assert pruned["weights_bytes"] < results["int8 PTQ"]["weights_bytes"] / 2

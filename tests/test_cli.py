@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm_lightning.cli import build_cli, main
 from lm_lightning.compare import read_run
 from lm_lightning.evaluation import perplexity
-from lm_lightning.export import load_exported
+from lm_lightning.export.loader import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -1,4 +1,5 @@
-"""An export folder on its own: integer weights resident (inference.py), generate / score / next words (exported.py)."""
+"""An export folder on its own: integer weights resident (export/inference.py), generate / score / next words
+(export/commands.py)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.testing import assert_close
 
-from lm_lightning import inference
-from lm_lightning.callbacks.export import plain_copy
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
-from lm_lightning.export import export_model, load_exported
-from lm_lightning.exported import ExportedModel
-from lm_lightning.inference import IntegerEmbedding, IntegerLinear, IntegerLSTM, IntegerMatrix, resident_bytes
+from lm_lightning.export import integer_matrix
+from lm_lightning.export.commands import ExportedModel
+from lm_lightning.export.inference import IntegerEmbedding, IntegerLinear, IntegerLSTM, resident_bytes
+from lm_lightning.export.integer_matrix import IntegerMatrix
+from lm_lightning.export.loader import load_exported
+from lm_lightning.export.quantization import dequantize_weight, quantize_weight
+from lm_lightning.export.writer import export_model, plain_copy
 from lm_lightning.networks import LSTMNetwork
-from lm_lightning.quantization import dequantize_weight, quantize_weight
 
 
 def lstm(vocab=300, width=64, tie=True, seed=0) -> LSTMNetwork:
@@ -61,7 +63,7 @@ def test_integer_matrix_rows_and_products_equal_the_dequantized_weight(bits, gro
     assert_close(matrix.linear(x, bias), x @ dequantized.T + bias, rtol=1e-5, atol=1e-5)
     assert_close(matrix.linear(one), one @ dequantized.T, rtol=1e-5, atol=1e-5)
     assert matrix.dequantized_block() is None
-    monkeypatch.setattr(inference, "_SCRATCH", threading.local())  # no buffer yet in this thread
+    monkeypatch.setattr(integer_matrix, "_SCRATCH", threading.local())  # no buffer yet in this thread
     with torch.inference_mode():  # the reused float buffer, first made under inference mode (Lightning's test) ...
         matrix.linear(x)
     with torch.no_grad():  # ... then written outside it

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.cli import build_cli
-from lm_lightning.export import load_exported
+from lm_lightning.export.loader import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_all_strategies_train_together_and_export_a_sparse_int8_model(tmp_path, 
     # One export for the run, written by the export step: int8 (the QAT bits) *and* sparse, so the savings multiply.
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("export")) == ["export"]
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    assert manifest["bits"] == 8 and {"MagnitudePruning", "QuantizationAwareFinishing"} <= set(manifest["metadata"])
+    assert manifest["bits"] == 8 and {"pruning", "qat"} <= set(manifest["metadata"]["strategies"])
     network = load_exported(run / "export", dequantize=True)
     weights = [network.embedding.weight, network.lstm.weight_ih_l0, network.lstm.weight_hh_l0]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

@@ -13,10 +13,11 @@ from lightning.pytorch.callbacks import ModelPruning
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-from lm_lightning.callbacks.export import Export, export_network
+from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
+from lm_lightning.export.writer import export_network
 from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
@@ -295,7 +296,7 @@ def test_preset_stacks_with_default_and_another_callback_preset(tmp_path, capsys
 
 # --- sparse export ----------------------------------------------------------------------------------------
 def test_sparse_export_is_small_and_loads_to_the_same_logits(tmp_path):
-    export = pytest.importorskip("lm_lightning.export")
+    export = pytest.importorskip("lm_lightning.export.writer")
     torch.manual_seed(0)
     model = LanguageModel(LSTMNetwork(500, embedding_dim=64, hidden_dim=64, num_layers=1, dropout=0.0, tie_weights=False)).eval()
     dense = export.export_model(copy.deepcopy(model.network), tmp_path / "dense")

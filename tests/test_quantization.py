@@ -22,9 +22,9 @@ from lm_lightning.callbacks.quantization import (
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
-from lm_lightning.export import load_exported
+from lm_lightning.export.loader import load_exported
+from lm_lightning.export.quantization import fake_quantize
 from lm_lightning.networks import LSTMNetwork
-from lm_lightning.quantization import fake_quantize
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

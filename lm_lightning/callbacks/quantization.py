@@ -8,9 +8,10 @@ updates then run at full speed.
 
 Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what this file adds:
 
-* ``FakeQuantizedLSTM``: torchao has no LSTM. ``nn.LSTM`` computes with its ``_flat_weights`` list (refreshed by
-  ``RNNBase.__setattr__``), not with the attributes, so a parametrization or a swapped attribute can be silently
-  ignored; the forward here puts the fake-quantized weights into that list for the duration of the call.
+* ``FakeQuantizedRNN``, mixed into each RNN type (``FakeQuantizedLSTM``, ``FakeQuantizedGRU``...): torchao has none.
+  ``nn.RNNBase`` computes with its ``_flat_weights`` list (refreshed by ``RNNBase.__setattr__``), not with the
+  attributes, so a parametrization or a swapped attribute can be silently ignored; the forward here puts the
+  fake-quantized weights into that list for the duration of the call.
 * ``FakeQuantizedEmbeddingBag``: torchao has no ``nn.EmbeddingBag`` either; the bag network (``networks/bag.py``)
   embeds its count-weighted segments with one. Its forward is ``nn.EmbeddingBag``'s ``F.embedding_bag`` call, every
   setting of the module kept, on the fake-quantized weight.
@@ -20,7 +21,7 @@ Built on torchao's ``FakeQuantizedEmbedding`` / ``FakeQuantizedLinear``; what th
   resumed run switches QAT back on from the step count, and pruning hooks (``torch.nn.utils.prune``) run first,
   so the pruned weight is the one that gets quantized.
 * The schedule and ``qat/active`` in TensorBoard. The export step (``callbacks/export.py``) then writes the integer
-  export this run trained for, with the same rule (``lm_lightning/quantization.py``), so it reproduces the
+  export this run trained for, with the same rule (``lm_lightning/export/quantization.py``), so it reproduces the
   fake-quantized model bit for bit.
 """
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
-from lm_lightning.quantization import block_width, check_quantization, fake_quantize
+from lm_lightning.export.quantization import block_width, check_quantization, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,18 @@ class WeightFakeQuantizer(nn.Module):
         return f"int{self.bits}" + (f", group_size={self.group_size}" if self.bits == 4 else ", per output channel")
 
 
-class FakeQuantizedLSTM(nn.LSTM):
-    """``nn.LSTM`` whose weight matrices (not biases) are fake-quantized by ``self.weight_fake_quantizer``.
+class FakeQuantizedRNN:
+    """Mixed into an ``nn.RNNBase`` class: its weight matrices (not biases) go through ``self.weight_fake_quantizer``.
 
     On cuDNN the substituted weights are not one contiguous buffer: torch warns once ("RNN module weights are not
-    part of single contiguous chunk of memory") and packs them at each call, a copy the size of the LSTM weights.
+    part of single contiguous chunk of memory") and packs them at each call, a copy the size of the RNN's weights.
     """
 
     weight_fake_quantizer: WeightFakeQuantizer
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         # Sync the list with the attributes first (a pruning pre-hook may have just replaced them): otherwise
-        # nn.LSTM.forward notices the change itself and rebuilds the list, dropping the substitution below.
+        # RNNBase's forward notices the change itself and rebuilds the list, dropping the substitution below.
         self._update_flat_weights()
         flat = self._flat_weights
         self._flat_weights = [
@@ -106,21 +107,32 @@ class FakeQuantizedEmbeddingBag(nn.EmbeddingBag):
 
 @functools.cache
 def _fake_classes() -> dict[type, type]:
-    """Plain module class -> its fake-quantized class. torchao is imported here, at the first use: 13 MB of resident
-    memory that a run without QAT or an integer export does not need (measured after ``import lightning``)."""
+    """Plain module class -> its fake-quantized class (recurrent ones: ``_fake_rnn_class``). torchao is imported here,
+    at the first use: 13 MB of resident memory that a run without QAT or an integer export does not need."""
     from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
 
-    return {
-        nn.Embedding: FakeQuantizedEmbedding,
-        nn.EmbeddingBag: FakeQuantizedEmbeddingBag,
-        nn.Linear: FakeQuantizedLinear,
-        nn.LSTM: FakeQuantizedLSTM,
-    }
+    return {nn.Embedding: FakeQuantizedEmbedding, nn.EmbeddingBag: FakeQuantizedEmbeddingBag, nn.Linear: FakeQuantizedLinear}
 
 
 @functools.cache
-def _plain_classes() -> dict[type, type]:
-    return {fake: plain for plain, fake in _fake_classes().items()}
+def _fake_rnn_class(cls: type) -> type:
+    """``FakeQuantized<cls>`` for an ``nn.RNNBase`` class, made once per class (so the swap back is by type)."""
+    return type(f"FakeQuantized{cls.__name__}", (FakeQuantizedRNN, cls), {})
+
+
+FakeQuantizedLSTM = _fake_rnn_class(nn.LSTM)  # the template's, by name for tests
+
+
+def _fake_class(cls: type) -> type | None:
+    if issubclass(cls, nn.RNNBase) and not issubclass(cls, FakeQuantizedRNN):
+        return _fake_rnn_class(cls)
+    return _fake_classes().get(cls)
+
+
+def _plain_class(cls: type) -> type | None:
+    if cls.__bases__[0] is FakeQuantizedRNN:  # (FakeQuantizedRNN, the plain class): made by _fake_rnn_class
+        return cls.__bases__[1]
+    return {fake: plain for plain, fake in _fake_classes().items()}.get(cls)
 
 
 def quantized_weights(network: nn.Module, bits: int, group_size: int) -> dict[str, nn.Module]:
@@ -128,19 +140,20 @@ def quantized_weights(network: nn.Module, bits: int, group_size: int) -> dict[st
     for an int4 ``group_size`` that does not divide a weight's input width."""
     modules = {}
     for name, module in network.named_modules():
-        if type(module) in _fake_classes() or type(module) in _plain_classes():
+        if _fake_class(type(module)) is not None or _plain_class(type(module)) is not None:
             modules[name] = module
             for attr, weight in module.named_parameters(recurse=False):
                 if weight.dim() == 2:
                     block_width(weight.shape, bits, group_size, f"{name}.{attr.removesuffix('_orig')}")
         elif any(True for _ in module.parameters(recurse=False)):
             raise LMInputError(
-                "QuantizationAwareFinishing quantizes nn.Embedding, nn.EmbeddingBag, nn.Linear and nn.LSTM weights; "
-                f"{name!r} is a {type(module).__name__}: use a network built from those or leave the callback out."
+                "QuantizationAwareFinishing quantizes nn.Embedding, nn.EmbeddingBag, nn.Linear and nn.RNNBase (LSTM, "
+                f"GRU, RNN) weights; {name!r} is a {type(module).__name__}: use a network built from those or leave the "
+                "callback out."
             )
     if not modules:
         raise LMInputError(
-            "QuantizationAwareFinishing found no nn.Embedding, nn.EmbeddingBag, nn.Linear or nn.LSTM in the network."
+            "QuantizationAwareFinishing found no nn.Embedding, nn.EmbeddingBag, nn.Linear or nn.RNNBase in the network."
         )
     return modules
 
@@ -149,9 +162,8 @@ def enable_fake_quantization(network: nn.Module, bits: int, group_size: int = 32
     """Fake-quantize the weights of ``network`` in place (idempotent); returns the module names."""
     modules = quantized_weights(network, bits, group_size)
     for module in modules.values():
-        if type(module) in _fake_classes():
-            module.__class__ = _fake_classes()[type(module)]
-        if not isinstance(module, (nn.LSTM, nn.EmbeddingBag)):  # torchao's two classes have activation quantizers
+        module.__class__ = _fake_class(type(module)) or type(module)  # already fake-quantized: unchanged
+        if not isinstance(module, (nn.RNNBase, nn.EmbeddingBag)):  # torchao's two classes have activation quantizers
             module.activation_fake_quantizer = None  # weight-only: activations stay in float
         module.weight_fake_quantizer = WeightFakeQuantizer(bits, group_size)
     return list(modules)
@@ -160,8 +172,9 @@ def enable_fake_quantization(network: nn.Module, bits: int, group_size: int = 32
 def disable_fake_quantization(network: nn.Module) -> None:
     """Back to the plain modules, same parameters."""
     for module in network.modules():
-        if type(module) in _plain_classes():
-            module.__class__ = _plain_classes()[type(module)]
+        plain = _plain_class(type(module))
+        if plain is not None:
+            module.__class__ = plain
             del module.weight_fake_quantizer
             module.__dict__.pop("activation_fake_quantizer", None)
 

@@ -263,7 +263,7 @@ class BagDataModule(StreamDataModule):
             )
 
     def export_settings(self) -> dict:
-        """What an export needs to turn a prompt into a bag as this datamodule does (``lm_lightning/exported.py``)."""
+        """What an export needs to turn a prompt into a bag as this datamodule does (``lm_lightning/export/commands.py``)."""
         hp = self.hparams
         return {
             "kind": "bags",

@@ -173,7 +173,7 @@ class TokenDataModule(StreamDataModule):
         return TokenRows(self._cache.load_ids(split))
 
     def export_settings(self) -> dict:
-        """What an export needs to read text as this datamodule does (``lm_lightning/exported.py``): preprocessing,
+        """What an export needs to read text as this datamodule does (``lm_lightning/export/commands.py``): preprocessing,
         line ends, and the evaluation batching its test perplexity was measured with."""
         hp = self.hparams
         return {

@@ -6,8 +6,8 @@ The contract every network keeps, the template's and a fork's, is written once i
 from lm_lightning.networks.bag import BagLSTMNetwork
 from lm_lightning.networks.lstm import LSTMNetwork
 
-# The networks an export can be rebuilt into from its manifest alone (``export.load_exported``); a fork's network is
-# loaded by passing an instance of it, so no class named inside an export file is ever imported.
+# The networks an export is rebuilt into by name, without an import (``export/rebuild.py``); any other network is
+# imported from the class path its manifest records.
 NETWORKS = {"LSTMNetwork": LSTMNetwork, "BagLSTMNetwork": BagLSTMNetwork}
 
 __all__ = ["NETWORKS", "BagLSTMNetwork", "LSTMNetwork"]

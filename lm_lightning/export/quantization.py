@@ -4,7 +4,7 @@ Jacob et al. 2018 (arXiv:1712.05877): int8 keeps one scale per output row; int4 
 (as GPTQ/AWQ-style int4 checkpoints do). Scales and codes come from torchao's public primitives
 (``choose_qparams_affine`` / ``quantize_affine``), bit-identical to ``torchao.quantization.qat.IntxFakeQuantizer``
 (a test holds them equal). Quantization-aware finishing (``callbacks/quantization.py``) runs :func:`fake_quantize`
-and the export (``export.py``) stores :func:`quantize_weight`'s codes, so a loaded export reproduces the
+and the export (``export/writer.py``) stores :func:`quantize_weight`'s codes, so a loaded export reproduces the
 fake-quantized weights bit for bit.
 """
 

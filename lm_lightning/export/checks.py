@@ -2,14 +2,13 @@
 
 An export folder is untrusted input. In order: the manifest (a regular file of bounded size, JSON, format, version,
 types), the files (a fixed list of names, so nothing outside the folder is reached; the folder holds nothing else),
-the network it describes (a template class, typed settings, built on the ``meta`` device, within a size ceiling),
+then, once ``rebuild.py`` has built the network the manifest describes on the ``meta`` device,
 every tensor entry against that network and the export rule, and the safetensors header against the arrays the
 writer produces for those entries. Each failure raises :class:`NotAnExport` with the reason.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.export_format import (
+from lm_lightning.export.format import (
     FORMAT,
     ITEM_BYTES,
     MANIFEST,
@@ -31,11 +29,9 @@ from lm_lightning.export_format import (
     VOCAB,
     WEIGHTS,
     NotAnExport,
-    network_tensors,
     stored_as,
 )
-from lm_lightning.networks import NETWORKS
-from lm_lightning.quantization import block_width
+from lm_lightning.export.quantization import block_width
 
 # The loader's ceilings: a manifest or header larger than these, or a network of more numbers, is refused unread.
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest takes ~300 bytes per tensor
@@ -77,6 +73,8 @@ def read_manifest(folder: Path) -> dict:
     spec = manifest.get("network")
     if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
         raise NotAnExport("its manifest does not name the network's class")
+    if spec.get("class_path") is not None and not isinstance(spec["class_path"], str):
+        raise NotAnExport(f"its manifest's network class_path is {spec['class_path']!r}, not a dotted name")
     for key in ("tensors", "ties", "files"):
         if not isinstance(manifest.get(key), dict):
             raise NotAnExport(f"its manifest's {key!r} is not a JSON object")
@@ -122,43 +120,6 @@ def check_files(folder: Path, files: dict) -> None:
 
 def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-def meta_network(folder: Path, manifest: dict, max_elements: int) -> nn.Module:
-    """One of the template's networks from the manifest's class name and settings (a fixed table, no import), built
-    on the ``meta`` device: its tensor names, shapes and dtypes without a byte of memory for the weights."""
-    spec = manifest["network"]
-    cls, config = NETWORKS.get(spec["class"]), spec.get("config")
-    if cls is None or not isinstance(config, dict):
-        raise LMInputError(
-            f"{folder} holds a {spec['class']} network, which load_exported cannot build from the manifest: "
-            f"pass network=<a {spec['class']} built with the same settings>."
-        )
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(config) - set(params) | ({"dropout"} & set(config)))
-    if unknown:
-        raise NotAnExport(f"its network settings name {unknown}, which the export does not write for a {cls.__name__}")
-    for key, value in config.items():
-        kind = {"int": int, "bool": bool}.get(getattr(params[key].annotation, "__name__", params[key].annotation))
-        if kind is not None and type(value) is not kind:
-            raise NotAnExport(f"its network setting {key} is {value!r}, not {'an integer' if kind is int else 'true or false'}")
-    # Building costs a loop per layer even on meta: a manifest cannot ask for more layers than tensors it lists.
-    if config.get("num_layers", 1) > len(manifest["tensors"]):
-        raise NotAnExport(f"its network settings ask for {config['num_layers']} layers, more than the tensors it lists")
-    try:
-        with torch.device("meta"):
-            network = cls(**config, dropout=0.0)
-    except LMInputError as err:
-        raise NotAnExport(f"its network settings are invalid ({str(err).rstrip('.')})") from None
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        raise NotAnExport(f"its network settings are invalid ({type(err).__name__}: {one_line(err)})") from None
-    elements = sum(t.numel() for t in network_tensors(network)[0].values())
-    if elements > max_elements:
-        raise LMInputError(
-            f"{folder} describes a {cls.__name__} of {elements:,} numbers ({4 * elements / 2**30:.1f} GiB as float32), "
-            f"more than max_elements={max_elements:,}: pass a larger max_elements to load_exported if you trust this export."
-        )
-    return network
 
 
 def tensor_plans(manifest: dict, tensors: dict[str, torch.Tensor], ties: dict[str, str], cls: str) -> dict[str, dict]:

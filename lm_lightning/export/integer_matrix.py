@@ -1,8 +1,5 @@
-"""Integer weights resident at inference: a loaded int8/int4 export runs on its codes, never on a float copy.
-
-``load_exported`` (``export.py``) puts these modules in place of the network's ``nn.Embedding``, ``nn.EmbeddingBag``,
-``nn.Linear`` and ``nn.LSTM`` when the export is quantized. The network's own code is unchanged: it still calls
-``self.embedding(ids)``, ``self.lstm(x, hidden)`` and ``self.decoder(output)``.
+"""One int8/int4 matrix resident as integer codes + float32 scales, and its products (``inference.py``'s modules
+are built on it): a loaded integer export never holds a float copy of a whole weight.
 
 * :class:`IntegerMatrix` holds one quantized matrix as the export wrote it: int8 codes with one float32 scale per
   row, or int4 codes packed two per byte (row by row) with one scale per ``group_size`` inputs. A tied
@@ -27,14 +24,6 @@
   on CPUs where it wins.
   torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) is not used: it takes only groups of 32, 64, 128 or 256
   inputs and its own packed layout, which an embedding lookup of a tied matrix cannot read.
-* :class:`IntegerLSTM` runs the LSTM equations step by step on those products (the input projection of a whole
-  window in one product, the recurrent one per step), with PyTorch's gate order and the biases in float32. A window
-  of several steps dequantizes each layer's recurrent matrix once, one layer at a time, instead of once a step.
-* Embedding lookups dequantize only the rows they read.
-
-What this costs in accuracy: the products sum in a different order from a float matmul, so logits differ from the
-dequantized float network's by float rounding (~1e-6 relative); the export's test perplexity is measured through
-these modules, so it is the figure a user reproduces with ``score``.
 """
 
 from __future__ import annotations
@@ -46,13 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_lightning.errors import LMInputError
-
-__all__ = ["IntegerMatrix", "IntegerEmbedding", "IntegerEmbeddingBag", "IntegerLinear", "IntegerLSTM", "resident_bytes"]
+__all__ = ["IntegerMatrix"]
 
 
 def _int4_table() -> torch.Tensor:
-    """Byte -> its two signed 4-bit codes as float32 (low nibble first, as ``export_format.pack_int4`` packs)."""
+    """Byte -> its two signed 4-bit codes as float32 (low nibble first, as ``format.pack_int4`` packs)."""
     byte = torch.arange(256)
     nibbles = torch.stack([byte & 0xF, byte >> 4], dim=1)
     return ((nibbles ^ 8) - 8).float()
@@ -141,7 +128,7 @@ class IntegerMatrix(nn.Module):
         return F.embedding(packed.int(), table).reshape(packed.shape[0], -1)[:, : self.shape[1]]
 
     def dequantize(self) -> torch.Tensor:
-        """The whole float32 weight (tests and inspection only: the forward passes never build it)."""
+        """The whole float32 weight: only ``IntegerRNN`` builds it in a forward pass, for the duration of one call."""
         return self.rows(torch.arange(self.shape[0], device=self.scale.device))
 
     # --- the product x @ weight.T -------------------------------------------------------------------------
@@ -213,151 +200,3 @@ class IntegerMatrix(nn.Module):
         codes[0].bitwise_right_shift_(four)
         torch.bitwise_right_shift(packed.view(torch.int8), four, out=codes[1])
         return block.view(2, count, half).copy_(codes)
-
-
-class IntegerEmbedding(nn.Module):
-    def __init__(self, weight: IntegerMatrix) -> None:
-        super().__init__()
-        self.weight_q = weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_q.rows(ids)
-
-
-class IntegerEmbeddingBag(nn.Module):
-    """``nn.EmbeddingBag`` (sum or mean, per-sample weights, ``include_last_offset``) reading only the bags' rows."""
-
-    def __init__(self, weight: IntegerMatrix, like: nn.EmbeddingBag) -> None:
-        super().__init__()
-        self.weight_q = weight
-        self.mode, self.include_last_offset = like.mode, like.include_last_offset
-
-    def forward(
-        self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None, per_sample_weights: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        # The rows the bags name, dequantized once; then torch's own bag reduction over them (positions 0..n-1).
-        rows = self.weight_q.rows(input.reshape(-1))
-        positions = torch.arange(rows.shape[0], device=rows.device).reshape(input.shape)
-        return F.embedding_bag(
-            positions, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-            include_last_offset=self.include_last_offset,
-        )  # fmt: skip
-
-
-class IntegerLinear(nn.Module):
-    def __init__(self, weight: IntegerMatrix, bias: Optional[torch.Tensor]) -> None:
-        super().__init__()
-        self.weight_q = weight
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight_q.linear(x, self.bias)
-
-
-class IntegerLSTM(nn.Module):
-    """An eval-mode ``nn.LSTM`` (batch_first, unidirectional, no projection) on integer weights.
-
-    Per layer: ``gates = x W_ih^T + b_ih + h W_hh^T + b_hh`` in the order input, forget, cell, output;
-    ``c = f * c + i * g``, ``h = o * tanh(c)``. The input projection covers the whole window in one product.
-    """
-
-    def __init__(self, like: nn.LSTM, weights: dict[str, IntegerMatrix], biases: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        if not like.batch_first or like.bidirectional or like.proj_size:
-            raise LMInputError(
-                "Integer inference runs batch_first, unidirectional LSTMs without projections: load this export with "
-                "dequantize=True."
-            )
-        self.num_layers, self.hidden_size = like.num_layers, like.hidden_size
-        self.input_weights = nn.ModuleList(weights[f"weight_ih_l{k}"] for k in range(self.num_layers))
-        self.hidden_weights = nn.ModuleList(weights[f"weight_hh_l{k}"] for k in range(self.num_layers))
-        # The two biases summed once: the same gates up to float rounding, one addition less per step.
-        for k in range(self.num_layers):
-            self.register_buffer(f"bias_l{k}", biases[f"bias_ih_l{k}"] + biases[f"bias_hh_l{k}"] if like.bias else None)
-
-    def forward(
-        self, input: torch.Tensor, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        batch, steps = input.shape[:2]
-        if hx is None:
-            zeros = input.new_zeros(self.num_layers, batch, self.hidden_size, dtype=torch.float32)
-            hx = (zeros, zeros)
-        h_all, c_all = [], []
-        x = input
-        for layer in range(self.num_layers):
-            projected = self.input_weights[layer].linear(x, getattr(self, f"bias_l{layer}"))
-            h, c = hx[0][layer], hx[1][layer]
-            # A window of several steps dequantizes the recurrent matrix once (one block), not once a step.
-            recurrent = self.hidden_weights[layer]
-            weight = recurrent.dequantized_block() if steps > 1 and not torch.is_grad_enabled() else None
-            outputs = []
-            for t in range(steps):
-                gates = projected[:, t] + (recurrent.linear(h) if weight is None else h @ weight.T)
-                i, f, g, o = gates.chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                outputs.append(h)
-            x = torch.stack(outputs, dim=1)
-            h_all.append(h)
-            c_all.append(c)
-        return x, (torch.stack(h_all), torch.stack(c_all))
-
-
-def resident_bytes(network: nn.Module) -> dict[str, int]:
-    """Bytes of the network's weights in memory, by top-level module, each storage counted once (a tied matrix
-    under the module that holds it first). ``total`` is the sum."""
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-    for name, tensor in [*network.named_parameters(remove_duplicate=False), *network.named_buffers(remove_duplicate=False)]:
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        top = name.split(".")[0]
-        out[top] = out.get(top, 0) + tensor.untyped_storage().nbytes()
-    out["total"] = sum(out.values())
-    return out
-
-
-def integer_modules(
-    template: nn.Module, matrices: dict[str, IntegerMatrix], floats: dict[str, torch.Tensor], ties: dict[str, str]
-) -> set[str]:
-    """Replace, in ``template`` (a network built on the meta device), every Embedding / EmbeddingBag / Linear / LSTM
-    whose weights are all in ``matrices`` by its integer module; returns the tensor names they took over. ``floats``
-    gives the biases. Tensors of other modules are left to the caller (loaded as float)."""
-    taken: set[str] = set()
-    for name, module in list(template.named_modules()):
-        prefix = f"{name}." if name else ""
-
-        def matrix(attr: str, prefix: str = prefix) -> Optional[IntegerMatrix]:
-            key = prefix + attr
-            return matrices.get(ties.get(key, key))
-
-        replacement: Optional[nn.Module] = None
-        if type(module) in (nn.Embedding, nn.EmbeddingBag, nn.Linear) and matrix("weight") is not None:
-            if type(module) is nn.Embedding and (module.max_norm is not None or module.padding_idx is not None):
-                continue  # lookups that renormalize or pin a row: left in float
-            if type(module) is nn.Embedding:
-                replacement = IntegerEmbedding(matrix("weight"))
-            elif type(module) is nn.EmbeddingBag:
-                if module.max_norm is not None or module.padding_idx is not None or module.mode == "max":
-                    continue
-                replacement = IntegerEmbeddingBag(matrix("weight"), module)
-            else:
-                bias = floats.get(ties.get(prefix + "bias", prefix + "bias")) if module.bias is not None else None
-                replacement = IntegerLinear(matrix("weight"), bias)
-                taken.add(prefix + "bias")
-            taken.add(prefix + "weight")
-        elif type(module) is nn.LSTM:
-            weight_names = [n for n, _ in module.named_parameters() if n.startswith("weight")]
-            if not weight_names or any(matrix(n) is None for n in weight_names):
-                continue
-            if not module.batch_first or module.bidirectional or module.proj_size:
-                continue
-            biases = {n: floats[prefix + n] for n, _ in module.named_parameters() if n.startswith("bias")}
-            replacement = IntegerLSTM(module, {n: matrix(n) for n in weight_names}, biases)
-            taken.update(prefix + n for n, _ in module.named_parameters())
-        if replacement is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(template.get_submodule(parent_name) if parent_name else template, child, replacement)
-    return taken

@@ -9,7 +9,7 @@ integer in memory for an int8/int4 export (``inference.py``).
 
 From Python::
 
-    from lm_lightning.exported import ExportedModel
+    from lm_lightning.export.commands import ExportedModel
     model = ExportedModel.load("lightning_logs/version_0/export-int8")
     model.generate("the meaning of", max_new_tokens=40)
     model.score_file("some_text.txt")      # {"ppl": ..., "tokens": ...}
@@ -35,10 +35,10 @@ from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import StreamWindows
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
-from lm_lightning.export import load_exported
-from lm_lightning.export_format import MANIFEST, VOCAB
+from lm_lightning.export.format import MANIFEST, VOCAB
+from lm_lightning.export.inference import resident_bytes
+from lm_lightning.export.loader import load_exported
 from lm_lightning.generation import sample
-from lm_lightning.inference import resident_bytes
 
 __all__ = ["ExportedModel", "generate_command", "score_command"]
 

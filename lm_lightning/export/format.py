@@ -1,6 +1,6 @@
 """The export format on disk: names, int4 packing, the sparse layouts and their decoding, which tensors are quantized.
 
-``export.py`` writes and loads exports with these; ``export_checks.py`` checks an export against them before loading.
+``writer.py`` writes and ``loader.py`` loads exports with these; ``checks.py`` checks an export against them before loading.
 """
 
 from __future__ import annotations

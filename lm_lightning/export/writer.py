@@ -1,0 +1,208 @@
+"""Writing an export: a trained network's weights in safetensors, int8 / int4 / float32, stored sparsely where smaller.
+
+    folder/model.safetensors   integer codes + scales (quantized matrices), float32 for the rest; no pickle
+    folder/manifest.json       format version, network class path and constructor arguments, bits, per-tensor
+                               formats, ties, file hashes
+    folder/vocab.json          the vocabulary, when given
+
+Any network works: its state dict is exported as it is, a tensor shared by two names (a tied embedding/decoder) is
+stored once, and with ``bits`` every floating 2-D tensor (embedding, LSTM/GRU and decoder matrices) is quantized by
+the rule of ``quantization.py``. :func:`export_model` takes a plain network; :func:`export_network` (the export step
+of fit and of ``python -m lm_lightning export``) first makes that plain copy (pruning made permanent, fake
+quantization off), then loads the export back and scores it.
+
+What this adds to safetensors/torchao: sparse storage (symmetric quantization maps 0 to 0, so pruned zeros stay
+zero; a tensor is stored as a bit mask or a list of indices plus its non-zero values whenever that is smaller,
+index bytes counted), tied weights stored once, an atomic folder write, and a manifest from which ``loader.py``
+rebuilds and checks the network. The format's names and layouts are in ``format.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.utils.prune as torch_prune
+from safetensors.numpy import save_file
+from torch import nn
+
+from lm_lightning.errors import LMInputError
+from lm_lightning.evaluation import perplexity
+from lm_lightning.export.format import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    VOCAB,
+    WEIGHTS,
+    layouts,
+    network_tensors,
+    stored_as,
+    stored_bytes,
+)
+from lm_lightning.export.format import sha256 as _sha256
+from lm_lightning.export.loader import load_exported, record_evaluation
+from lm_lightning.export.quantization import block_width, check_quantization, quantize_weight
+from lm_lightning.io import atomic_directory, atomic_path
+from lm_lightning.networks import NETWORKS
+
+if TYPE_CHECKING:
+    from lm_lightning.data import Vocabulary
+
+__all__ = ["describe", "export_model", "export_network", "network_spec", "plain_copy", "test_batch_limit"]
+
+
+def network_spec(network: nn.Module, init_args: Optional[dict] = None) -> dict:
+    """What the manifest records to rebuild ``network``: its class name and class path (module + qualified name), and
+    its constructor arguments (``init_args`` as the CLI built it, else the network's ``config`` attribute)."""
+    cls = type(network)
+    config = dict(init_args) if init_args is not None else getattr(network, "config", None)
+    if NETWORKS.get(cls.__name__) is cls and isinstance(config, dict):
+        config.pop("dropout", None)  # the loader builds the template's networks with dropout 0 (eval mode)
+    return {"class": cls.__name__, "class_path": f"{cls.__module__}.{cls.__qualname__}", "config": config}
+
+
+def export_model(
+    network: nn.Module,
+    folder: str | Path,
+    bits: int | None = None,
+    group_size: int = 32,
+    vocab: Vocabulary | None = None,
+    metadata: dict | None = None,
+    network_init_args: dict | None = None,
+) -> dict:
+    """Write folder/model.safetensors + folder/manifest.json (+ folder/vocab.json when vocab is given), atomically:
+    a crash never leaves a half-written export and a re-export replaces the old one only when complete.
+    bits=None keeps float32 values (still stored sparsely where that is smaller); 8 = int8 per output channel; 4 = int4
+    groups of group_size along the input dimension, packed two per byte. The manifest records the network's class path
+    and ``network_init_args`` (else the network's ``config``), from which ``load_exported`` rebuilds it. Returns a report dict that includes at least
+    {"bytes": total size of the folder's files, "tensors": {name: {"format": ..., "bytes": ...}}}."""
+    check_quantization(bits, group_size)
+    folder = Path(folder)
+    if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
+    tensors, ties = network_tensors(network)
+    arrays: dict[str, np.ndarray] = {}
+    entries: dict[str, dict] = {}
+    for name, tensor in tensors.items():
+        quantized, dtype = stored_as(tensor, bits)
+        info: dict[str, Any] = {"shape": list(tensor.shape), "dtype": dtype, "quantized": quantized}
+        if quantized:
+            info["block"] = block_width(tensor.shape, bits, group_size, name)
+            # Quantized where the network lives, as fake quantization was: a GPU's reciprocal can round differently.
+            codes, scale = (t.cpu() for t in quantize_weight(tensor.float(), bits, group_size))
+            values = codes.numpy()
+            arrays[f"{name}.scale"] = scale.numpy()
+        else:
+            values = (tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy()
+        storage, chosen = min(layouts(values, dtype == "int4"), key=lambda c: stored_bytes(c[1]))
+        info.update(storage=storage, nnz=int(np.count_nonzero(values)))
+        arrays.update({name + suffix: np.ascontiguousarray(a) for suffix, a in chosen.items()})
+        info["bytes"] = sum(a.nbytes for k, a in arrays.items() if k == name or k.startswith(name + "."))
+        entries[name] = info
+
+    spec = network_spec(network, network_init_args)
+    with atomic_directory(folder, replace=True) as tmp:
+        with atomic_path(tmp / WEIGHTS) as weights:  # safetensors alone would leave the file 0600 whatever the umask
+            save_file(arrays, str(weights), metadata={"format": FORMAT})
+        if vocab is not None:
+            vocab.save(tmp / VOCAB)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "bits": bits,
+            "group_size": group_size,
+            "network": spec,
+            "tensors": entries,
+            "ties": ties,
+            "files": files,
+            "metadata": metadata or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+    formats = {
+        n: {"format": e["dtype"] if e["storage"] == "dense" else f"{e['dtype']}+{e['storage']}", "bytes": e["bytes"]}
+        for n, e in entries.items()
+    }
+    return {
+        "folder": str(folder),
+        "bits": bits,
+        "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "float32_bytes": 4 * sum(math.prod(e["shape"]) for e in entries.values()),
+        "tensors": formats,
+    }
+
+
+def plain_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` with pruning made permanent (plain weights with zeros) and fake quantization off;
+    the live network is left as it is."""
+    for module in network.modules():  # torch's pruning pre-hook leaves a non-leaf ``weight``, which deepcopy refuses
+        for name, tensor in list(vars(module).items()):
+            if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
+                setattr(module, name, tensor.detach())
+    # Imported here: callbacks/__init__ imports the Export callback, which imports this module (a cycle at import).
+    from lm_lightning.callbacks.quantization import disable_fake_quantization
+
+    plain = copy.deepcopy(network)
+    for module in plain.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                hook.remove(module)  # weight_orig becomes weight = orig * mask (the same Parameter: ties survive)
+                del module._forward_pre_hooks[key]
+    disable_fake_quantization(plain)
+    return plain
+
+
+def export_network(
+    network: nn.Module,
+    folder: Path,
+    bits: Optional[int],
+    group_size: int,
+    datamodule: Any = None,
+    metadata: Optional[dict] = None,
+    test_batches: Optional[int] = None,
+    network_init_args: Optional[dict] = None,
+) -> dict:
+    """Export a plain copy of ``network`` with the datamodule's vocabulary, then score the loaded export on the test
+    split (``test_batches``: at most that many windows; 0 skips it). Returns ``export_model``'s report + ``test_ppl``."""
+    plain = plain_copy(network)
+    metadata = dict(metadata or {})
+    if hasattr(datamodule, "export_settings"):  # how to read text: `generate` and `score` need no datamodule then
+        metadata["text"] = datamodule.export_settings()
+    report = export_model(plain, folder, bits, group_size, getattr(datamodule, "vocab", None), metadata, network_init_args)
+    report["test_ppl"] = None
+    if test_batches != 0 and hasattr(datamodule, "test_dataloader"):
+        # Measured on the export as it is loaded for use (integer weights resident), and written into its manifest:
+        # `score` on the same text reproduces this figure. A fork's network is loaded into the plain copy: a class
+        # defined where it cannot be imported again (a notebook, a test function) is still measured.
+        loaded = load_exported(folder) if NETWORKS.get(type(plain).__name__) is type(plain) else load_exported(folder, network=plain)
+        datamodule.setup("test")
+        device = next(network.parameters()).device
+        report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches)
+        record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
+        report["bytes"] = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())  # the manifest grew
+    return report
+
+
+def describe(report: dict) -> str:
+    kind = f"int{report['bits']}" if report["bits"] else "float32"
+    ppl = f"{report['test_ppl']:.2f}" if report["test_ppl"] is not None else "not measured"
+    share = report["bytes"] / report["float32_bytes"]
+    size = f"{report['bytes']:,} bytes ({share:.0%} of float32 weights)"
+    return f"Exported the {kind} model to {report['folder']}: {size}, test perplexity {ppl}"
+
+
+def test_batch_limit(trainer: L.Trainer, datamodule: Any) -> Optional[int]:
+    """``--trainer.limit_test_batches`` as a window count (``None``: all); 0 means no test evaluation is wanted."""
+    limit = trainer.limit_test_batches
+    if isinstance(limit, int):
+        return limit
+    if limit >= 1.0:
+        return None
+    datamodule.setup("test")
+    return int(len(datamodule.test_dataloader()) * limit)
