@@ -7,6 +7,15 @@ into such a sentence by ``parser_messages.py``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class LMInputError(ValueError):
     """Bad user input (a path, a setting, a corpus): the message says what is wrong and how to fix it."""
+
+
+def input_error(err: Optional[BaseException]) -> Optional[LMInputError]:
+    """The LMInputError behind ``err``: jsonargparse wraps errors raised while it builds classes (callbacks)."""
+    while err is not None and not isinstance(err, LMInputError):
+        err = err.__cause__ or err.__context__
+    return err

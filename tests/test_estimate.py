@@ -180,7 +180,8 @@ def test_the_printed_fit_line_runs_with_the_chosen_settings(tmp_path, monkeypatc
 
     from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
     from lm_lightning.cli import build_cli
-    from lm_lightning.estimate import Settings, fit_line
+    from lm_lightning.estimate import fit_line
+    from lm_lightning.estimate_probe import Settings
 
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/presets/debug.yaml"), *SMALL]
@@ -207,7 +208,7 @@ def test_a_low_bit_optimizer_that_keeps_float32_state_is_named_with_the_block_si
     quantizes it (250); with that block size there is nothing to say."""
     from torchao.optim import AdamW8bit
 
-    from lm_lightning.estimate import block_size_note
+    from lm_lightning.estimate_probe import block_size_note
 
     def stepped(**options):
         layer = torch.nn.Linear(60, 100)

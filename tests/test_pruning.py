@@ -14,11 +14,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.testing import assert_close
 
 from lm_lightning.callbacks.export import Export
-from lm_lightning.callbacks.pruning import MagnitudePruning, prunable_weights
+from lm_lightning.callbacks.pruning import MagnitudePruning
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.writer import export_network
 from lm_lightning.networks import LSTMNetwork
+from lm_lightning.networks.weights import prunable_weights
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,43 +36,9 @@ from torch import nn
 
 from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
+from lm_lightning.networks.weights import prunable_weights, pruned_count
 
 SCHEDULES = ("constant", "linear", "cubic")
-
-
-def prunable_weights(network: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, tuple[nn.Module, str, str]]]:
-    """Weight matrices of the embeddings, linear layers and RNNs of ``network``, by name.
-
-    Returns ``(targets, mirrors)``. ``mirrors`` holds the tensors that *are* another one (a decoder tied to the
-    embedding), as ``name -> (module, attribute, name of the target it is)``; ``targets`` holds all others.
-    """
-    targets: dict[str, tuple[nn.Module, str]] = {}
-    mirrors: dict[str, tuple[nn.Module, str, str]] = {}
-    seen: dict[int, str] = {}
-    for prefix, module in network.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Linear)):
-            names = ["weight"]
-        elif isinstance(module, nn.RNNBase):  # weight_ih_l{k}, weight_hh_l{k} (and _reverse, weight_hr_l{k})
-            names = [n for n in module._flat_weights_names if n.startswith("weight")]
-        else:
-            continue
-        for attr in names:
-            name = f"{prefix}.{attr}" if prefix else attr
-            # Under torch's pruning the Parameter is renamed ``<attr>_orig``; it is still the same object.
-            param = module._parameters.get(attr, module._parameters.get(f"{attr}_orig"))
-            if param is None:
-                continue
-            if id(param) in seen:
-                mirrors[name] = (module, attr, seen[id(param)])
-            else:
-                seen[id(param)] = name
-                targets[name] = (module, attr)
-    return targets, mirrors
-
-
-def _pruned_count(module: nn.Module, attr: str) -> int:
-    mask = getattr(module, f"{attr}_mask", None)
-    return 0 if mask is None else int((mask == 0).sum())
 
 
 class MagnitudePruning(ModelPruning, MemoryStrategy):
@@ -217,13 +183,13 @@ class MagnitudePruning(ModelPruning, MemoryStrategy):
     def _apply_global_pruning(self, amount: float) -> None:
         # ``amount`` is the cumulative target; torch wants the number of weights still to prune.
         total = sum(getattr(m, a).numel() for m, a in self._parameters_to_prune)
-        missing = round(amount * total) - sum(_pruned_count(m, a) for m, a in self._parameters_to_prune)
+        missing = round(amount * total) - sum(pruned_count(m, a) for m, a in self._parameters_to_prune)
         if missing > 0:
             super()._apply_global_pruning(missing)
 
     def _apply_local_pruning(self, amount: float) -> None:
         for module, attr in self._parameters_to_prune:
-            missing = round(amount * getattr(module, attr).numel()) - _pruned_count(module, attr)
+            missing = round(amount * getattr(module, attr).numel()) - pruned_count(module, attr)
             if missing > 0:
                 self.pruning_fn(module, name=attr, amount=missing)
 

@@ -50,6 +50,7 @@ from lm_lightning.export.loader import load_exported, record_evaluation
 from lm_lightning.export.quantization import block_width, check_quantization, quantize_weight
 from lm_lightning.io import atomic_directory, atomic_path
 from lm_lightning.networks import NETWORKS
+from lm_lightning.networks.contract import class_path
 
 if TYPE_CHECKING:
     from lm_lightning.data import Vocabulary
@@ -64,7 +65,7 @@ def network_spec(network: nn.Module, init_args: Optional[dict] = None) -> dict:
     config = dict(init_args) if init_args is not None else getattr(network, "config", None)
     if NETWORKS.get(cls.__name__) is cls and isinstance(config, dict):
         config.pop("dropout", None)  # the loader builds the template's networks with dropout 0 (eval mode)
-    return {"class": cls.__name__, "class_path": f"{cls.__module__}.{cls.__qualname__}", "config": config}
+    return {"class": cls.__name__, "class_path": class_path(network), "config": config}
 
 
 def export_model(
