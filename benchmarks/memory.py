@@ -282,6 +282,7 @@ def main() -> None:
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     if args.data_dir:
         common += ["--data.data_dir", args.data_dir]
+    common += [a for a in cli_args if a != "--"]  # fit's own flags after "--" go to every run (not to the plain loop)
     if args.max_steps:
         common += ["--trainer.max_steps", str(args.max_steps)]
     if args.eval_batches:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # --model.* settings that say how to generate text or compute the loss, not what the network is: with --ckpt_path they
 # come from the command line (and config files), everything else from the checkpoint.
 COMMAND_LINE_SETTINGS = (
-    "sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words", "loss_chunk_size", "recompute_segments"
+    "sample_length", "max_new_tokens", "temperature", "top_k", "seed", "predict_words"
 )  # fmt: skip
 
 # Values of --ckpt_path that Lightning resolves itself (fit: "last" in the checkpoint folder).
@@ -97,9 +97,10 @@ def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | P
 
 
 # --- --model.* flags next to --ckpt_path --------------------------------------------------------------------
-def keep_command_line_settings(before: Any, after: Any) -> None:
+def keep_command_line_settings(before: Any, after: Any, prefix: str = "--model.") -> None:
     """After LightningCLI put the checkpoint's hyper-parameters into the model config (``after``), give back the
-    generation settings of the command line (``before``), and warn about architecture flags that lose."""
+    generation settings of the command line (``before``), and warn about architecture flags that lose (the injected
+    network's too, ``--model.network.*``)."""
     if before is None or after is None or getattr(before, "init_args", None) is None or getattr(after, "init_args", None) is None:
         return
     given, stored = before.init_args, after.init_args
@@ -109,9 +110,11 @@ def keep_command_line_settings(before: Any, after: Any) -> None:
             stored[key] = given[key]
         elif key in ("vocab_size", "optimizer", "lr_scheduler") or key not in stored:
             continue
+        elif getattr(given[key], "init_args", None) is not None:  # a submodule given by class path: the network
+            keep_command_line_settings(given[key], stored[key], f"{prefix}{key}.")
         elif given[key] != stored[key] and key in defaults and given[key] != defaults[key]:
             log.warning(
-                "--model.%s %s is ignored: the architecture comes from the checkpoint (%s=%s).", key, given[key], key, stored[key]
+                "%s%s %s is ignored: the architecture comes from the checkpoint (%s=%s).", prefix, key, given[key], key, stored[key]
             )
 
 

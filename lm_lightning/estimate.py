@@ -67,7 +67,8 @@ class Estimate:
     temporaries: int
     precision: str
     optimizer_name: str
-    pruning: int = 0  # torch's pruning: a mask buffer and a masked copy of each pruned weight
+    pruning: int = 0  # what strategies keep beside the weights (torch's pruning: a mask and a masked copy of each)
+    strategies: str = "none"  # the memory strategies the probe ran, by their labels
 
     @property
     def peak(self) -> int:
@@ -77,7 +78,7 @@ class Estimate:
         rows = [
             ("process baseline (Python, torch, Lightning, data)", self.baseline),
             ("parameters", self.params),
-            *([("masks and copies kept by strategies (pruning)", self.pruning)] if self.pruning else []),
+            *([("kept by strategies beside the weights (pruning masks, ...)", self.pruning)] if self.pruning else []),
             ("gradients", self.grads),
             (f"optimizer state ({self.optimizer_name})", self.optimizer),
             (f"saved activations ({self.settings.micro_batch_size} streams x {bptt} steps)", self.activations),
@@ -85,7 +86,8 @@ class Estimate:
         ]
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {human_bytes(value):>10}" for name, value in rows]
-        return "\n".join([f"Predicted peak memory: {human_bytes(self.peak)} (process RSS, precision {self.precision})", *lines])
+        header = f"Predicted peak memory: {human_bytes(self.peak)} (process RSS, precision {self.precision})"
+        return "\n".join([header, *lines, f"  with the memory strategies: {self.strategies}"])
 
 
 def _at(one: Phases, two: Phases, field: str, streams: int) -> int:
@@ -146,6 +148,7 @@ def _from_measurement(measured: tuple, settings: Settings, baseline: int, precis
     return Estimate(
         settings, baseline, steady["params"], steady["grads"], steady["optimizer"], kept, max(0, peak - kept),
         precision, optimizer_name, pruning=steady["pruning"],
+        strategies=" + ".join(s.label() for s in probe.strategies_for(settings) if s.label()) or "none",
     )  # fmt: skip
 
 

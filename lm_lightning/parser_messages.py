@@ -152,6 +152,16 @@ def _close_match(name: str, class_path: Optional[str]) -> Optional[str]:
     return matches[0] if matches else None
 
 
+def _network_class(system_class_path: Optional[str], args: list[str]) -> Optional[str]:
+    """The class path of the network a system is given (``--model.network CLASS``, else the CLI's default), when the
+    system takes one: the network's settings are ``--model.network.*``, not ``--model.*``."""
+    if _close_match("network", system_class_path) != "network":
+        return None
+    given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--model.network"]
+    path = given[-1] if given else "lm_lightning.networks.LSTMNetwork"
+    return path if "." in path else f"lm_lightning.networks.{path}"
+
+
 # --- the rules, most specific first -------------------------------------------------------------------------
 def _unknown_key(message: str, lines: list, args: list[str], help_hint: str) -> Optional[str]:
     for i, (_, text) in enumerate(lines):
@@ -162,6 +172,9 @@ def _unknown_key(message: str, lines: list, args: list[str], help_hint: str) -> 
             # A misspelled argument of a class, or a misspelled section (trainr.max_epochs) at the top of a config.
             wrong = name if class_path else name.split(".")[0]
             guess = _close_match(wrong, class_path)
+            network = _network_class(class_path, args) if guess is None and "." not in name else None
+            if network is not None and _close_match(wrong, network):  # a network setting given to the system
+                guess = f"network.{_close_match(wrong, network)}"
             fix = f"did you mean {flag.replace(wrong, guess)}? ({help_hint})" if guess else f"check the spelling ({help_hint})"
             return f"{_where(flag, args)} is not an option{owner}: {fix}."
     return None
