@@ -40,8 +40,8 @@ from lm_lightning.measure import allocated_bytes, human_bytes, resident_bytes, s
 
 # What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged
 # text load and keep (oneDNN's primitive cache, TensorBoard's summary modules, the validation windows, the sanity
-# check). Measured on this machine with the default recipe at 64 and 256 units: a fit's peak RSS minus the rest of
-# the prediction, 48-62 MiB; tests/test_estimate.py holds predictions within 15% of measured peaks.
+# check). Calibrated on the default recipe at 64 and 256 units (a fit's peak RSS minus the rest of the prediction);
+# tests/test_estimate.py holds predictions within 15% of measured peaks.
 FIT_OVERHEAD_BYTES = 56 * 2**20
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)

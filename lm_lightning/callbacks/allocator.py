@@ -3,11 +3,10 @@ bytes in use.
 
 glibc serves an allocation above its *mmap threshold* with its own ``mmap`` and unmaps it when freed. The threshold
 starts at 128 KiB and rises to the size of every such block freed, up to 32 MiB: after the first training step nearly
-every activation, gradient and temporary comes from the heap, whose freed space stays resident and fragments. Measured
-on the WikiText-2 recipe with the chunked loss (one thread, 60 steps): peak RSS 720 MiB against 593 MiB predicted by
-``estimate`` from the bytes in use, growing over the run; with the threshold fixed at 4 MiB, 620 MiB, and the
-prediction within 5% — for about 18% of the tokens/s, because each large buffer is mapped (and zeroed) anew every step.
-A trade for a process that must stay under a limit, not a default.
+every activation, gradient and temporary comes from the heap, whose freed space stays resident and fragments, so the
+peak RSS grows over the run past what ``estimate`` predicts from the bytes in use. With the threshold fixed the peak
+stays near the prediction, for some tokens/s, because each large buffer is mapped (and zeroed) anew every step (the
+README's lean-preset section has the figures). A trade for a process that must stay under a limit, not a default.
 
 Setting the threshold disables glibc's own adjustment for the rest of the process (its documented behaviour), the
 same as the ``MALLOC_MMAP_THRESHOLD_`` environment variable would; this callback does it when ``fit`` starts, so a

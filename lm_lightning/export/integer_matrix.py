@@ -10,18 +10,15 @@ are built on it): a loaded integer export never holds a float copy of a whole we
   written and being read, so the product reads 1 byte a weight (int8) or half of one (int4) from memory instead of
   float32's 4. A block is unpacked unscaled; int8's one scale a row then multiplies the output once at the end (a
   multiplication of the block broadcast over rows costs more than the product itself), int4's scales, one per group
-  of inputs, multiply the block. Measured on this AVX2 CPU, one thread, one input row (generation), median of 30:
-  at 33,278 x 200 (WikiText-2's decoder, 26 MB in float32, more than the cache holds) int8 takes 0.45x float32's
-  time and int4 1.13x; at 10,000 x 200 and 800 x 200, where float32 stays in the cache, the unpacking costs more
-  than it saves (int8 2.3-2.6x, int4 5.2-5.9x) -- there a product is tens to hundreds of microseconds either way.
-  At 350 rows (an evaluation window) int8 and int4 take 0.9-1.2x float32's time at every size.
+  of inputs, multiply the block. Where the float32 weight no longer fits in the cache (a real vocabulary's decoder)
+  reading a quarter of the bytes wins; where it fits, the unpacking costs more than it saves (benchmarks/inference.py
+  measures both; the README has the figures).
   int4 unpacks its nibbles with integer shifts (the high one by an arithmetic shift of the signed byte, the low one
   shifted up first) and multiplies the even and the odd inputs as two half-width products, so that no index table
   or integer widening is needed; groups of an odd size take a slower path that unpacks through a 256-entry table.
-  torch's weight-only int8 kernel (``torch._weight_int8pack_mm``, the one torchao's CPU int8 layout calls) is
-  slower here at every size measured (one row: 1.6x float32's time at 33k x 200, 7.7x at 10k x 200, 7.6x at
-  800 x 200; 15-49x at 10 and 350 rows): ``int8_kernel_max_rows`` sends products of that many rows or fewer to it,
-  on CPUs where it wins.
+  torch's weight-only int8 kernel (``torch._weight_int8pack_mm``, the one torchao's CPU int8 layout calls) was
+  slower than this path on the CPUs tried: ``int8_kernel_max_rows`` sends products of that many rows or fewer to
+  it, on CPUs where it wins.
   torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) is not used: it takes only groups of 32, 64, 128 or 256
   inputs and its own packed layout, which an embedding lookup of a tied matrix cannot read.
 """
@@ -51,8 +48,8 @@ _FOURS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _four(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The shift count 4 as a tensor of ``dtype``, made once: a Python 4 is wrapped into a new tensor on every shift
-    (6 µs a block of 1,310 rows measured here, 3 shifts a block)."""
+    """The shift count 4 as a tensor of ``dtype``, made once: a Python 4 is wrapped into a new tensor on every shift,
+    three times a block."""
     four = _FOURS.get((device, dtype))
     if four is None:
         four = _FOURS[device, dtype] = torch.tensor(4, dtype=dtype, device=device)
