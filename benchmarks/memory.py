@@ -334,7 +334,7 @@ def pareto(results: dict[str, list[dict]], path: Path, meta: str) -> None:
     post-training quantized) are points of their own on the export panel, at their own test perplexity."""
     from dataclasses import replace
 
-    from lm_lightning.compare import plot, read_run
+    from lm_lightning.reports.compare import plot, read_run
 
     runs = []
     for name, repeats in results.items():

@@ -19,15 +19,15 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_lightning.callbacks import Export, memory_strategies
-from lm_lightning.checkpoint_loading import check_compatible, load_checkpoint_file
-from lm_lightning.compare import compare_command
 from lm_lightning.errors import LMInputError, input_error
-from lm_lightning.estimate import USAGE, Estimate, estimate_command, split_arguments
 from lm_lightning.export.commands import generate_command, score_command
 from lm_lightning.export.settings import resolve_format
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 from lm_lightning.lightning_cli import build_cli
+from lm_lightning.memory.estimate import USAGE, Estimate, estimate_command, split_arguments
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config
+from lm_lightning.reports.compare import compare_command
+from lm_lightning.runs.loading import check_compatible, load_checkpoint_file
 
 __all__ = ["COMMANDS", "build_cli", "estimate", "export_checkpoint", "main"]
 

@@ -38,17 +38,18 @@ from lm_lightning.callbacks import (  # noqa: E402
     ValidationLine,
     memory_strategies,
 )
-from lm_lightning.checkpoint_loading import (  # noqa: E402
+from lm_lightning.data import StreamDataModule  # noqa: E402
+from lm_lightning.errors import LMInputError, input_error  # noqa: E402
+from lm_lightning.memory.monitor import MemoryMonitor  # noqa: E402, F401  (so that --trainer.callbacks+=MemoryMonitor resolves)
+from lm_lightning.runs.checkpoints import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
+from lm_lightning.runs.folders import RunConfig, existing_run_config, place_logs  # noqa: E402
+from lm_lightning.runs.loading import (  # noqa: E402
     check_compatible,
     is_checked_path,
     keep_command_line_settings,
     load_checkpoint_file,
 )
-from lm_lightning.checkpointing import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
-from lm_lightning.data import StreamDataModule  # noqa: E402
-from lm_lightning.errors import LMInputError, input_error  # noqa: E402
-from lm_lightning.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
-from lm_lightning.run_folders import RunConfig, existing_run_config, place_logs  # noqa: E402
+from lm_lightning.runs.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
 # main() passes sys.argv on purpose (so that tests and notebooks can pass their own); Lightning warns about both.

@@ -7,13 +7,13 @@ import pytest
 
 from lm_lightning.callbacks.allocator import ReturnFreedMemory
 from lm_lightning.errors import LMInputError
-from lm_lightning.measure import _MALLINFO2
+from lm_lightning.memory.measure import _MALLINFO2
 
 # In a process of its own: the setting lasts for the rest of the process, and the test session's allocator stays as is.
 PROBE = """
 import torch
 from lm_lightning.callbacks.allocator import ReturnFreedMemory
-from lm_lightning.measure import _MALLINFO2
+from lm_lightning.memory.measure import _MALLINFO2
 
 def mapped_while_alive():  # bytes glibc mapped for the block of an 8 MiB tensor (0: it came from the heap)
     before = _MALLINFO2().hblkhd

@@ -20,12 +20,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from lm_lightning.callbacks.precision import bf16_lstm_supported
-from lm_lightning.callbacks.quantization import (
-    FakeQuantizedEmbeddingBag,
-    QuantizationAwareFinishing,
-    disable_fake_quantization,
-    enable_fake_quantization,
-)
+from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.cli import build_cli, main
 from lm_lightning.data import segments
 from lm_lightning.data.bag import BagDataModule, BagRows, batch_bytes
@@ -35,6 +30,7 @@ from lm_lightning.data.windows import StreamWindows
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import bag_nll, perplexity
 from lm_lightning.export.commands import ExportedModel
+from lm_lightning.export.fake_quantization import FakeQuantizedEmbeddingBag, disable_fake_quantization, enable_fake_quantization
 from lm_lightning.export.inference import IntegerEmbeddingBag
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import dequantize_weight, fake_quantize, quantize_weight
@@ -245,7 +241,7 @@ def short_fit(tmp_path: Path, corpus: Path, *extra: str):
 def test_bf16_mixed_and_the_memory_monitor_run_with_bags(tiny_corpus, tmp_path, capsys):
     cli = short_fit(tmp_path, tiny_corpus, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed",
                     "--trainer.callbacks+=lm_lightning.callbacks.precision.PrecisionGuard",
-                    "--trainer.callbacks+=lm_lightning.callbacks.memory_monitor.MemoryMonitor", "--trainer.callbacks.log_every_n_steps", "1")  # fmt: skip
+                    "--trainer.callbacks+=lm_lightning.memory.monitor.MemoryMonitor", "--trainer.callbacks.log_every_n_steps", "1")  # fmt: skip
     guard, monitor = (next(c for c in cli.trainer.callbacks if type(c).__name__ == name) for name in ("PrecisionGuard", "MemoryMonitor"))
     # bfloat16 where oneDNN has a bfloat16 LSTM kernel; float32 where the guard had to turn oneDNN off (test_precision.py).
     assert guard.report["modules"]["network.lstm"]["output"] == ("bfloat16" if bf16_lstm_supported() else "float32")

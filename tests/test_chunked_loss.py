@@ -12,12 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.profiler import ProfilerActivity, profile
 
 from lm_lightning.callbacks import ChunkedLoss, allocator, chunked_loss
-from lm_lightning.callbacks.memory_monitor import MemoryMonitor
-from lm_lightning.callbacks.quantization import enable_fake_quantization
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
-from lm_lightning.measure import allocated_bytes
+from lm_lightning.export.fake_quantization import enable_fake_quantization
+from lm_lightning.memory.measure import allocated_bytes
+from lm_lightning.memory.monitor import MemoryMonitor
 from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 

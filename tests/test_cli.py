@@ -13,9 +13,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.cli import build_cli, main
-from lm_lightning.compare import read_run
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.loader import load_exported
+from lm_lightning.reports.compare import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

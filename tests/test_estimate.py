@@ -15,8 +15,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.estimate import parse_size
-from lm_lightning.measure import allocated_bytes
+from lm_lightning.memory.estimate import parse_size
+from lm_lightning.memory.measure import allocated_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64", "--model.sample_length", "0"]
@@ -131,7 +131,8 @@ def test_a_bad_budget_is_one_sentence():
 
 @pytest.mark.skipif(allocated_bytes(torch.device("cpu")) is None, reason="estimate needs glibc's mallinfo2 (Linux)")
 def test_a_budget_gets_the_cheapest_fit_line_or_the_smallest_reachable_peak(tmp_path, monkeypatch, capsys):
-    from lm_lightning import cli, estimate
+    from lm_lightning import cli
+    from lm_lightning.memory import estimate
 
     # In this (pytest) process the resident set grows from call to call; the search is what is tested here (the
     # baseline against real fits in the test above), so it is held at a fixed value.
@@ -180,8 +181,8 @@ def test_the_printed_fit_line_runs_with_the_chosen_settings(tmp_path, monkeypatc
 
     from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
     from lm_lightning.cli import build_cli
-    from lm_lightning.estimate import fit_line
-    from lm_lightning.estimate_probe import Settings
+    from lm_lightning.memory.estimate import fit_line
+    from lm_lightning.memory.probe import Settings
 
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/presets/debug.yaml"), *SMALL]
@@ -208,7 +209,7 @@ def test_a_low_bit_optimizer_that_keeps_float32_state_is_named_with_the_block_si
     quantizes it (250); with that block size there is nothing to say."""
     from torchao.optim import AdamW8bit
 
-    from lm_lightning.estimate_probe import block_size_note
+    from lm_lightning.memory.probe import block_size_note
 
     def stepped(**options):
         layer = torch.nn.Linear(60, 100)

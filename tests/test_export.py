@@ -24,11 +24,11 @@ from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 import lm_lightning.export.checks as export_checks
 import lm_lightning.export.loader as export
 import lm_lightning.export.writer as writer
-from lm_lightning.callbacks.quantization import disable_fake_quantization, enable_fake_quantization
 from lm_lightning.data import Vocabulary
 from lm_lightning.data.batch import Bags, Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
+from lm_lightning.export.fake_quantization import disable_fake_quantization, enable_fake_quantization
 from lm_lightning.export.format import FORMAT
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import fake_quantize, quantize_weight

@@ -14,11 +14,11 @@ from gru_model import GRUNetwork
 from torch import nn
 from torch.testing import assert_close
 
-from lm_lightning.callbacks.quantization import disable_fake_quantization, enable_fake_quantization, quantized_weights
 from lm_lightning.data import TokenDataModule
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.commands import ExportedModel
+from lm_lightning.export.fake_quantization import disable_fake_quantization, enable_fake_quantization, quantized_weights
 from lm_lightning.export.inference import resident_bytes
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import fake_quantize

@@ -9,7 +9,7 @@ import torch
 
 from lm_lightning.callbacks import memory_strategies
 from lm_lightning.cli import build_cli, estimate, main
-from lm_lightning.measure import allocated_bytes
+from lm_lightning.memory.measure import allocated_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "memory").glob("*.yaml"))

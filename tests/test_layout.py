@@ -5,9 +5,11 @@ Parsed with ``ast``, not imported, so a cycle is found even where Python happens
 import (STYLE.md); only those under ``if TYPE_CHECKING:`` are left out, since they never run.
 
 ``from lm_lightning.a import b`` is an edge to the module ``lm_lightning.a.b`` when ``b`` is one, else to
-``lm_lightning.a`` (a package's ``__init__``). Python also runs the ``__init__`` of every package on the way
-(``lm_lightning.a``), but those edges are left out: a package whose ``__init__`` gathers its modules' names would
-otherwise knot with each of them.
+``lm_lightning.a`` (a package's ``__init__``). Python also runs the ``__init__`` of every package on the way, so an
+import of ``lm_lightning.a.b`` from outside package ``a`` is an edge to ``lm_lightning.a`` too: if that ``__init__``
+imports (through any chain) the importing module, the first of the two imported fails with "partially initialized
+module" (hparams -> callbacks.export -> callbacks/__init__ -> console -> hparams did). A module inside ``a`` importing
+its sibling gets no such edge: its package is already being initialized, which Python allows.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def import_graph() -> dict[str, set[str]]:
                 # `from a import b` imports the submodule a.b when b is one, else a name defined in a.
                 submodule = f"{source}.{alias.name}"
                 targets.add(submodule if submodule in modules else source)
+        # The __init__ of each package on the way to a target, unless the importing module is inside that package.
+        on_the_way = {".".join(t.split(".")[:i]) for t in targets for i in range(2, t.count(".") + 1)}
+        targets |= {p for p in on_the_way if not module.startswith(p + ".")}
         graph[module] = {t for t in targets if t in modules and t != module}
     return graph
 

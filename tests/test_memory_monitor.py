@@ -10,12 +10,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.cli import build_cli
 from lm_lightning.data import Batch
 from lm_lightning.errors import LMInputError
-from lm_lightning.measure import SavedTensorBytes, human_bytes
+from lm_lightning.memory.measure import SavedTensorBytes, human_bytes
+from lm_lightning.memory.monitor import MemoryMonitor
 from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 

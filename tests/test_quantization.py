@@ -13,15 +13,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from lm_lightning.callbacks.export import Export
-from lm_lightning.callbacks.quantization import (
-    FakeQuantizedLSTM,
-    QuantizationAwareFinishing,
-    disable_fake_quantization,
-    enable_fake_quantization,
-)
+from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
+from lm_lightning.export.fake_quantization import FakeQuantizedLSTM, disable_fake_quantization, enable_fake_quantization
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import fake_quantize
 from lm_lightning.networks import LSTMNetwork

@@ -11,7 +11,7 @@ from lm_lightning.callbacks import Recomputation
 from lm_lightning.callbacks import recompute as recompute_module
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
-from lm_lightning.measure import allocated_bytes
+from lm_lightning.memory.measure import allocated_bytes
 from lm_lightning.networks import BagLSTMNetwork, LSTMNetwork
 from lm_lightning.systems import BagLanguageModel, LanguageModel
 

@@ -10,7 +10,7 @@ import yaml
 
 from lm_lightning.callbacks.console import ValidationLine, duration
 from lm_lightning.cli import build_cli, main
-from lm_lightning.compare import Run, pareto_front, quality, read_run, strategies
+from lm_lightning.reports.compare import Run, pareto_front, quality, read_run, strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

@@ -8,10 +8,10 @@ import torch
 from conftest import val_ppl
 
 from lm_lightning.callbacks import SparseEmbeddingGradients
-from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError
-from lm_lightning.measure import storage_bytes
+from lm_lightning.memory.measure import storage_bytes
+from lm_lightning.memory.monitor import MemoryMonitor
 from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 

@@ -1,7 +1,8 @@
 """Callbacks: one file per feature, each usable as ``--trainer.callbacks+=ClassName``; the export step is ``--export.*``.
 
 The memory strategies subclass :class:`MemoryStrategy` (``strategy.py``: the contract, written once); the others are
-steps of a run (export, console line, throughput, generation writer) or checks (precision guard, memory monitor).
+steps of a run (export, console line, throughput, generation writer) or a check (precision guard). The memory
+monitor lives with the memory measuring and planning it shares code with: ``lm_lightning/memory/monitor.py``.
 """
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
@@ -10,7 +11,6 @@ from lm_lightning.callbacks.chunked_loss import ChunkedLoss
 from lm_lightning.callbacks.console import ValidationLine
 from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.generation_writer import GenerationWriter
-from lm_lightning.callbacks.memory_monitor import MemoryMonitor
 from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.callbacks.pruning import MagnitudePruning
 from lm_lightning.callbacks.quantization import QuantizationAwareFinishing
@@ -24,7 +24,6 @@ __all__ = [
     "Export",
     "GenerationWriter",
     "MagnitudePruning",
-    "MemoryMonitor",
     "MemoryStrategy",
     "MicroBatchAccumulation",
     "PrecisionGuard",

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from lm_lightning.hparams import peak_memory_mib
+from lm_lightning.memory.measure import peak_memory_mib
 
 
 def duration(seconds: float) -> str:

@@ -34,6 +34,7 @@ from torch import nn
 
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
+from lm_lightning.export.fake_quantization import disable_fake_quantization
 from lm_lightning.export.format import (
     FORMAT,
     MANIFEST,
@@ -146,9 +147,6 @@ def plain_copy(network: nn.Module) -> nn.Module:
         for name, tensor in list(vars(module).items()):
             if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
                 setattr(module, name, tensor.detach())
-    # Imported here: callbacks/__init__ imports the Export callback, which imports this module (a cycle at import).
-    from lm_lightning.callbacks.quantization import disable_fake_quantization
-
     plain = copy.deepcopy(network)
     for module in plain.modules():
         for key, hook in list(module._forward_pre_hooks.items()):

@@ -26,12 +26,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lm_lightning.checkpointing import gather_rng_states, restore_rng_states
 from lm_lightning.data.batch import Batch
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import nll
-from lm_lightning.hparams import nan_metrics, peak_memory_mib, run_hparams
+from lm_lightning.memory.measure import peak_memory_mib
 from lm_lightning.networks.contract import build_network, network_spec
+from lm_lightning.reports.hparams import nan_metrics, run_hparams
+from lm_lightning.runs.checkpoints import gather_rng_states, restore_rng_states
 
 # (network, features, targets) -> summed negative log-likelihood: the loss from the features, not the logits.
 LossHead = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from lm_lightning.callbacks.throughput import TOKENS_PER_SEC
 from lm_lightning.errors import LMInputError
-from lm_lightning.measure import SavedTensorBytes, allocated_bytes, human_bytes, peak_bytes, storage_bytes
+from lm_lightning.memory.measure import SavedTensorBytes, allocated_bytes, human_bytes, peak_bytes, storage_bytes
 
 
 class MemoryMonitor(Callback):
@@ -53,7 +53,7 @@ class MemoryMonitor(Callback):
     or when a step raises (``on_exception``), whichever comes first. Their cost is one Python call per saved tensor
     (32 per step for the default model, whose training step measured 303 ms with and without them).
 
-    With ``estimate`` (token path, CPU, glibc) the peak is predicted when ``fit`` starts (``lm_lightning/estimate.py``,
+    With ``estimate`` (token path, CPU, glibc) the peak is predicted when ``fit`` starts (``lm_lightning/memory/estimate.py``,
     a few probe steps on a copy of the model), printed, logged as ``memory/predicted_peak_bytes`` and as the text
     ``memory/estimate``, and the summary puts it beside the measured peak.
 
@@ -69,7 +69,7 @@ class MemoryMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.summary = summary
         self.estimate = estimate
-        self.predicted: Optional[Any] = None  # lm_lightning.estimate.Estimate
+        self.predicted: Optional[Any] = None  # lm_lightning.memory.estimate.Estimate
         self.history: list[dict[str, float]] = []
         self._saved: Optional[SavedTensorBytes] = None
         self._activations: Optional[int] = None
@@ -82,7 +82,7 @@ class MemoryMonitor(Callback):
         if self.estimate:
             # Imported when used: estimate's imports load lm_lightning.callbacks, whose __init__ imports this module, so
             # a module-level import fails whenever estimate is imported first.
-            from lm_lightning.estimate import predict_in_fit
+            from lm_lightning.memory.estimate import predict_in_fit
 
             self.predicted = predict_in_fit(trainer, pl_module)
         if self.predicted is not None:

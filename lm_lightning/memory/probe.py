@@ -18,7 +18,7 @@ from lm_lightning.callbacks.precision import bf16_lstm_supported
 from lm_lightning.callbacks.recompute import Recomputation
 from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
 from lm_lightning.data.batch import Batch
-from lm_lightning.measure import PeakAllocated, allocated_bytes, human_bytes, storage_bytes
+from lm_lightning.memory.measure import PeakAllocated, allocated_bytes, human_bytes, storage_bytes
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,12 @@ configuration (``network/class`` and ``network/<argument>``), whatever the netwo
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 
 from lm_lightning.callbacks.export import Export
 from lm_lightning.callbacks.strategy import memory_strategies
-from lm_lightning.measure import peak_rss_mib
 
 METRICS = ("hp/best_val_ppl", "hp/test_ppl", "hp/export_test_ppl", "hp/peak_memory_mib", "hp/export_mib")
 # How a run samples text at validation, and where it caches: not something that tells training runs apart.
@@ -120,14 +119,6 @@ def strategy_labels(trainer: L.Trainer) -> list[str]:
     if trainer.optimizers and not type(trainer.optimizers[0]).__module__.startswith("torch.optim"):
         labels.append(type(trainer.optimizers[0]).__name__)  # an optimizer-state choice (torchao's 8-bit AdamW, ...)
     return labels
-
-
-def peak_memory_mib(trainer: L.Trainer) -> Optional[float]:
-    """Peak training memory: a memory monitor's (``peak_bytes``) when one runs, else this process's peak RSS."""
-    for callback in trainer.callbacks:
-        if getattr(callback, "peak_bytes", None) is not None:
-            return callback.peak_bytes / 2**20
-    return peak_rss_mib()
 
 
 def nan_metrics() -> dict[str, float]:

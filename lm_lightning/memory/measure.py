@@ -1,6 +1,6 @@
 """Measuring memory: the allocator's bytes in use, distinct tensor storages, saved activations, peak and resident sizes.
 
-The ground floor under the memory monitor (``callbacks/memory_monitor.py``), the estimate (``estimate.py``) and the
+The ground floor under the memory monitor (``memory/monitor.py``), the estimate (``estimate.py``) and the
 HPARAMS row (``hparams.py``): it imports nothing else from lm_lightning, so each of them can use it without importing
 the others. What torch lacks and this adds: a CPU count of allocated bytes (glibc's ``mallinfo2``), bytes per distinct
 storage (a view keeps its whole storage alive; tied weights count once), and what autograd saves for backward.
@@ -219,3 +219,11 @@ def peak_rss_mib() -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def peak_memory_mib(trainer: Any) -> Optional[float]:
+    """Peak training memory: a memory monitor's (``peak_bytes``) when one runs, else this process's peak RSS."""
+    for callback in trainer.callbacks:
+        if getattr(callback, "peak_bytes", None) is not None:
+            return callback.peak_bytes / 2**20
+    return peak_rss_mib()

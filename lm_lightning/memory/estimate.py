@@ -7,7 +7,7 @@ Same flags and config files as ``fit``. How each part is predicted:
 * **what a training step allocates** (activations kept for backward, the loss and logits temporaries, backward's own
   buffers): measured on a probe -- two training steps of the run's model, precision and strategies on random ids, of
   half the micro-batch and the whole one -- with the allocator's count of bytes in use sampled after every tensor
-  operation (glibc's ``mallinfo2``, see ``callbacks/memory_monitor.py``). What each phase (forward, backward,
+  operation (glibc's ``mallinfo2``, see ``memory/monitor.py``). What each phase (forward, backward,
   optimizer step) holds grows linearly with the streams, so the two probes give a line per phase for the budget search
   to read at smaller micro-batches. (Probes of 1 and 2 streams would be cheaper but mislead: at a few streams the
   backward peak is set by parameter-sized buffers, at 32 by the activations; measured on the default model.)
@@ -35,8 +35,8 @@ from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE
 from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
-from lm_lightning.estimate_probe import LEVERS, Phases, Probe, Settings
-from lm_lightning.measure import allocated_bytes, human_bytes, resident_bytes, storage_bytes
+from lm_lightning.memory.measure import allocated_bytes, human_bytes, resident_bytes, storage_bytes
+from lm_lightning.memory.probe import LEVERS, Phases, Probe, Settings
 
 # What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged
 # text load and keep (oneDNN's primitive cache, TensorBoard's summary modules, the validation windows, the sanity
