@@ -172,7 +172,7 @@ class LMCLI(LightningCLI):
         # Stacked presets can name one of our callbacks or a memory strategy twice (-c monitor.yaml -c lean.yaml: two
         # memory monitors, each probing and logging the same tags; two pruning callbacks would both prune the same
         # weights). As with any setting given twice, the later one wins.
-        ours = [c for c in trainer.callbacks if isinstance(c, MemoryStrategy) or type(c).__module__.startswith("lm_lightning.callbacks")]
+        ours = [c for c in trainer.callbacks if isinstance(c, MemoryStrategy) or type(c).__module__.startswith("lm_lightning.")]
         kept = {type(c): c for c in ours}
         dropped = [c for c in ours if kept[type(c)] is not c]
         if dropped:

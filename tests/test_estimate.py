@@ -186,7 +186,7 @@ def test_the_printed_fit_line_runs_with_the_chosen_settings(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs/presets/debug.yaml"), *SMALL]
-    line = fit_line(common, Settings(32, 0, 0), Settings(8, 256, 6), 32, has_accumulation=False)
+    line = fit_line(common, Settings(32, 0, 0), Settings(8, 256, 6))
     args = shlex.split(line)[4:]  # after "python -m lm_lightning fit"
     cli = build_cli(["fit", *args, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     accumulation = next(c for c in cli.trainer.callbacks if isinstance(c, MicroBatchAccumulation))

@@ -152,15 +152,12 @@ def _from_measurement(measured: tuple, settings: Settings, baseline: int, precis
     )  # fmt: skip
 
 
-def fit_line(args: list[str], current: Settings, chosen: Settings, batch_size: int, has_accumulation: bool) -> str:
-    from pathlib import Path
-
+def fit_line(args: list[str], current: Settings, chosen: Settings) -> str:
+    """The ``fit`` command with the chosen levers. A strategy given twice is kept once, the later one (the CLI), so
+    each lever given here replaces the run's own (an accumulation schedule of later epochs included)."""
     extra: list[str] = []
     if chosen.micro_batch_size != current.micro_batch_size:
-        if not has_accumulation:
-            extra += ["-c", str(Path(__file__).resolve().parents[1] / "configs" / "memory" / "accumulation.yaml")]
-        extra += ["--trainer.callbacks.micro_batch_size", str(chosen.micro_batch_size)]
-    # A strategy given twice: the CLI keeps the later one, so these replace the run's own.
+        extra += ["--trainer.callbacks+=MicroBatchAccumulation", "--trainer.callbacks.micro_batch_size", str(chosen.micro_batch_size)]
     if chosen.loss_chunk_size != current.loss_chunk_size:
         extra += ["--trainer.callbacks+=ChunkedLoss", "--trainer.callbacks.chunk_size", str(chosen.loss_chunk_size)]
     if chosen.recompute_segments != current.recompute_segments:
@@ -229,7 +226,6 @@ def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], b
     baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
     estimate, probe, current = predict(model, trainer, data, baseline)
     batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
-    accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
     print(estimate.table(bptt))
     if probe.optimizer_note:
         print(probe.optimizer_note)
@@ -255,7 +251,7 @@ def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], b
             print(f"\nBudget {human_bytes(budget)}: fits as configured ({human_bytes(found.peak)}).")
         else:
             print(f"\nBudget {human_bytes(budget)}: fits with {human_bytes(found.peak)} predicted:")
-            print(fit_line(fit_args, current, found.settings, batch_size, accumulation is not None))
+            print(fit_line(fit_args, current, found.settings))
         if not any(type(c).__name__ == "ReturnFreedMemory" for c in trainer.callbacks):
             print(
                 "Predicted from the bytes in use; glibc's heap keeps freed buffers on top of them, more so at large "
