@@ -2,7 +2,7 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's, with this project's defaults
 (``lightning_cli.py``); the others are in :data:`COMMANDS`: ``export`` (the export step on a saved checkpoint),
-``estimate`` (``estimate.py``), ``compare`` (``compare.py``), ``generate`` and ``score`` (an export folder alone,
+``estimate`` (``memory/estimate.py``), ``compare`` (``reports/compare.py``), ``generate`` and ``score`` (an export folder alone,
 ``export/commands.py``). Bad input (an :class:`LMInputError`, or a flag or config file the parser refuses) ends with
 one sentence on stderr and exit status 2, no traceback, no usage text (``parser_messages.py``).
 """
@@ -63,7 +63,7 @@ def export_checkpoint(args: list[str]) -> dict:
 
 
 def estimate(args: list[str]) -> Estimate:
-    """``estimate``: fit's arguments built into the run's objects here, predicted by ``estimate.py``."""
+    """``estimate``: fit's arguments built into the run's objects here, predicted by ``memory/estimate.py``."""
     if {"-h", "--help"} & set(args):
         print(USAGE)
         raise SystemExit(0)

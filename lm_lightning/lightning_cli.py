@@ -5,11 +5,11 @@ What this adds to LightningCLI:
 * The network is injected (``--model.network CLASS_PATH``) and its ``vocab_size`` flows from the datamodule
   (``link_arguments(..., apply_on="instantiate")``).
 * Forced, configurable checkpointing (``--checkpoint.*``): best by ``val/ppl`` and last; ``--ckpt_path`` and
-  ``--weights_from`` checked before any run folder exists (``checkpoint_loading.py``).
+  ``--weights_from`` checked before any run folder exists (``runs/loading.py``).
 * TensorBoard, learning-rate and tokens/s logging, a rich progress bar, gradient clipping by default.
 * The export step at the end of fit (``--export.*``, ``callbacks/export.py``).
 * A memory strategy or one of our callbacks given twice by stacked presets: the later one is kept.
-* Bad input found before the first step takes the new run folder away with it (``preflight.py``).
+* Bad input found before the first step takes the new run folder away with it (``runs/preflight.py``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class LMCLI(LightningCLI):
         )
         # The network is injected (LightningCLI's "models with multiple submodules"): its vocab_size is the data's.
         parser.link_arguments("data.vocab_size", "model.init_args.network.init_args.vocab_size", apply_on="instantiate")
-        # ModelCheckpoint whose last.ckpt is written after every epoch, not only after improving ones (checkpointing.py).
+        # ModelCheckpoint whose last.ckpt is written after every epoch, not only after improving ones (runs/checkpoints.py).
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {

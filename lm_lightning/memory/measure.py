@@ -1,7 +1,7 @@
 """Measuring memory: the allocator's bytes in use, distinct tensor storages, saved activations, peak and resident sizes.
 
-The ground floor under the memory monitor (``memory/monitor.py``), the estimate (``estimate.py``) and the
-HPARAMS row (``hparams.py``): it imports nothing else from lm_lightning, so each of them can use it without importing
+The ground floor under the memory monitor (``memory/monitor.py``), the estimate (``memory/estimate.py``) and the
+HPARAMS row (``reports/hparams.py``): it imports nothing else from lm_lightning, so each of them can use it without importing
 the others. What torch lacks and this adds: a CPU count of allocated bytes (glibc's ``mallinfo2``), bytes per distinct
 storage (a view keeps its whole storage alive; tied weights count once), and what autograd saves for backward.
 """

@@ -13,7 +13,7 @@ What Lightning (2.6) lacks and this module adds:
 * RNG state per rank (:func:`gather_rng_states`, :func:`restore_rng_states`): the dropout masks of a resumed run
   are those the uninterrupted run would have drawn. ``StreamSystem`` stores them in its checkpoints.
 
-Reading a checkpoint back (``--ckpt_path``) is ``checkpoint_loading.py``.
+Reading a checkpoint back (``--ckpt_path``) is ``loading.py``.
 """
 
 from __future__ import annotations

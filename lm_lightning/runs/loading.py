@@ -8,7 +8,7 @@ What Lightning (2.6) lacks and this module adds:
   checkpoint's hyper-parameters; the architecture must come from the checkpoint, but how to generate text (and to
   compute the loss) is the caller's choice.
 
-Writing checkpoints (atomically, ``last.ckpt`` every epoch, the RNG state per rank) is ``checkpointing.py``.
+Writing checkpoints (atomically, ``last.ckpt`` every epoch, the RNG state per rank) is ``checkpoints.py``.
 """
 
 from __future__ import annotations

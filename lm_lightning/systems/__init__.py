@@ -1,4 +1,4 @@
-"""The systems: LightningModules that train a network over stream windows (the networks live in ``models/``)."""
+"""The systems: LightningModules that train a network over stream windows (the networks live in ``networks/``)."""
 
 from lm_lightning.systems.bag import BagLanguageModel
 from lm_lightning.systems.base import StreamSystem, detach_hidden
