@@ -123,7 +123,7 @@ def random_bags(streams: int, time: int, vocab: int, seed: int) -> Bags:
 def test_sparse_and_dense_inputs_give_the_same_loss_and_gradients(bag_weighting, tie_weights):
     """Float32 with a different summation order (EmbeddingBag vs a matmul): held to 1e-5 relative, 1e-6 absolute."""
     torch.manual_seed(0)
-    net = BagLSTMNetwork(23, 16, 16 if tie_weights else 12, 2, dropout=0.0, tie_weights=tie_weights, bag_weighting=bag_weighting)
+    net = BagLSTMNetwork(23, embedding_dim=16, hidden_dim=16 if tie_weights else 12, num_layers=2, dropout=0.0, tie_weights=tie_weights, bag_weighting=bag_weighting)
     inputs, targets = random_bags(3, 4, 23, seed=1), random_bags(3, 4, 23, seed=2)
     grads = []
     for x, y in ((inputs, targets), (inputs.to_dense(23), targets.to_dense(23))):
@@ -308,7 +308,7 @@ def test_the_fake_quantized_embedding_bag_keeps_every_setting_and_quantizes_the_
 
 def test_switching_the_bag_network_keeps_parameters_state_dict_tying_and_passes_gradients():
     torch.manual_seed(0)
-    net = BagLSTMNetwork(23, 16, 16, 1, dropout=0.0, tie_weights=True)
+    net = BagLSTMNetwork(23, embedding_dim=16, hidden_dim=16, num_layers=1, dropout=0.0, tie_weights=True)
     segments = random_bags(3, 4, 23, seed=1)
     params, keys = dict(net.named_parameters()), list(net.state_dict())
     expected, _ = quantized_copy(net, 8, 32)(segments)
@@ -327,7 +327,7 @@ def test_switching_the_bag_network_keeps_parameters_state_dict_tying_and_passes_
         assert param.grad is not None and param.grad.abs().sum() > 0, name  # straight-through: gradients reach every weight
     disable_fake_quantization(net)
     assert [type(m) for m in (net.embedding, net.lstm, net.decoder)] == [nn.EmbeddingBag, nn.LSTM, nn.Linear]
-    BagLSTMNetwork(23, 16, 16, 1, dropout=0.0, tie_weights=True).load_state_dict(net.state_dict())
+    BagLSTMNetwork(23, embedding_dim=16, hidden_dim=16, num_layers=1, dropout=0.0, tie_weights=True).load_state_dict(net.state_dict())
 
 
 @pytest.mark.parametrize("bits, group_size", [(8, 32), (4, 8)])  # int4 groups of 8 divide the width 16

@@ -560,7 +560,7 @@ def _built(kind: str):
     if kind == "LSTMNetwork":
         return network(tie=True, vocab=120, dim=32, layers=2), None, torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(1))
     if kind == "BagLSTMNetwork":
-        net = BagLSTMNetwork(90, 32, 32, 2, dropout=0.0, tie_weights=True, bag_weighting="mean").eval()
+        net = BagLSTMNetwork(90, embedding_dim=32, hidden_dim=32, num_layers=2, dropout=0.0, tie_weights=True, bag_weighting="mean").eval()
         with torch.no_grad():
             net.decoder.bias.uniform_(-0.1, 0.1)
         return net, None, random_bags(3, 5, 90, seed=1)

@@ -24,14 +24,14 @@ plain reference path that tests hold the sparse path equal to; it is not meant f
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
 
 from lm_lightning.data.batch import Bags
 from lm_lightning.errors import LMInputError
-from lm_lightning.networks.lstm import check_network_args, init_weights
+from lm_lightning.networks.lstm import LSTMNetwork
 
 Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, streams, hidden_dim)
 BagWeighting = Literal["mean", "sum"]
@@ -40,47 +40,27 @@ BagWeighting = Literal["mean", "sum"]
 Segments = Union[Bags, torch.Tensor]
 
 
-class BagLSTMNetwork(nn.Module):
+class BagLSTMNetwork(LSTMNetwork):
     """Bags of segments -> logits over the words of the next segment (the ``nn.Module``; ``systems/bag.py`` trains it).
+
+    The token network (``networks/lstm.py``) with an ``nn.EmbeddingBag`` input: its sizes, dropout and weight tying
+    are ``LSTMNetwork``'s arguments, with its defaults (``configs/bag_embedded.yaml`` sets the bag recipe's).
 
     Args:
         vocab_size: Words in the vocabulary (``<unk>`` included).
-        embedding_dim: Width of a word vector, and so of a segment's bag vector.
-        hidden_dim: Width of each LSTM layer.
-        num_layers: Stacked LSTM layers.
-        dropout: Dropout on bag vectors, between LSTM layers and before the decoder.
-        tie_weights: Decode with the bag embedding matrix (Press & Wolf 2017); needs embedding_dim == hidden_dim.
         bag_weighting: ``sum`` (count-weighted sum of the word vectors) or ``mean`` (count-weighted mean).
+        kwargs: ``LSTMNetwork``'s ``embedding_dim``, ``hidden_dim``, ``num_layers``, ``dropout`` and ``tie_weights``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_dim: int = 128,
-        hidden_dim: int = 128,
-        num_layers: int = 1,
-        dropout: float = 0.3,
-        tie_weights: bool = False,
-        bag_weighting: BagWeighting = "sum",
-    ) -> None:
-        super().__init__()
-        # The arguments, which an export needs to rebuild this network (first line: locals() holds only them yet).
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dropout")}
-        check_network_args(vocab_size, embedding_dim, hidden_dim, num_layers, dropout, tie_weights)
+    def __init__(self, vocab_size: int, bag_weighting: BagWeighting = "sum", **kwargs: Any) -> None:
         if bag_weighting not in ("mean", "sum"):
             raise LMInputError(f"bag_weighting must be 'mean' or 'sum', got {bag_weighting!r}.")
-        self.vocab_size, self.hidden_dim, self.num_layers, self.bag_weighting = vocab_size, hidden_dim, num_layers, bag_weighting
-        # mode="sum" because only "sum" takes per-sample weights (the counts); the mean is taken in embed().
-        self.embedding = nn.EmbeddingBag(vocab_size, embedding_dim, mode="sum", include_last_offset=True)
-        self.dropout = nn.Dropout(dropout)
-        self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
-        self.decoder = nn.Linear(hidden_dim, vocab_size)
-        if tie_weights:
-            self.decoder.weight = self.embedding.weight
-        self.reset_parameters()
+        super().__init__(vocab_size, **kwargs)
+        self.config["bag_weighting"] = self.bag_weighting = bag_weighting  # an export rebuilds the network from config
 
-    def reset_parameters(self) -> None:
-        init_weights(self.embedding, self.lstm, self.decoder)  # as the token network (networks/lstm.py)
+    def make_embedding(self, vocab_size: int, embedding_dim: int) -> nn.Module:
+        # mode="sum" because only "sum" takes per-sample weights (the counts); the mean is taken in embed().
+        return nn.EmbeddingBag(vocab_size, embedding_dim, mode="sum", include_last_offset=True)
 
     def embed(self, segments: Segments) -> torch.Tensor:
         """Bag vectors ``(streams, time, embedding_dim)`` of sparse ``Bags`` or of dense ``(streams, time, vocab)`` counts."""
@@ -96,8 +76,3 @@ class BagLSTMNetwork(nn.Module):
         if self.bag_weighting == "mean":
             bags = bags / totals.clamp_min(1).to(bags.dtype)  # an empty bag stays a zero vector
         return bags
-
-    def forward(self, segments: Segments, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
-        """Logits ``(streams, time, vocab)`` over the words of the segment after each input segment, and the new state."""
-        output, hidden = self.lstm(self.dropout(self.embed(segments)), hidden)
-        return self.decoder(self.dropout(output)), hidden

@@ -85,7 +85,7 @@ class LSTMNetwork(nn.Module):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dropout")}
         check_network_args(vocab_size, embedding_dim, hidden_dim, num_layers, dropout, tie_weights)
         self.vocab_size, self.hidden_dim, self.num_layers = vocab_size, hidden_dim, num_layers
-        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.embedding = self.make_embedding(vocab_size, embedding_dim)
         self.dropout = nn.Dropout(dropout)
         # Dropout between LSTM layers only (not on the recurrent connections), as in Zaremba et al.
         self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
@@ -97,10 +97,19 @@ class LSTMNetwork(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self.embedding, self.lstm, self.decoder)
 
+    def make_embedding(self, vocab_size: int, embedding_dim: int) -> nn.Module:
+        """The input layer; a network that reads another kind of input overrides it and :meth:`embed`
+        (``networks/bag.py``: bags of words)."""
+        return nn.Embedding(vocab_size, embedding_dim)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(batch, time)`` ids -> ``(batch, time, embedding_dim)`` vectors."""
+        return self.embedding(ids)
+
     def features(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
         """What the decoder reads, (batch, time, hidden_dim), and the new hidden state: the chunked loss
         (``callbacks/chunked_loss.py``) starts here instead of from the logits."""
-        output, hidden = self.lstm(self.dropout(self.embedding(ids)), hidden)
+        output, hidden = self.lstm(self.dropout(self.embed(ids)), hidden)
         return self.dropout(output), hidden
 
     def forward(self, ids: torch.Tensor, hidden: Optional[Hidden] = None) -> tuple[torch.Tensor, Hidden]:
