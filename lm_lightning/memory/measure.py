@@ -59,7 +59,7 @@ def _plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
     if is_traceable_wrapper_subclass(tensor):
         for name in tensor.__tensor_flatten__()[0]:
             yield from _plain_tensors(getattr(tensor, name))
-    elif tensor.layout == torch.sparse_coo:  # a sparse gradient (--model.sparse_embedding_grad): its indices and values
+    elif tensor.layout == torch.sparse_coo:  # a sparse gradient (SparseEmbeddingGradients): its indices and values
         yield from (tensor._indices(), tensor._values())
     else:
         yield tensor
