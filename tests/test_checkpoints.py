@@ -415,3 +415,17 @@ def test_a_pinned_run_folder_is_evaluated_and_resumed_in_place_and_never_fitted_
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written, not even an events file
     resumed = build_cli(["fit", "-c", str(config), "--ckpt_path", str(last), "--trainer.max_epochs", "2"])
     assert resumed.trainer.current_epoch == 2 and config.read_text() == written
+
+
+def test_a_checkpoint_from_before_the_network_was_injected_is_one_sentence_naming_the_way_on(tmp_path, capsys):
+    """Checkpoints of the template before the network became the model's argument hold its sizes as the model's own
+    hyper-parameters: resuming or evaluating them is refused in one sentence; --weights_from loads their weights."""
+    old = tmp_path / "old.ckpt"
+    flat = {"vocab_size": 10, "embedding_dim": 8, "hidden_dim": 8, "num_layers": 1, "tie_weights": True, "loss_chunk_size": 0}
+    torch.save({"state_dict": {"network.embedding.weight": torch.zeros(10, 8)}, "hyper_parameters": flat}, old)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--ckpt_path", str(old)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0
+    assert "was written before the network became an argument of the model (its embedding_dim 8, hidden_dim 8" in err
+    assert err.endswith("start a new fit from its weights with --weights_from and the same sizes as --model.network.* flags.")

@@ -65,6 +65,14 @@ def load_checkpoint_file(path: str | Path, flag: str = "--ckpt_path", resume: bo
         raise LMInputError(
             f"{flag} {path} cannot be loaded into this run's model: it holds no Lightning state_dict, give a .ckpt written by fit."
         )
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if flag == "--ckpt_path" and "network" not in hparams and "embedding_dim" in hparams:
+        sizes = ", ".join(f"{k} {hparams[k]}" for k in ("embedding_dim", "hidden_dim", "num_layers", "tie_weights") if k in hparams)
+        raise LMInputError(
+            f"{flag} {path} was written before the network became an argument of the model (its {sizes} are the model's "
+            "own settings there): start a new fit from its weights with --weights_from and the same sizes as "
+            "--model.network.* flags."
+        )
     if resume and not all(key in checkpoint for key in ("optimizer_states", "loops")):
         raise LMInputError(
             f"{flag} {path} holds the weights only (--checkpoint.save_weights_only), so fit cannot resume from it: give a "
