@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="rows run at once")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "lm_lightning_converged")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out, by the start of their name (e.g. all)")
-    parser.add_argument("--reuse", action="store_true", help="keep the rows already measured in --out (runs/N.json)")
+    parser.add_argument("--reuse", action="store_true", help="keep the rows already measured in --out (storage/N.json)")
     parser.add_argument("--run-one", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()  # extra: CLI flags for every row (e.g. --data.data_dir, --trainer.limit_*)
     extra = [a for a in extra if a != "--"]

@@ -27,7 +27,7 @@ from lm_lightning.lightning_cli import build_cli
 from lm_lightning.memory.estimate import USAGE, Estimate, estimate_command, split_arguments
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config
 from lm_lightning.reports.compare import compare_command
-from lm_lightning.runs.loading import check_compatible, load_checkpoint_file
+from lm_lightning.storage.loading import check_compatible, load_checkpoint_file
 
 __all__ = ["COMMANDS", "build_cli", "estimate", "export_checkpoint", "main"]
 

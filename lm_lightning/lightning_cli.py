@@ -5,11 +5,11 @@ What this adds to LightningCLI:
 * The network is injected (``--model.network CLASS_PATH``) and its ``vocab_size`` flows from the datamodule
   (``link_arguments(..., apply_on="instantiate")``).
 * Forced, configurable checkpointing (``--checkpoint.*``): best by ``val/ppl`` and last; ``--ckpt_path`` and
-  ``--weights_from`` checked before any run folder exists (``runs/loading.py``).
+  ``--weights_from`` checked before any run folder exists (``storage/loading.py``).
 * TensorBoard, learning-rate and tokens/s logging, a rich progress bar, gradient clipping by default.
 * The export step at the end of fit (``--export.*``, ``callbacks/export.py``).
 * A memory strategy or one of our callbacks given twice by stacked presets: the later one is kept.
-* Bad input found before the first step takes the new run folder away with it (``runs/preflight.py``).
+* Bad input found before the first step takes the new run folder away with it (``storage/preflight.py``).
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ from lm_lightning.callbacks import (  # noqa: E402
 from lm_lightning.data import StreamDataModule  # noqa: E402
 from lm_lightning.errors import LMInputError, input_error  # noqa: E402
 from lm_lightning.memory.monitor import MemoryMonitor  # noqa: E402, F401  (so that --trainer.callbacks+=MemoryMonitor resolves)
-from lm_lightning.runs.checkpoints import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
-from lm_lightning.runs.folders import RunConfig, existing_run_config, place_logs  # noqa: E402
-from lm_lightning.runs.loading import (  # noqa: E402
+from lm_lightning.storage.checkpoints import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
+from lm_lightning.storage.folders import RunConfig, existing_run_config, place_logs  # noqa: E402
+from lm_lightning.storage.loading import (  # noqa: E402
     check_compatible,
     is_checked_path,
     keep_command_line_settings,
     load_checkpoint_file,
 )
-from lm_lightning.runs.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
+from lm_lightning.storage.preflight import check_start, new_folders, remove_failed_start  # noqa: E402
 from lm_lightning.systems import StreamSystem  # noqa: E402
 
 # main() passes sys.argv on purpose (so that tests and notebooks can pass their own); Lightning warns about both.
@@ -81,7 +81,7 @@ class LMCLI(LightningCLI):
         )
         # The network is injected (LightningCLI's "models with multiple submodules"): its vocab_size is the data's.
         parser.link_arguments("data.vocab_size", "model.init_args.network.init_args.vocab_size", apply_on="instantiate")
-        # ModelCheckpoint whose last.ckpt is written after every epoch, not only after improving ones (runs/checkpoints.py).
+        # ModelCheckpoint whose last.ckpt is written after every epoch, not only after improving ones (storage/checkpoints.py).
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {

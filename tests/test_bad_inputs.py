@@ -16,7 +16,7 @@ import pytest
 from conftest import write_corpus
 
 from lm_lightning.cli import main
-from lm_lightning.runs.preflight import check_training_budget
+from lm_lightning.storage.preflight import check_training_budget
 
 LINES = ["the cat sat on the mat .", "the dog sat on the log .", "a cat and a dog ."]  # conftest.tiny_corpus
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

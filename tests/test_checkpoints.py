@@ -20,7 +20,7 @@ from conftest import write_corpus
 from lm_lightning.callbacks import MagnitudePruning
 from lm_lightning.cli import build_cli, main
 from lm_lightning.errors import LMInputError
-from lm_lightning.runs.checkpoints import AtomicCheckpointIO, remove_stale_temporary_files
+from lm_lightning.storage.checkpoints import AtomicCheckpointIO, remove_stale_temporary_files
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]

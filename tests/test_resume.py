@@ -21,7 +21,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lm_lightning.runs.checkpoints import restore_rng_states, rng_state
+from lm_lightning.storage.checkpoints import restore_rng_states, rng_state
 
 KILLED = -signal.SIGKILL
 RUN = [

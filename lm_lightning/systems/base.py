@@ -32,7 +32,7 @@ from lm_lightning.evaluation import nll
 from lm_lightning.memory.measure import peak_memory_mib
 from lm_lightning.networks.contract import build_network, network_spec
 from lm_lightning.reports.hparams import nan_metrics, run_hparams
-from lm_lightning.runs.checkpoints import gather_rng_states, restore_rng_states
+from lm_lightning.storage.checkpoints import gather_rng_states, restore_rng_states
 
 # (network, features, targets) -> summed negative log-likelihood: the loss from the features, not the logits.
 LossHead = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
