@@ -1,0 +1,186 @@
+"""``--export.format onnx``: a trained network as an ONNX graph that ONNX Runtime runs without torch.
+
+    folder/model.onnx, folder/vocab.json, folder/manifest.json      (``deploy/layout.py`` describes them)
+
+Any network of the template's contract exports, the LSTM and a fork's GRU alike: ``forward(ids, hidden)`` is traced
+with its recurrent state as explicit inputs and outputs (the state's tensors flattened in order, the batch axis
+found by running the network at two batch sizes), so generation carries the state from call to call and scoring
+from window to window; the batch and time axes are dynamic.
+
+The exporter is torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``: it maps ``nn.LSTM`` / ``nn.GRU``
+to ONNX's own ``LSTM`` / ``GRU`` operators with the initial state as inputs, and keeps the time axis dynamic. The
+``torch.export``-based exporter (``dynamo=True``, the default) specialized the time axis of an ``nn.LSTM`` to the
+example's length when tried here (torch 2.13: the graph declares logits of time 5 for an example of 5 steps), needs
+``onnxscript`` besides, and took 5x longer.
+
+int8 / int4 weights: ``onnx_quantize.py`` writes the codes of the project's quantization rule into the graph. The
+export is then loaded in ONNX Runtime and scored on the test split through it: the perplexity in the manifest is the
+file's, which ``score`` reproduces.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import onnx
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lm_lightning.deploy.layout import IDS, LOGITS, MANIFEST, MODEL, ONNX_FORMAT, ONNX_VERSION, VOCAB
+from lm_lightning.deploy.session import open_session
+from lm_lightning.errors import LMInputError
+from lm_lightning.export.format import sha256
+from lm_lightning.export.onnx_quantize import rewrite_weights
+from lm_lightning.export.quantization import check_quantization
+from lm_lightning.io import atomic_directory, atomic_path
+
+__all__ = ["ACCURACY_LEVEL", "OPSET", "OnnxNetwork", "export_onnx"]
+
+OPSET = 18  # BitwiseAnd (int4 unpacking) and Pad's axes input need 18
+# MatMulNBits' accuracy_level: 4 lets MLAS quantize the activations to int8 per block and multiply in integers
+# (3.7x-63x faster than 0 here, which dequantizes the weights to float32 first; the README measures both).
+ACCURACY_LEVEL = 4
+
+
+class _FlatState(nn.Module):
+    """``network(ids, hidden)`` with the hidden state as a flat list of tensors in and out."""
+
+    def __init__(self, network: nn.Module, spec: Any) -> None:
+        super().__init__()
+        self.network, self.spec = network, spec
+
+    def forward(self, ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, hidden = self.network(ids, tree_unflatten(list(state), self.spec))
+        return (logits, *tree_flatten(hidden)[0])
+
+
+def _state_of(network: nn.Module) -> tuple[list[torch.Tensor], Any, list[int]]:
+    """The state a network starts from (its tensors for a batch of 2, its structure) and each tensor's batch axis."""
+    with torch.no_grad():
+        leaves, spec = tree_flatten(network(torch.zeros(2, 1, dtype=torch.long))[1])
+        others = tree_flatten(network(torch.zeros(3, 1, dtype=torch.long))[1])[0]
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise LMInputError(
+            f"{type(network).__name__} returns no tensor state from forward(ids): the ONNX export carries a recurrent "
+            "network's state between calls; export it with --export.format safetensors."
+        )
+    axes = []
+    for a, b in zip(leaves, others):
+        differ = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+        if len(differ) != 1 or a.shape[differ[0]] != 2:
+            raise LMInputError(f"{type(network).__name__}'s state {tuple(a.shape)} has no single batch axis: export it with --export.format safetensors.")
+        axes.append(differ[0])
+    return [torch.zeros_like(t) for t in leaves], spec, axes
+
+
+def onnx_graph(network: nn.Module) -> tuple[onnx.ModelProto, list[dict]]:
+    """The network's float32 graph and its state's description (input and output names, shape, batch axis)."""
+    if any(isinstance(m, nn.EmbeddingBag) for m in network.modules()):
+        raise LMInputError(
+            f"{type(network).__name__} reads bags of words (nn.EmbeddingBag with sparse bags), which the ONNX export does "
+            "not cover: export it with --export.format safetensors."
+        )
+    network = network.eval().cpu()
+    state, spec, axes = _state_of(network)
+    names = [f"state_{i}" for i in range(len(state))]
+    outputs = [f"{n}_out" for n in names]
+    dynamic = {IDS: {0: "batch", 1: "time"}, LOGITS: {0: "batch", 1: "time"}}
+    dynamic.update({n: {a: "batch"} for n, a in zip(names + outputs, axes + axes)})
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice and LSTM batch-size notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _FlatState(network, spec), (torch.zeros(2, 3, dtype=torch.long), *state), buffer, dynamo=False,
+            input_names=[IDS, *names], output_names=[LOGITS, *outputs], dynamic_axes=dynamic, opset_version=OPSET,
+        )  # fmt: skip
+    described = [
+        {"input": n, "output": o, "shape": [None if d == a else s for d, s in enumerate(t.shape)], "batch_axis": a}
+        for n, o, t, a in zip(names, outputs, state, axes)
+    ]
+    return onnx.load_from_string(buffer.getvalue()), described
+
+
+def export_onnx(
+    network: nn.Module,
+    folder: str | Path,
+    bits: Optional[int] = None,
+    group_size: int = 32,
+    vocab: Any = None,
+    metadata: Optional[dict] = None,
+    network_spec: Optional[dict] = None,
+    accuracy_level: int = ACCURACY_LEVEL,
+) -> dict:
+    """Write folder/model.onnx + vocab.json + manifest.json atomically (a crash never leaves half an export, and a
+    re-export replaces the old folder only when complete). ``network`` is a plain network (no pruning hooks or fake
+    quantization: ``writer.plain_copy``). Returns a report like ``export_model``'s."""
+    check_quantization(bits, group_size)
+    folder = Path(folder)
+    if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
+    model, state = onnx_graph(network)
+    formats = rewrite_weights(model, bits, group_size, accuracy_level)
+    onnx.checker.check_model(model)
+    with atomic_directory(folder, replace=True) as tmp:
+        with atomic_path(tmp / MODEL) as path:
+            path.write_bytes(model.SerializeToString())
+        if vocab is not None:
+            vocab.save(tmp / VOCAB)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": ONNX_FORMAT,
+            "version": ONNX_VERSION,
+            "bits": bits,
+            "group_size": group_size,
+            "network": network_spec or {"class": type(network).__name__},
+            "graph": {
+                "ids": IDS, "logits": LOGITS, "vocab_size": _vocab_size(model), "state": state, "opset": OPSET,
+                "operators": sorted({n.op_type for n in model.graph.node}), "weights": formats,
+                "accuracy_level": accuracy_level if bits else None,
+            },  # fmt: skip
+            "files": files,
+            "metadata": metadata or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+    return {
+        "folder": str(folder),
+        "bits": bits,
+        "format": "onnx",
+        "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "float32_bytes": 4 * sum(p.numel() for p in {id(p): p for p in network.parameters()}.values()),
+        "weights": formats,
+    }
+
+
+def _vocab_size(model: onnx.ModelProto) -> int:
+    logits = next(o for o in model.graph.output if o.name == LOGITS)
+    return logits.type.tensor_type.shape.dim[-1].dim_value
+
+
+class OnnxNetwork(nn.Module):
+    """An ONNX export run by ONNX Runtime behind the network contract (``forward(ids, hidden) -> (logits, hidden)``),
+    so that ``evaluation.perplexity`` scores the file with the windows and the loss every other path uses."""
+
+    def __init__(self, folder: str | Path, threads: Optional[int] = None) -> None:
+        super().__init__()
+        folder = Path(folder)
+        self.graph = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["graph"]
+        self.session = open_session(folder / MODEL, threads)
+
+    def forward(self, ids: torch.Tensor, hidden: Optional[list[torch.Tensor]] = None) -> tuple[torch.Tensor, list]:
+        batch = ids.shape[0]
+        feeds = {self.graph["ids"]: ids.cpu().numpy().astype("int64")}
+        for i, s in enumerate(self.graph["state"]):
+            shape = [batch if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
+            feeds[s["input"]] = hidden[i].numpy() if hidden is not None else torch.zeros(shape).numpy()
+        logits, *state = self.session.run(None, feeds)
+        return torch.from_numpy(logits), [torch.from_numpy(t) for t in state]
+
+
+def float32_share(report: dict) -> float:
+    return report["bytes"] / report["float32_bytes"] if report["float32_bytes"] else math.nan
