@@ -57,6 +57,7 @@ def export_checkpoint(args: list[str]) -> dict:
         cli.datamodule,
         metadata,
         test_batches=test_batch_limit(cli.trainer, cli.datamodule) if step.evaluate else 0,
+        format=step.format,
     )
     print(describe(report))
     return report

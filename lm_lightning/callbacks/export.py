@@ -4,8 +4,10 @@ Strategies only change training; this step writes what they trained for, asking 
 contract (``callbacks/strategy.py``): a strategy that trained for integer rounding gives the export its bits, one that
 pruned leaves zeros that the writer stores sparsely (``export/writer.py`` keeps whichever layout is smaller); with
 both, one export is sparse *and* integer. Without a strategy, ``--export.bits 8`` (or 4) is post-training
-quantization and ``--export.enabled true`` a float32 export. The export is then loaded back and scored on the test
-split (``export/test_ppl``), so the reported perplexity is that of the file, not of the model in memory.
+quantization and ``--export.enabled true`` a float32 export. ``--export.format onnx`` writes an ONNX graph for ONNX
+Runtime (``export/onnx_writer.py``: what deployment runs) instead of safetensors (the PyTorch side: reload to finish or
+fine-tune). The export is then loaded back and scored on the test split (``export/test_ppl``), so the reported
+perplexity is that of the file, not of the model in memory.
 
 The CLI always has this step (``--export.*``); ``python -m lm_lightning export`` runs it on a saved checkpoint.
 """
@@ -13,7 +15,7 @@ The CLI always has this step (``--export.*``); ``python -m lm_lightning export``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -22,7 +24,7 @@ from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.format import network_tensors
 from lm_lightning.export.quantization import block_width, check_quantization
-from lm_lightning.export.settings import resolve_format, strategy_metadata, trains_for_export
+from lm_lightning.export.settings import EXPORT_FORMATS, resolve_format, strategy_metadata, trains_for_export
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 
 
@@ -36,6 +38,8 @@ class Export(Callback):
         group_size: Inputs sharing one int4 scale. Unset: the strategy's, else 32.
         folder: Where the export goes; default ``<log_dir>/export``.
         evaluate: Score the loaded export on the test split (``--trainer.limit_test_batches`` applies).
+        format: ``safetensors`` (the PyTorch side: reload to finish or fine-tune) or ``onnx`` (a graph ONNX Runtime
+            runs without torch: ``generate`` and ``score`` in a process a fifth the size).
     """
 
     def __init__(
@@ -45,9 +49,13 @@ class Export(Callback):
         group_size: Optional[int] = None,
         folder: Optional[str] = None,
         evaluate: bool = True,
+        format: Literal["safetensors", "onnx"] = "safetensors",
     ) -> None:
         check_quantization(bits, group_size or 32)
+        if format not in EXPORT_FORMATS:
+            raise LMInputError(f"--export.format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}.")
         self.enabled, self.bits, self.group_size, self.folder, self.evaluate = enabled, bits, group_size, folder, evaluate
+        self.format = format
         self.report: Optional[dict] = None  # export report + "test_ppl", after fit
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -70,7 +78,8 @@ class Export(Callback):
         """The export's format in the run's HPARAMS row (after setup)."""
         if not getattr(self, "_enabled", False):
             return {"format": "none"}
-        return {"format": f"int{self._bits}" if self._bits else "float32", "group_size": self._group_size if self._bits == 4 else "none"}
+        weights = f"int{self._bits}" if self._bits else "float32"
+        return {"format": f"{self.format} {weights}", "group_size": self._group_size if self._bits == 4 else "none"}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
@@ -87,6 +96,7 @@ class Export(Callback):
             metadata,
             test_batches=test_batch_limit(trainer, trainer.datamodule) if self.evaluate else 0,
             network_init_args=_network_init_args(pl_module),
+            format=self.format,
         )
         metrics = {"export/bytes": float(self.report["bytes"]), "hp/export_mib": self.report["bytes"] / 2**20}
         if self.report["test_ppl"] is not None:

@@ -157,7 +157,8 @@ def rewrite_weights(model: onnx.ModelProto, bits: Optional[int], group_size: int
         elif bits is not None and node.op_type in RNN_OPS:
             for position in (1, 2):  # W, R: (directions, rows, inputs)
                 if (w := g.matrix(node.input[position], 3)) is not None:
-                    formats[node.input[position]] = f"int{bits}, dequantized when the graph is loaded"
+                    role = "W (inputs)" if position == 1 else "R (recurrent)"
+                    formats[f"{node.name or node.op_type} {role}"] = f"int{bits}, dequantized when the graph is loaded"
                     node.input[position] = _folded_weights(g, w, bits, group_size, node.input[position])
     for node, out in rewritten:
         for consumer in g.graph.node:

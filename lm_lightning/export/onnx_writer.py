@@ -27,12 +27,26 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lm_lightning.deploy.layout import IDS, LOGITS, MANIFEST, MODEL, ONNX_FORMAT, ONNX_VERSION, VOCAB
+from lm_lightning.deploy.layout import (
+    DEFAULT_TOP_K,
+    IDS,
+    LOGITS,
+    MANIFEST,
+    MODEL,
+    ONNX_FORMAT,
+    ONNX_VERSION,
+    TOP_IDS,
+    TOP_K,
+    TOP_LOGITS,
+    VOCAB,
+)
 from lm_lightning.deploy.session import open_session
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.format import sha256
@@ -125,6 +139,7 @@ def export_onnx(
         raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
     model, state = onnx_graph(network)
     formats = rewrite_weights(model, bits, group_size, accuracy_level)
+    _add_top_k(model)
     onnx.checker.check_model(model)
     with atomic_directory(folder, replace=True) as tmp:
         with atomic_path(tmp / MODEL) as path:
@@ -140,6 +155,7 @@ def export_onnx(
             "network": network_spec or {"class": type(network).__name__},
             "graph": {
                 "ids": IDS, "logits": LOGITS, "vocab_size": _vocab_size(model), "state": state, "opset": OPSET,
+                "top_k": TOP_K, "top_logits": TOP_LOGITS, "top_ids": TOP_IDS, "default_top_k": DEFAULT_TOP_K,
                 "operators": sorted({n.op_type for n in model.graph.node}), "weights": formats,
                 "accuracy_level": accuracy_level if bits else None,
             },  # fmt: skip
@@ -155,6 +171,24 @@ def export_onnx(
         "float32_bytes": 4 * sum(p.numel() for p in {id(p): p for p in network.parameters()}.values()),
         "weights": formats,
     }
+
+
+def _add_top_k(model: onnx.ModelProto) -> None:
+    """The last step's ``top_k`` likeliest tokens as two more outputs (``deploy/layout.py`` says why)."""
+    graph = model.graph
+    last = f"{LOGITS}_last_step"
+    graph.initializer.extend(
+        [numpy_helper.from_array(np.array(-1, np.int64), f"{last}_index"), numpy_helper.from_array(np.array([DEFAULT_TOP_K], np.int64), TOP_K)]
+    )
+    graph.input.append(helper.make_tensor_value_info(TOP_K, TensorProto.INT64, [1]))
+    graph.node.extend([
+        helper.make_node("Gather", [LOGITS, f"{last}_index"], [last], name=last, axis=1),
+        helper.make_node("TopK", [last, TOP_K], [TOP_LOGITS, TOP_IDS], name="top_k", axis=-1),
+    ])  # fmt: skip
+    graph.output.extend([
+        helper.make_tensor_value_info(TOP_LOGITS, TensorProto.FLOAT, ["batch", "k"]),
+        helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", "k"]),
+    ])  # fmt: skip
 
 
 def _vocab_size(model: onnx.ModelProto) -> int:
@@ -178,7 +212,8 @@ class OnnxNetwork(nn.Module):
         for i, s in enumerate(self.graph["state"]):
             shape = [batch if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
             feeds[s["input"]] = hidden[i].numpy() if hidden is not None else torch.zeros(shape).numpy()
-        logits, *state = self.session.run(None, feeds)
+        names = [self.graph["logits"], *(s["output"] for s in self.graph["state"])]
+        logits, *state = self.session.run(names, feeds)
         return torch.from_numpy(logits), [torch.from_numpy(t) for t in state]
 
 

@@ -15,9 +15,10 @@ from lm_lightning.export.quantization import check_quantization
 if TYPE_CHECKING:  # only the type: the callbacks package imports this module (through the Export callback)
     from lm_lightning.callbacks.strategy import MemoryStrategy
 
-__all__ = ["DEFAULT_GROUP_SIZE", "resolve_format", "strategy_metadata", "trains_for_export"]
+__all__ = ["DEFAULT_GROUP_SIZE", "EXPORT_FORMATS", "resolve_format", "strategy_metadata", "trains_for_export"]
 
 DEFAULT_GROUP_SIZE = 32  # inputs per int4 scale when neither --export.group_size nor a strategy gives one
+EXPORT_FORMATS = ("safetensors", "onnx")
 
 
 def resolve_format(

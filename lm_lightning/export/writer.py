@@ -48,6 +48,7 @@ from lm_lightning.export.format import (
 )
 from lm_lightning.export.format import sha256 as _sha256
 from lm_lightning.export.loader import load_exported, record_evaluation
+from lm_lightning.export.onnx_writer import OnnxNetwork, export_onnx
 from lm_lightning.export.quantization import block_width, check_quantization, quantize_weight
 from lm_lightning.io import atomic_directory, atomic_path
 from lm_lightning.networks import NETWORKS
@@ -166,30 +167,40 @@ def export_network(
     metadata: Optional[dict] = None,
     test_batches: Optional[int] = None,
     network_init_args: Optional[dict] = None,
+    format: str = "safetensors",
 ) -> dict:
-    """Export a plain copy of ``network`` with the datamodule's vocabulary, then score the loaded export on the test
-    split (``test_batches``: at most that many windows; 0 skips it). Returns ``export_model``'s report + ``test_ppl``."""
+    """Export a plain copy of ``network`` with the datamodule's vocabulary, as safetensors or ONNX (``format``), then
+    score the loaded export on the test split (``test_batches``: at most that many windows; 0 skips it): an ONNX
+    export through ONNX Runtime. Returns ``export_model``'s (or ``export_onnx``'s) report + ``test_ppl``."""
     plain = plain_copy(network)
     metadata = dict(metadata or {})
     if hasattr(datamodule, "export_settings"):  # how to read text: `generate` and `score` need no datamodule then
         metadata["text"] = datamodule.export_settings()
-    report = export_model(plain, folder, bits, group_size, getattr(datamodule, "vocab", None), metadata, network_init_args)
+    vocab = getattr(datamodule, "vocab", None)
+    if format == "onnx":
+        spec = network_spec(plain, network_init_args)
+        report = export_onnx(plain.cpu(), folder, bits, group_size, vocab, metadata, spec)
+    else:
+        report = export_model(plain, folder, bits, group_size, vocab, metadata, network_init_args)
     report["test_ppl"] = None
     if test_batches != 0 and hasattr(datamodule, "test_dataloader"):
         # Measured on the export as it is loaded for use (integer weights resident), and written into its manifest:
         # `score` on the same text reproduces this figure. A fork's network is loaded into the plain copy: a class
         # defined where it cannot be imported again (a notebook, a test function) is still measured.
-        loaded = load_exported(folder) if NETWORKS.get(type(plain).__name__) is type(plain) else load_exported(folder, network=plain)
+        if format == "onnx":
+            loaded, device = OnnxNetwork(folder), torch.device("cpu")
+        else:
+            same = NETWORKS.get(type(plain).__name__) is type(plain)
+            loaded, device = (load_exported(folder) if same else load_exported(folder, network=plain)), next(network.parameters()).device
         datamodule.setup("test")
-        device = next(network.parameters()).device
-        report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches)
+        report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches, device)
         record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
         report["bytes"] = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())  # the manifest grew
     return report
 
 
 def describe(report: dict) -> str:
-    kind = f"int{report['bits']}" if report["bits"] else "float32"
+    kind = (f"int{report['bits']}" if report["bits"] else "float32") + (" ONNX" if report.get("format") == "onnx" else "")
     ppl = f"{report['test_ppl']:.2f}" if report["test_ppl"] is not None else "not measured"
     share = report["bytes"] / report["float32_bytes"]
     size = f"{report['bytes']:,} bytes ({share:.0%} of float32 weights)"
