@@ -139,7 +139,7 @@ def export_onnx(
         raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
     model, state = onnx_graph(network)
     formats = rewrite_weights(model, bits, group_size, accuracy_level)
-    _add_top_k(model)
+    default_top_k = _add_top_k(model)
     onnx.checker.check_model(model)
     with atomic_directory(folder, replace=True) as tmp:
         with atomic_path(tmp / MODEL) as path:
@@ -155,7 +155,7 @@ def export_onnx(
             "network": network_spec or {"class": type(network).__name__},
             "graph": {
                 "ids": IDS, "logits": LOGITS, "vocab_size": _vocab_size(model), "state": state, "opset": OPSET,
-                "top_k": TOP_K, "top_logits": TOP_LOGITS, "top_ids": TOP_IDS, "default_top_k": DEFAULT_TOP_K,
+                "top_k": TOP_K, "top_logits": TOP_LOGITS, "top_ids": TOP_IDS, "default_top_k": default_top_k,
                 "operators": sorted({n.op_type for n in model.graph.node}), "weights": formats,
                 "accuracy_level": accuracy_level if bits else None,
             },  # fmt: skip
@@ -173,12 +173,13 @@ def export_onnx(
     }
 
 
-def _add_top_k(model: onnx.ModelProto) -> None:
-    """The last step's ``top_k`` likeliest tokens as two more outputs (``deploy/layout.py`` says why)."""
-    graph = model.graph
+def _add_top_k(model: onnx.ModelProto) -> int:
+    """The last step's ``top_k`` likeliest tokens as two more outputs (``deploy/layout.py`` says why); returns the
+    default k (ONNX Runtime runs the TopK on every call, so it must fit the vocabulary)."""
+    graph, default = model.graph, min(DEFAULT_TOP_K, _vocab_size(model))
     last = f"{LOGITS}_last_step"
     graph.initializer.extend(
-        [numpy_helper.from_array(np.array(-1, np.int64), f"{last}_index"), numpy_helper.from_array(np.array([DEFAULT_TOP_K], np.int64), TOP_K)]
+        [numpy_helper.from_array(np.array(-1, np.int64), f"{last}_index"), numpy_helper.from_array(np.array([default], np.int64), TOP_K)]
     )
     graph.input.append(helper.make_tensor_value_info(TOP_K, TensorProto.INT64, [1]))
     graph.node.extend([
@@ -189,6 +190,7 @@ def _add_top_k(model: onnx.ModelProto) -> None:
         helper.make_tensor_value_info(TOP_LOGITS, TensorProto.FLOAT, ["batch", "k"]),
         helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", "k"]),
     ])  # fmt: skip
+    return default
 
 
 def _vocab_size(model: onnx.ModelProto) -> int:
