@@ -1,20 +1,23 @@
-"""Exports at inference, side by side: resident weight bytes, process memory, generation speed, test perplexity.
+"""Exports at inference, side by side: file size, process memory, start-up, generation speed, test perplexity.
 
-    python benchmarks/inference.py --test-file ../shared/data/wikitext-2/test.txt \
-        fp32=RUN/export-fp32 int8=RUN/export-int8 int4=RUN/export-int4 "80% pruned + int8"=RUN/finish/export
+    python benchmarks/inference.py --test-file DATA/wikitext-2/test.txt \
+        "fp32 ONNX=RUN/export-onnx-fp32" "int8 ONNX=RUN/export-onnx-int8" "fp32 safetensors=RUN/export-fp32"
 
-Each export is measured in a process of its own (so one row's memory does not show in the next), loaded the way a user
-loads it (``ExportedModel.load``: int8/int4 codes resident, ``export/inference.py``), with ``--threads`` threads:
+A row is ``NAME=FOLDER``, or ``NAME=FOLDER::CHECKOUT`` to run it with another checkout of this project (an older
+commit, to compare its runtime with this one's in the same run). Each row is measured in processes of its own, loaded
+the way a user loads it: an ONNX export by ``deploy/runtime.py``'s ``OnnxModel`` (ONNX Runtime, no torch in the
+process), a safetensors export by ``export/commands.py``'s ``ExportedModel`` (torch), one thread each (``--threads``):
 
-* resident weight bytes: every parameter and buffer of the loaded network, each storage once, by layer;
-* process memory: RSS after ``import`` (the baseline), after loading, and the peak (VmHWM) after generating and scoring;
-* generation: ``--tokens`` new tokens from ``--prompt`` (top-k 50, temperature 0.8), ``--repeats`` times in each of
-  ``--rounds`` processes per export, the exports taking turns round by round (a busy stretch of a shared machine then
+* process memory: RSS after the imports, after loading, the peak while generating (VmHWM), and the peak after
+  scoring the test file too (scoring holds a window's logits: streams x bptt x vocabulary floats);
+* start-up: the wall time of ``python -m lm_lightning generate FOLDER --max-new-tokens 1``, from the command to its
+  first token printed (imports, checks, loading), median of ``--rounds``;
+* generation: ``--tokens`` new tokens after ``--prompt`` (top-k 50, temperature 0.8), ``--repeats`` times in each of
+  ``--rounds`` processes per row, the rows taking turns round by round (a busy stretch of a shared machine then
   slows every row, not one), median tokens/s over all of them;
-* test perplexity: ``score`` on ``--test-file``, next to the figure the export measured on itself when it was written
-  (they must be equal: the same text, read and batched the same way, through the same modules).
+* test perplexity: ``score`` on ``--test-file``, next to the figure the export wrote when it was made.
 
-Writes the table to stdout and every figure to ``--out`` (JSON).
+Writes a Markdown table to stdout and every figure to ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
-def status_kib(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -40,75 +42,72 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int, threads: int, score: bool = True) -> dict:
+def load(folder: str, threads: int):
+    """The export as a user loads it, with only its own runtime imported."""
+    if (Path(folder) / "model.onnx").is_file():
+        from lm_lightning.deploy.runtime import OnnxModel
+
+        return OnnxModel.load(folder, threads=threads)
     import torch
 
     torch.set_num_threads(threads)
     from lm_lightning.export.commands import ExportedModel
 
-    baseline = status_kib("VmRSS")
+    return ExportedModel.load(folder)
+
+
+def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int, threads: int, score: bool) -> dict:
+    baseline = status_bytes("VmRSS")
     start = time.perf_counter()
-    model = ExportedModel.load(folder)
-    load_seconds = time.perf_counter() - start
-    loaded = status_kib("VmRSS")
+    model = load(folder, threads)
+    result = {"load_seconds": time.perf_counter() - start, "rss_import_bytes": baseline, "rss_loaded_bytes": status_bytes("VmRSS")}
     model.generate(prompt, max_new_tokens=5)  # first calls allocate their buffers
     speeds = []
     for seed in range(repeats):
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=tokens, seed=seed)
         speeds.append(tokens / (time.perf_counter() - start))
-    if not score:  # a later round: the speed only
-        return {"tokens_per_s_runs": speeds}
-    scored = model.score_file(test_file)
-    evaluation = model.metadata.get("evaluation", {})
-    return {
-        "folder": folder,
-        "bits": json.loads((Path(folder) / "manifest.json").read_text())["bits"],
-        "resident_bytes": model.resident_bytes(),
-        "file_bytes": sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file()),
-        "rss_baseline_bytes": baseline,
-        "rss_loaded_bytes": loaded,
-        "peak_rss_bytes": status_kib("VmHWM"),
-        "load_seconds": load_seconds,
-        "tokens_per_s": statistics.median(speeds),
-        "tokens_per_s_runs": speeds,
-        "test_ppl": scored["ppl"],
-        "score_seconds": scored["seconds"],
-        "test_ppl_when_written": evaluation.get("test_ppl"),
-        "test_batches_when_written": evaluation.get("test_batches"),
-    }
+    result.update(tokens_per_s_runs=speeds, peak_generate_bytes=status_bytes("VmHWM"))
+    result["torch_imported"] = "torch" in sys.modules
+    if score:
+        scored = model.score_file(test_file)
+        result.update(test_ppl=scored["ppl"], score_seconds=scored["seconds"], peak_score_bytes=status_bytes("VmHWM"))
+        result["test_ppl_when_written"] = (model.metadata.get("evaluation") or {}).get("test_ppl")
+    return result
+
+
+def startup_seconds(folder: str, checkout: Path, prompt: str, threads: int) -> float:
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "lm_lightning", "generate", folder, "--prompt", prompt, "--max-new-tokens", "1"]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, cwd=checkout)
+    return time.perf_counter() - start
 
 
 def mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f}"
 
 
 def table(rows: dict[str, dict]) -> str:
-    base = next(iter(rows.values()))
     lines = [
-        "| export | file | resident weights | vs first row | RSS after load (over import) | peak RSS | generation tokens/s | vs first row | test ppl (score) | test ppl (when written) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| export | runtime | file MiB | RSS after imports | RSS after load | peak RSS, generate | peak RSS, + score | "
+        "start-up to first token | generation tokens/s | test ppl (score) | test ppl (when written) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        written = r["test_ppl_when_written"]
+        written = r.get("test_ppl_when_written")
         lines.append(
-            f"| {name} | {mib(r['file_bytes'])} | {mib(r['resident_bytes']['total'])} | "
-            f"{r['resident_bytes']['total'] / base['resident_bytes']['total']:.1%} | "
-            f"{mib(r['rss_loaded_bytes'])} (+{mib(r['rss_loaded_bytes'] - r['rss_baseline_bytes'])}) | {mib(r['peak_rss_bytes'])} | "
-            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['test_ppl']:.2f} | "
+            f"| {name} | {'ONNX Runtime' if r['onnx'] else 'torch'} | {mib(r['file_bytes'])} | {mib(r['rss_import_bytes'])} | "
+            f"{mib(r['rss_loaded_bytes'])} | {mib(r['peak_generate_bytes'])} | {mib(r['peak_score_bytes'])} | "
+            f"{statistics.median(r['startup_runs']):.2f} s | {r['tokens_per_s']:,.0f} | {r['test_ppl']:.2f} | "
             f"{'—' if written is None else f'{written:.2f}'} |"
         )
-    lines += ["", "Resident bytes by layer:", "", "| export | " + " | ".join(k for k in base["resident_bytes"] if k != "total") + " |"]
-    lines.append("|---|" + "---:|" * (len(base["resident_bytes"]) - 1))
-    for name, r in rows.items():
-        layers = [k for k in base["resident_bytes"] if k != "total"]
-        lines.append(f"| {name} | " + " | ".join(f"{r['resident_bytes'].get(k, 0):,} B" for k in layers) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("exports", nargs="*", help="NAME=FOLDER, the first row is the reference (fp32)")
+    parser.add_argument("exports", nargs="*", help="NAME=FOLDER or NAME=FOLDER::CHECKOUT")
     parser.add_argument("--test-file", required=True, help="the text to score (the export's own test split, to compare)")
     parser.add_argument("--prompt", default="the")
     parser.add_argument("--tokens", type=int, default=200)
@@ -124,23 +123,30 @@ def main() -> None:
         Path(args.measure_one[1]).write_text(json.dumps(result))
         return
     if not args.exports or any("=" not in e for e in args.exports):
-        sys.exit("give the exports as NAME=FOLDER (e.g. fp32=lightning_logs/version_0/export-fp32), the reference first.")
+        sys.exit("give the exports as NAME=FOLDER (e.g. int8=lightning_logs/version_0/export), optionally ::CHECKOUT.")
     rows: dict[str, dict] = {}
     for round_ in range(max(1, args.rounds)):
         for spec in args.exports:
-            name, folder = spec.split("=", 1)
+            name, target = spec.split("=", 1)
+            folder, _, checkout = target.partition("::")
+            checkout_dir = Path(checkout or ROOT).resolve()
+            folder = str(Path(folder).resolve())
             out = Path(f"/tmp/lm_lightning_inference_{os.getpid()}.json")
             command = [sys.executable, __file__, "--measure-one", folder, str(out), "--test-file", args.test_file, "--prompt",
                        args.prompt, "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
-            subprocess.run(command + ["--speed-only"] * (round_ > 0), check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            env = {**os.environ, "PYTHONPATH": str(checkout_dir), "OMP_NUM_THREADS": str(args.threads)}
+            subprocess.run(command + ["--speed-only"] * (round_ > 0), check=True, env=env, cwd=checkout_dir)
             result = json.loads(out.read_text())
             out.unlink()
+            startup = startup_seconds(folder, checkout_dir, args.prompt, args.threads)
             if round_ == 0:
-                rows[name] = result
+                rows[name] = result | {"onnx": (Path(folder) / "model.onnx").is_file(), "startup_runs": []}
+                rows[name]["file_bytes"] = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
             else:
                 rows[name]["tokens_per_s_runs"] += result["tokens_per_s_runs"]
+            rows[name]["startup_runs"].append(startup)
             rows[name]["tokens_per_s"] = statistics.median(rows[name]["tokens_per_s_runs"])
-            print(f"round {round_ + 1}, {name}: {statistics.median(result['tokens_per_s_runs']):.0f} tokens/s", file=sys.stderr)
+            print(f"round {round_ + 1}, {name}: {statistics.median(result['tokens_per_s_runs']):.0f} tokens/s, start-up {startup:.2f} s", file=sys.stderr)
     print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -47,7 +47,8 @@ def export_checkpoint(args: list[str]) -> dict:
     step = next(c for c in cli.trainer.callbacks if isinstance(c, Export))
     bits, group_size = resolve_format(step.bits, step.group_size, memory_strategies(cli.trainer))
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    folder = Path(step.folder) if step.folder else run_dir / f"export-{ckpt_path.stem}"
+    suffix = "-onnx" if step.format == "onnx" else ""
+    folder = Path(step.folder) if step.folder else run_dir / f"export-{ckpt_path.stem}{suffix}"
     metadata = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
     report = export_network(
         cli.model.network,

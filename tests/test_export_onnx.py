@@ -130,7 +130,7 @@ def test_the_export_step_writes_an_onnx_export_scored_through_onnx_runtime(tiny_
         "--model.network.embedding_dim", "32", "--model.network.hidden_dim", "32", "--trainer.max_epochs", "6",
         "--trainer.limit_train_batches", "20", "--model.sample_length", "0", "--model.optimizer.lr", "0.02", "--export.format", "onnx", "--export.bits", "8",
     ])  # fmt: skip
-    folder = tmp_path / "lightning_logs" / "version_0" / "export"
+    folder = tmp_path / "lightning_logs" / "version_0" / "export-onnx"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx", "vocab.json"]
     assert manifest["format"] == "lm_lightning.onnx" and manifest["bits"] == 8

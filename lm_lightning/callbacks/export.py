@@ -36,7 +36,7 @@ class Export(Callback):
             quantization-aware training) or ``bits`` is given.
         bits: 8 (int8 per output row) or 4 (int4 groups). Unset: the bits a strategy trained for, else float32.
         group_size: Inputs sharing one int4 scale. Unset: the strategy's, else 32.
-        folder: Where the export goes; default ``<log_dir>/export``.
+        folder: Where the export goes; default ``<log_dir>/export`` (``<log_dir>/export-onnx`` for ONNX).
         evaluate: Score the loaded export on the test split (``--trainer.limit_test_batches`` applies).
         format: ``safetensors`` (the PyTorch side: reload to finish or fine-tune) or ``onnx`` (a graph ONNX Runtime
             runs without torch: ``generate`` and ``score`` in a process a fifth the size).
@@ -79,12 +79,13 @@ class Export(Callback):
         if not getattr(self, "_enabled", False):
             return {"format": "none"}
         weights = f"int{self._bits}" if self._bits else "float32"
-        return {"format": f"{self.format} {weights}", "group_size": self._group_size if self._bits == 4 else "none"}
+        return {"format": weights, "file": self.format, "group_size": self._group_size if self._bits == 4 else "none"}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
-        folder = (Path(self.folder) if self.folder else Path(trainer.log_dir or trainer.default_root_dir) / "export").absolute()
+        default = "export-onnx" if self.format == "onnx" else "export"  # both formats of one run can sit side by side
+        folder = (Path(self.folder) if self.folder else Path(trainer.log_dir or trainer.default_root_dir) / default).absolute()
         metadata: dict[str, Any] = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         metadata["strategies"] = strategy_metadata(memory_strategies(trainer))
         self.report = export_network(
