@@ -45,7 +45,7 @@ def nll(logits: torch.Tensor, targets: torch.Tensor | Bags) -> torch.Tensor:
 
 
 def network_device(network: nn.Module) -> torch.device:
-    """Where the network's weights are: its parameters, or its buffers (an integer network's codes)."""
+    """Where the network's weights are: its parameters, or its buffers (a network without parameters)."""
     tensor = next(iter(network.parameters()), None)
     if tensor is None:
         tensor = next(iter(network.buffers()), None)

@@ -31,7 +31,6 @@ from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import bag_nll, perplexity
 from lm_lightning.export.commands import ExportedModel
 from lm_lightning.export.fake_quantization import FakeQuantizedEmbeddingBag, disable_fake_quantization, enable_fake_quantization
-from lm_lightning.export.inference import IntegerEmbeddingBag
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.networks.bag import BagLSTMNetwork
@@ -361,7 +360,7 @@ def test_qat_on_bags_trains_the_last_epoch_and_the_export_reproduces_it(tiny_cor
     assert report["test_ppl"] == pytest.approx(float(cli.trainer.callback_metrics["test/ppl"]), rel=1e-4)
     # The export alone names the likeliest next words, as the fake-quantized system does from its datamodule.
     alone = ExportedModel.load(report["folder"])
-    assert isinstance(alone.network.embedding, IntegerEmbeddingBag)
+    assert type(alone.network.embedding) is nn.EmbeddingBag  # the network's own module, float32 weights
     prompt = cli.datamodule.hparams.prompt
     words = alone.next_words(prompt, 5)
     expected_words = cli.model.next_words(cli.datamodule.prompt_bags(), 5)

@@ -136,7 +136,7 @@ def test_a_budget_gets_the_cheapest_fit_line_or_the_smallest_reachable_peak(tmp_
 
     # In this (pytest) process the resident set grows from call to call; the search is what is tested here (the
     # baseline against real fits in the test above), so it is held at a fixed value.
-    monkeypatch.setattr(estimate, "resident_bytes", lambda: 500 * 2**20)
+    monkeypatch.setattr(estimate, "rss_bytes", lambda: 500 * 2**20)
     estimate_command = cli.estimate
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs/default.yaml"), *SMALL]

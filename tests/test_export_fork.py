@@ -1,4 +1,4 @@
-"""A forked network (the GRU of tests/gru_model.py, built directly) through QAT, the integer export, integer inference
+"""A forked network (the GRU of tests/gru_model.py, built directly) through QAT, the integer export, loading it back
 and `generate`, with nothing in lm_lightning naming it: the same numbers as the template's LSTM gets."""
 
 import copy
@@ -19,7 +19,6 @@ from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.commands import ExportedModel
 from lm_lightning.export.fake_quantization import disable_fake_quantization, enable_fake_quantization, quantized_weights
-from lm_lightning.export.inference import resident_bytes
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import fake_quantize
 from lm_lightning.export.writer import export_model, export_network
@@ -56,7 +55,7 @@ def test_qat_on_a_gru_trains_and_its_fake_quantized_weights_are_the_export_bit_f
     qat.eval()
 
     export_model(net, tmp_path / "export", bits=bits, group_size=GROUP)
-    loaded = load_exported(tmp_path / "export", dequantize=True)
+    loaded = load_exported(tmp_path / "export")
     for name, weight in net.gru.named_parameters():  # the weights QAT trained are the exported ones, exactly
         expected = fake_quantize(weight, bits, GROUP) if name.startswith("weight") else weight
         assert_close(getattr(loaded.gru, name), expected, rtol=0, atol=0)
@@ -72,24 +71,18 @@ def test_qat_on_a_gru_trains_and_its_fake_quantized_weights_are_the_export_bit_f
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_an_integer_gru_export_keeps_its_codes_resident_and_matches_the_fake_quantized_network(tmp_path, bits):
+def test_an_integer_gru_export_rebuilt_from_its_class_path_matches_the_fake_quantized_network(tmp_path, bits):
     net = gru()
     export_model(net, tmp_path / "export", bits=bits, group_size=GROUP)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["network"] == {"class": "GRUNetwork", "class_path": "gru_model.GRUNetwork", "config": net.config}
     loaded = load_exported(tmp_path / "export")  # rebuilt from the class path: no instance passed
-    assert type(loaded) is GRUNetwork and type(loaded.gru).__name__ == "IntegerGRU"
-    # No float matrix in the GRU: its weights are int8 codes (or int4 packed two per byte) and float32 scales.
-    assert not [n for n, p in loaded.gru.named_parameters() if p.dim() > 1]
-    codes = {n: t.dtype for n, t in loaded.gru.named_buffers() if not n.endswith("scale")}
-    assert len(codes) == 4 and set(codes.values()) == {torch.int8 if bits == 8 else torch.uint8}, codes
-    floats = 4 * sum(p.numel() for p in net.gru.parameters())
-    # int8: 1 byte a weight + a scale a row; int4: half a byte + a 4-byte scale per 16 inputs (0.19x); biases float32.
-    assert resident_bytes(loaded)["gru"] <= (0.30 if bits == 8 else 0.22) * floats
+    assert type(loaded) is GRUNetwork and type(loaded.gru) is nn.GRU
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
     with torch.no_grad():
         expected = fake_quantized(net, bits)(IDS)[0]
-        # The integer products sum in another order than float matmuls: float rounding only.
+        # The same weights; the loaded GRU's require grad, which picks another CPU kernel: float rounding only.
         assert_close(loaded(IDS)[0], expected, rtol=1e-5, atol=1e-6)
         # Carrying the hidden state step by step (generation) gives the window's logits.
         hidden, steps = None, []
@@ -99,16 +92,14 @@ def test_an_integer_gru_export_keeps_its_codes_resident_and_matches_the_fake_qua
         assert_close(torch.cat(steps, dim=1), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_quantized_weight_without_an_integer_module_is_refused_in_one_sentence(tmp_path):
+def test_any_module_of_an_instance_gets_its_dequantized_weight(tmp_path):
     net = gru()
-    net.embedding = nn.Embedding(80, 32, padding_idx=0)  # a lookup that pins a row: no integer module for it
+    net.embedding = nn.Embedding(80, 32, padding_idx=0)  # a lookup with settings of its own: kept as they are
     export_model(net, tmp_path / "export", bits=8)
-    with pytest.raises(LMInputError) as error:  # into an instance: the class path would build the plain GRUNetwork
-        load_exported(tmp_path / "export", network=copy.deepcopy(net))
-    text = str(error.value)
-    assert "embedding.weight as int8" in text and "Embedding has no integer module" in text and "dequantize=True" in text
-    assert "\n" not in text
-    assert type(load_exported(tmp_path / "export", network=copy.deepcopy(net), dequantize=True).embedding) is nn.Embedding
+    # Into an instance: the class path would build the plain GRUNetwork.
+    loaded = load_exported(tmp_path / "export", network=copy.deepcopy(net))
+    assert type(loaded.embedding) is nn.Embedding and loaded.embedding.padding_idx == 0
+    assert_close(loaded.embedding.weight, fake_quantize(net.embedding.weight, 8), rtol=0, atol=0)
 
 
 def test_a_class_path_that_cannot_be_imported_or_is_not_a_module_is_one_sentence(tmp_path):
@@ -154,7 +145,7 @@ def test_generate_and_score_run_a_gru_export_alone_in_a_fresh_process(gru_export
     dm.setup("test")
     float_ppl = perplexity(qat, dm.test_dataloader())
     assert report["test_ppl"] < dm.vocab_size / 2  # it learned something: the perplexity means something
-    assert report["test_ppl"] == pytest.approx(float_ppl, rel=1e-5)  # integer inference = the fake-quantized float model
+    assert report["test_ppl"] == pytest.approx(float_ppl, rel=1e-5)  # the loaded export = the fake-quantized float model
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 
     def run(*args: str) -> str:

@@ -35,7 +35,7 @@ def test_all_strategies_train_together_and_export_a_sparse_int8_model(tmp_path, 
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("export")) == ["export"]
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["bits"] == 8 and {"pruning", "qat"} <= set(manifest["metadata"]["strategies"])
-    network = load_exported(run / "export", dequantize=True)
+    network = load_exported(run / "export")  # float32, the int8 codes dequantized
     weights = [network.embedding.weight, network.lstm.weight_ih_l0, network.lstm.weight_hh_l0]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros > 0.75  # 80% pruned; zeros stay exactly zero through quantization

@@ -6,9 +6,8 @@
     writer.py         export_model / export_network: safetensors + manifest, a plain copy of a trained network
     checks.py         what the loader checks in a folder before it reads a weight
     rebuild.py        the network a manifest names, built on the meta device (template registry or class path)
-    loader.py         load_exported: a checked folder back into a runnable network, integer weights resident
-    integer_matrix.py one int8/int4 matrix kept as codes + scales, and its products
-    inference.py      the integer modules that replace Embedding / EmbeddingBag / Linear / LSTM / GRU / RNN
+    loader.py         load_exported: a checked folder back into a runnable network, float32 weights (int8/int4
+                      codes dequantized)
     commands.py       an export folder alone: ExportedModel, `generate`, `score`
 
 Nothing is imported here, so ``callbacks/quantization.py`` can import the rule without loading the writer.

@@ -1,8 +1,8 @@
 """What an export folder does on its own: generate text, score a text file, name the likeliest next words.
 
 No corpus, checkpoint or training config is needed: the folder holds the network, its vocabulary and how the
-training data was read (preprocessing, line ends, evaluation batching; written by the export step). The weights stay
-integer in memory for an int8/int4 export (``inference.py``).
+training data was read (preprocessing, line ends, evaluation batching; written by the export step). The network runs
+through torch with float32 weights (an int8/int4 export's codes dequantized by ``loader.py``).
 
     python -m lm_lightning generate EXPORT_DIR --prompt "the meaning of" --max-new-tokens 40 --num-samples 3
     python -m lm_lightning score EXPORT_DIR some_text.txt
@@ -36,7 +36,6 @@ from lm_lightning.data.windows import StreamWindows
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.format import MANIFEST, VOCAB
-from lm_lightning.export.inference import resident_bytes
 from lm_lightning.export.loader import load_exported
 from lm_lightning.generation import sample
 
@@ -52,9 +51,9 @@ class ExportedModel:
     folder: Path
 
     @classmethod
-    def load(cls, folder: str | Path, dequantize: bool = False) -> ExportedModel:
+    def load(cls, folder: str | Path) -> ExportedModel:
         folder = Path(folder)
-        network = load_exported(folder, dequantize=dequantize)  # every check of the folder, one sentence on failure
+        network = load_exported(folder)  # every check of the folder, one sentence on failure
         metadata = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("metadata") or {}
         text = metadata.get("text")
         if not (folder / VOCAB).is_file() or not isinstance(text, dict) or text.get("kind") not in ("tokens", "bags"):
@@ -73,9 +72,6 @@ class ExportedModel:
     @property
     def is_bag_model(self) -> bool:
         return self.text["kind"] == "bags"
-
-    def resident_bytes(self) -> dict[str, int]:
-        return resident_bytes(self.network)
 
     # --- tokens ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -169,7 +165,6 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m lm_lightning {prog}", description=description, exit_on_error=False)
     parser.add_argument("export_dir", help="an export folder (RUN/export-*; written by fit or `export`)")
-    parser.add_argument("--dequantize", action="store_true", help="load float32 weights instead of integer codes")
     return parser
 
 
@@ -182,7 +177,7 @@ def generate_command(args: list[str]) -> list[str]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
     opts = parser.parse_args(args)
-    model = ExportedModel.load(opts.export_dir, opts.dequantize)
+    model = ExportedModel.load(opts.export_dir)
     if model.is_bag_model:
         words = model.next_words(opts.prompt, opts.top_k or 10)
         line = ", ".join(f"{w} {p:.3f}" for w, p in words)
@@ -202,7 +197,7 @@ def score_command(args: list[str]) -> dict:
     parser = _parser("score", "Perplexity of a text file under an export, read as the export's training data was.")
     parser.add_argument("file", help="a UTF-8 text file")
     opts = parser.parse_args(args)
-    model = ExportedModel.load(opts.export_dir, opts.dequantize)
+    model = ExportedModel.load(opts.export_dir)
     result = model.score_file(opts.file)
     known = model.metadata.get("evaluation", {}).get("test_ppl")
     print(

@@ -1,7 +1,8 @@
-"""Loading an export: a checked folder back into a runnable network, its int8/int4 weights kept as integer codes.
+"""Loading an export: a checked folder back into a runnable float32 network, its int8/int4 codes dequantized.
 
-``checks.py`` holds what is checked before a weight is read, ``rebuild.py`` how the manifest's network is built, and
-``inference.py`` the integer modules that run it.
+``checks.py`` holds what is checked before a weight is read, ``rebuild.py`` how the manifest's network is built.
+Deployment runs an export elsewhere (ONNX Runtime); this is the PyTorch side: an export back as a plain network, to
+finish or fine-tune it, or to ``generate`` and ``score`` through torch.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from lm_lightning.errors import LMInputError
 from lm_lightning.export.checks import MAX_ELEMENTS, check_files, check_header, one_line, read_manifest, tensor_plans
 from lm_lightning.export.format import MANIFEST, WEIGHTS, NotAnExport, decode_values, header_of, network_tensors
 from lm_lightning.export.format import sha256 as _sha256
-from lm_lightning.export.inference import integer_modules
-from lm_lightning.export.integer_matrix import IntegerMatrix
 from lm_lightning.export.quantization import dequantize_weight
 from lm_lightning.export.rebuild import build_network, from_registry, meta_network, network_class
 from lm_lightning.io import atomic_path
@@ -28,15 +27,11 @@ from lm_lightning.io import atomic_path
 __all__ = ["MAX_ELEMENTS", "load_exported", "record_evaluation"]
 
 
-def load_exported(
-    folder: str | Path, network: Optional[nn.Module] = None, max_elements: int = MAX_ELEMENTS, dequantize: bool = False
-) -> nn.Module:
-    """The exported network, runnable, in eval mode, tied as exported.
+def load_exported(folder: str | Path, network: Optional[nn.Module] = None, max_elements: int = MAX_ELEMENTS) -> nn.Module:
+    """The exported network, runnable, in eval mode, tied as exported, with float32 weights in its own modules.
 
-    An int8/int4 export keeps its weights as integer codes in memory: its embeddings, linear and recurrent layers
-    are replaced by the integer modules of ``inference.py``; a quantized weight of any other module is refused in one
-    sentence, never silently run in float. ``dequantize=True`` loads float32 weights instead (``dequantize(codes)``,
-    the weights QAT trained), into the network's own modules.
+    An int8/int4 export's codes are dequantized (``codes x scales``, ``quantization.dequantize_weight``): the very
+    weights QAT trained with, so the loaded network computes what the fake-quantized one did.
 
     The network is rebuilt from the manifest: the template's (``networks.NETWORKS``) from a fixed table, any other
     from its recorded class path and constructor arguments (``rebuild.py`` says what that trusts). ``network``, an
@@ -49,7 +44,7 @@ def load_exported(
     """
     folder = Path(folder)
     try:
-        return _load(folder, network, max_elements, dequantize)
+        return _load(folder, network, max_elements)
     except NotAnExport as why:
         raise LMInputError(f"{folder} is not a readable lm_lightning export: {why}; export the model again.") from None
     except OSError as err:  # a file that cannot be opened (permissions) or vanished while it was read
@@ -60,7 +55,7 @@ def load_exported(
         ) from None
 
 
-def _load(folder: Path, network: Optional[nn.Module], max_elements: int, dequantize: bool) -> nn.Module:
+def _load(folder: Path, network: Optional[nn.Module], max_elements: int) -> nn.Module:
     manifest = read_manifest(folder)
     check_files(folder, manifest["files"])
     hashed = network is None and not from_registry(manifest["network"])
@@ -79,26 +74,14 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int, dequant
         arrays = load_file(str(folder / WEIGHTS))
     except Exception as err:  # SafetensorError, OSError: the file changed under us
         raise NotAnExport(f"{WEIGHTS} cannot be read ({one_line(err)})") from None
-    state, matrices = {}, {}
+    state = {}
     for name, info in plans.items():
-        if info["dtype"] == "int4" and info["storage"] == "dense" and info["shape"][-1] % 2 == 0 and not dequantize:
-            # Stored packed row by row already (an even width starts every row on a byte): resident as it is.
-            rows, width = info["shape"]  # int4 is only ever a quantized matrix
-            packed = torch.from_numpy(arrays[name]).reshape(rows, width // 2)
-            matrices[name] = IntegerMatrix(packed, torch.from_numpy(arrays[f"{name}.scale"]), 4, width=width)
-            continue
         values = decode_values(arrays, info, name)
         if info["quantized"]:
             codes = torch.from_numpy(values.astype(np.int8)).reshape(info["shape"])
-            scale = torch.from_numpy(arrays[f"{name}.scale"])
-            if dequantize:
-                state[name] = dequantize_weight(codes, scale)
-            else:
-                matrices[name] = IntegerMatrix(codes, scale, int(info["dtype"].removeprefix("int")))
+            state[name] = dequantize_weight(codes, torch.from_numpy(arrays[f"{name}.scale"]))
         else:
             state[name] = torch.from_numpy(values.astype(info["dtype"])).reshape(info["shape"])
-    if matrices:
-        return _integer_network(folder, network if network is not None else template, matrices, state, ties)
     for alias, name in ties.items():
         state[alias] = state[name]
     if network is None:
@@ -114,31 +97,6 @@ def _check_hashes(folder: Path, files: dict) -> None:
     for name in files:
         if _sha256(folder / name) != files[name]["sha256"]:
             raise NotAnExport(f"{name} does not match the manifest (size or SHA-256 differ)")
-
-
-def _integer_network(folder: Path, network: nn.Module, matrices: dict, state: dict, ties: dict[str, str]) -> nn.Module:
-    """``network`` (the template's, built on the meta device, or the caller's instance) with integer modules in place
-    of its quantized ones and the other tensors assigned from the export."""
-    taken = integer_modules(network, matrices, state, ties)
-    for name, matrix in matrices.items():  # never a silent float copy: the module is named and the fix given
-        if name not in taken:
-            owner = name.rpartition(".")[0]
-            kind = type(network.get_submodule(owner)).__name__ if owner else type(network).__name__
-            raise LMInputError(
-                f"{folder} stores {name} as int{matrix.bits}, and its {kind} has no integer module (those are "
-                "nn.Embedding and nn.EmbeddingBag without padding_idx, max_norm or max mode, nn.Linear and nn.RNNBase "
-                "layers): load it with dequantize=True (float32 weights) or export it without bits."
-            )
-    state = {n: t for n, t in state.items() if n not in taken}
-    state.update({alias: state[name] for alias, name in ties.items() if alias not in taken and name in state})
-    try:
-        network.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:
-        raise NotAnExport(f"a tensor does not fit the network ({one_line(err)})") from None
-    missing = [n for n, t in [*network.named_parameters(), *network.named_buffers()] if t.is_meta]
-    if missing:
-        raise NotAnExport(f"it holds no values for {missing[0]}")
-    return network.eval()
 
 
 def record_evaluation(folder: str | Path, figures: dict) -> None:

@@ -184,9 +184,9 @@ def export_network(
         report = export_model(plain, folder, bits, group_size, vocab, metadata, network_init_args)
     report["test_ppl"] = None
     if test_batches != 0 and hasattr(datamodule, "test_dataloader"):
-        # Measured on the export as it is loaded for use (integer weights resident), and written into its manifest:
-        # `score` on the same text reproduces this figure. A fork's network is loaded into the plain copy: a class
-        # defined where it cannot be imported again (a notebook, a test function) is still measured.
+        # Measured on the export as `generate` and `score` load it (ONNX Runtime; or float32 with the codes dequantized),
+        # and written into its manifest: `score` on the same text reproduces this figure. A fork's network is loaded
+        # into the plain copy: a class defined where it cannot be imported again (a notebook, a test) is still measured.
         if format == "onnx":
             loaded, device = OnnxNetwork(folder), torch.device("cpu")
         else:

@@ -35,7 +35,7 @@ from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE
 from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
-from lm_lightning.memory.measure import allocated_bytes, human_bytes, resident_bytes, storage_bytes
+from lm_lightning.memory.measure import allocated_bytes, human_bytes, rss_bytes, storage_bytes
 from lm_lightning.memory.probe import LEVERS, Phases, Probe, Settings
 
 # What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged
@@ -187,7 +187,7 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
     if not callable(getattr(model, "_loss", None)) or not getattr(model, "token_inputs", False):
         return None
     # At fit start the loop and logger exist, but most of FIT_OVERHEAD_BYTES comes with the first steps and validation.
-    baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
+    baseline = rss_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
     return predict(model, trainer, data, baseline)[0]
 
 
@@ -223,7 +223,7 @@ def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], b
     if not hasattr(model, "_loss") or not getattr(model, "token_inputs", False):
         raise LMInputError("estimate covers the token path (LanguageModel): for the bag path, read MemoryMonitor's figures after a short fit.")
     # This process now holds what fit holds before its first step, plus the model's parameters.
-    baseline = resident_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
+    baseline = rss_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
     estimate, probe, current = predict(model, trainer, data, baseline)
     batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
     print(estimate.table(bptt))

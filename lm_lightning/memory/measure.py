@@ -175,7 +175,7 @@ class SavedTensorBytes:
         return self._hooks is not None
 
 
-def resident_bytes() -> int:
+def rss_bytes() -> int:
     """This process's resident set size now (Linux: /proc/self/statm)."""
     try:
         with open("/proc/self/statm") as f:

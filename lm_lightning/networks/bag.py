@@ -69,8 +69,8 @@ class BagLSTMNetwork(LSTMNetwork):
             bags = counts @ self.embedding.weight
             totals = counts.sum(-1, keepdim=True)
         else:
-            # The decoder bias's dtype, not the embedding's: an integer export (inference.py) keeps the bias in float.
-            bags = self.embedding(segments.indices, segments.offsets, per_sample_weights=segments.counts.to(self.decoder.bias.dtype))
+            counts = segments.counts.to(self.embedding.weight.dtype)
+            bags = self.embedding(segments.indices, segments.offsets, per_sample_weights=counts)
             bags = bags.view(segments.streams, -1, bags.size(-1))
             totals = segments.totals().view(segments.streams, -1, 1)
         if self.bag_weighting == "mean":
