@@ -143,3 +143,33 @@ def test_the_export_step_writes_an_onnx_export_scored_through_onnx_runtime(tiny_
     data.setup("test")
     assert perplexity(OnnxNetwork(folder), data.test_dataloader()) == pytest.approx(written, rel=1e-6)
     assert 1 < written < 5  # the tiny corpus is learnable: far below its 13 words
+
+
+@pytest.mark.slow
+def test_a_qat_finished_run_exports_the_codes_it_trained_with_to_onnx(tmp_path, monkeypatch):
+    """int4 QAT (groups of 16) in the last epoch, exported to ONNX: ONNX Runtime's perplexity is the fake-quantized
+    network's, the one the run trained and validated, to 0.1% (the integer products quantize activations too)."""
+    from lm_lightning.cli import build_cli
+    from lm_lightning.export.fake_quantization import disable_fake_quantization, enable_fake_quantization
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([
+        "fit", "-c", str(root / "configs/presets/debug.yaml"), "--trainer.enable_progress_bar", "false",
+        "--model.network.embedding_dim", "32", "--model.network.hidden_dim", "32", "--model.sample_length", "0",
+        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6", "--export.format", "onnx",
+        "--trainer.callbacks+=lm_lightning.callbacks.quantization.QuantizationAwareFinishing",
+        "--trainer.callbacks.bits", "4", "--trainer.callbacks.group_size", "16", "--trainer.callbacks.last_epochs", "1",
+    ])  # fmt: skip
+    folder = tmp_path / "lightning_logs" / "version_0" / "export-onnx"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["bits"] == 4 and manifest["group_size"] == 16  # QAT's format, not the export's defaults
+    evaluation = manifest["metadata"]["evaluation"]
+    network = cli.model.network
+    enable_fake_quantization(network, 4, 16)
+    trained = perplexity(network, cli.datamodule.test_dataloader(), evaluation["test_batches"])
+    disable_fake_quantization(network)
+    assert evaluation["test_ppl"] == pytest.approx(trained, rel=1e-3)
+    assert perplexity(OnnxNetwork(folder), cli.datamodule.test_dataloader(), evaluation["test_batches"]) == pytest.approx(
+        evaluation["test_ppl"], rel=1e-6
+    )
