@@ -65,10 +65,11 @@ def _import_nltk_alone(preprocessing: dict) -> None:
     """Import NLTK, when the export's preprocessing uses it, without scipy and scikit-learn.
 
     NLTK's ``__init__`` imports all of NLTK, and with it scipy and scikit-learn where they are installed, for
-    classifiers and statistics that tokenizing never runs (measured here: +117 MiB resident and 1.8 s, against
-    +27 MiB and 0.3 s without them). NLTK imports them under ``try/except ImportError``, so they are hidden while it
-    loads. Only this command's process does that: it runs a tokenizer and nothing else of NLTK's. A stop-word list
-    taken from scikit-learn (no NLTK data installed) still imports scikit-learn later, unhidden.
+    classifiers and statistics that tokenizing never runs: more resident memory and import time than the rest of
+    this process together. NLTK imports them under ``try/except ImportError``, so they are hidden while it loads.
+    Only this command's process does that (``OnnxModel`` from Python leaves NLTK alone): it runs a tokenizer and
+    nothing else of NLTK's. A stop-word list taken from scikit-learn (no NLTK data installed) still imports
+    scikit-learn later, unhidden.
     """
     uses_nltk = preprocessing.get("tokenizer", "treebank") == "treebank" or any(
         preprocessing.get(key) for key in ("remove_stopwords", "stemmer", "lemmatize")
