@@ -2,9 +2,10 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's, with this project's defaults
 (``lightning_cli.py``); the others are in :data:`COMMANDS`: ``export`` (the export step on a saved checkpoint),
-``estimate`` (``memory/estimate.py``), ``compare`` (``reports/compare.py``), ``generate`` and ``score`` (an export folder alone,
-``export/commands.py``). Bad input (an :class:`LMInputError`, or a flag or config file the parser refuses) ends with
-one sentence on stderr and exit status 2, no traceback, no usage text (``parser_messages.py``).
+``estimate`` (``memory/estimate.py``), ``compare`` (``reports/compare.py``), ``generate`` and ``score`` (an export
+folder alone, ``deploy/commands.py``; ``__main__.py`` runs those two before anything imports Lightning). Bad input (an
+:class:`LMInputError`, or a flag or config file the parser refuses) ends with one sentence on stderr and exit status
+2, no traceback, no usage text (``parser_messages.py``, ``errors.exit_with``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_lightning.callbacks import Export, memory_strategies
-from lm_lightning.errors import LMInputError, input_error
-from lm_lightning.export.commands import generate_command, score_command
+from lm_lightning.deploy.commands import generate_command, score_command
+from lm_lightning.errors import LMInputError, exit_with, flag_sentence, input_error
 from lm_lightning.export.settings import resolve_format
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 from lm_lightning.lightning_cli import build_cli
@@ -103,24 +104,18 @@ def main(args: Optional[list[str]] = None) -> None:
         raise SystemExit(128 + signal.SIGTERM) from None
     except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)
         if args[:1] in (["generate"], ["score"], ["compare"]):  # argparse's own message already names the option
-            _exit_with(f"{err}: see python -m lm_lightning {args[0]} --help.")
-        _exit_with(parser_error_sentence(str(err), args))
+            exit_with(flag_sentence(err, args[0]))
+        exit_with(parser_error_sentence(str(err), args))
     except UnicodeDecodeError:  # jsonargparse reads -c files without catching this
         sentence = undecodable_config(args)
         if sentence is None:
             raise
-        _exit_with(sentence)
+        exit_with(sentence)
     except Exception as err:
         cause = input_error(err)
         if cause is None:
             raise
-        _exit_with(str(cause))
-
-
-def _exit_with(sentence: str) -> None:
-    """The one line every bad input ends with: ``error: <sentence>`` on stderr, exit status 2, no traceback."""
-    print(f"error: {sentence}", file=sys.stderr)
-    raise SystemExit(2) from None
+        exit_with(str(cause))
 
 
 if __name__ == "__main__":

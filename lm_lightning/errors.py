@@ -2,12 +2,14 @@
 
 Anything raised as :class:`LMInputError` is printed by the CLI as one sentence and a non-zero exit status,
 without a traceback: the message itself must name the bad input and the fix. The parser's own messages are turned
-into such a sentence by ``parser_messages.py``.
+into such a sentence by ``parser_messages.py``. The CLI's two entries share the last step here, where importing it
+loads nothing: ``cli.py`` (Lightning's commands) and ``deploy/commands.py`` (``generate`` and ``score``, torch-free).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 
 class LMInputError(ValueError):
@@ -19,3 +21,15 @@ def input_error(err: Optional[BaseException]) -> Optional[LMInputError]:
     while err is not None and not isinstance(err, LMInputError):
         err = err.__cause__ or err.__context__
     return err
+
+
+def flag_sentence(err: BaseException, command: str) -> str:
+    """The sentence for an argparse error of a command with its own parser (``generate``, ``score``, ``compare``):
+    argparse's message already names the option."""
+    return f"{err}: see python -m lm_lightning {command} --help."
+
+
+def exit_with(sentence: str) -> NoReturn:
+    """The one line every bad input ends with: ``error: <sentence>`` on stderr, exit status 2, no traceback."""
+    print(f"error: {sentence}", file=sys.stderr)
+    raise SystemExit(2) from None

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Literal, Optional
 
+from lm_lightning.data.vocabulary import EOS
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)
@@ -189,3 +190,14 @@ class Preprocessor:
             detok = TreebankWordDetokenizer()
             return "\n".join(detok.detokenize(line.split()) for line in lines)
         return "\n".join(" ".join(line.split()) for line in " ".join(tokens).split("<eos>"))
+
+
+def tokenize_lines(text: str, preprocess: Preprocessor, keep_empty_lines: bool) -> list[str]:
+    """Tokens of every line followed by ``<eos>``, as word_language_model's ``Corpus`` does."""
+    tokens: list[str] = []
+    for line in text.splitlines():
+        words = preprocess(line)
+        if words or keep_empty_lines:
+            tokens.extend(words)
+            tokens.append(EOS)
+    return tokens

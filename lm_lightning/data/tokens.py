@@ -14,25 +14,17 @@ from torch.utils.data import DataLoader
 from lm_lightning.data.base import StreamDataModule, check_positive, default_cache_dir
 from lm_lightning.data.batch import Batch
 from lm_lightning.data.cache import TokenCache, cache_key
-from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer
+
+# tokenize_lines lives beside the Preprocessor (torch-free, for deploy/); imported here so the cache build calls it by
+# this module's name, which tests replace to count tokenizations.
+from lm_lightning.data.preprocessing import Preprocessor, Stemmer, Tokenizer, tokenize_lines
 from lm_lightning.data.sources import Corpus, load_corpus
 from lm_lightning.data.splits import SPLITS
-from lm_lightning.data.vocabulary import EOS, Vocabulary
+from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import TokenRows
 from lm_lightning.errors import LMInputError
 
 log = logging.getLogger(__name__)
-
-
-def tokenize_lines(text: str, preprocess: Preprocessor, keep_empty_lines: bool) -> list[str]:
-    """Tokens of every line followed by ``<eos>``, as word_language_model's ``Corpus`` does."""
-    tokens: list[str] = []
-    for line in text.splitlines():
-        words = preprocess(line)
-        if words or keep_empty_lines:
-            tokens.extend(words)
-            tokens.append(EOS)
-    return tokens
 
 
 def check_words_left(vocab: Vocabulary, counts: Counter, min_freq: int) -> None:

@@ -1,0 +1,137 @@
+"""An ONNX export generating and scoring text with ONNX Runtime and numpy: no torch, no Lightning in the process.
+
+What the torch path's ``ExportedModel`` (``export/commands.py``) does, on the same folder contents and with the
+same sentences for bad input: prompts read as ``predict`` reads them, text scored in the windows and with the
+perplexity its test split was measured with, the recurrent state carried from call to call.
+
+    from lm_lightning.deploy.runtime import OnnxModel
+    model = OnnxModel.load("lightning_logs/version_0/export-onnx")
+    model.generate("the meaning of", max_new_tokens=40)
+    model.score_file("some_text.txt")      # {"ppl": ..., "tokens": ..., "unknown": ..., "seconds": ...}
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnxruntime as ort
+
+from lm_lightning.data.preprocessing import Preprocessor, tokenize_lines
+from lm_lightning.data.sources import read_text
+from lm_lightning.data.vocabulary import Vocabulary
+from lm_lightning.deploy.folder import open_export
+from lm_lightning.deploy.sampling import check_sampling, next_tokens
+from lm_lightning.deploy.scoring import stream_windows, summed_nll
+from lm_lightning.errors import LMInputError
+
+__all__ = ["OnnxModel"]
+
+
+@dataclass
+class OnnxModel:
+    session: ort.InferenceSession
+    graph: dict  # the manifest's "graph": names of ids, logits and state, the state's shapes
+    vocab: Vocabulary
+    text: dict  # the datamodule's export_settings(): how text was read
+    metadata: dict
+    folder: Path
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int = 1) -> OnnxModel:
+        export = open_export(folder, threads)  # every check of the folder and the graph, one sentence on failure
+        metadata = export.manifest["metadata"]
+        text = metadata.get("text")
+        if export.vocab is None or not _is_token_settings(text):
+            raise LMInputError(
+                f"{export.folder} holds a network but not how to read text (its vocabulary and preprocessing): it was "
+                "written by an older version or by export_onnx() without a datamodule; export the run again with "
+                "`python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT --export.format onnx`."
+            )
+        return cls(export.session, export.manifest["graph"], export.vocab, text, metadata, export.folder)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(**self.text["preprocessing"])
+
+    def run(self, ids: np.ndarray, state: Optional[list[np.ndarray]] = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The network contract on arrays: logits (batch, time, vocab) and the new state, from zeros when ``None``."""
+        feeds = {self.graph["ids"]: np.ascontiguousarray(ids, dtype=np.int64)}
+        for i, s in enumerate(self.graph["state"]):
+            shape = [len(ids) if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
+            feeds[s["input"]] = state[i] if state is not None else np.zeros(shape, dtype=np.float32)
+        logits, *state = self.session.run([self.graph["logits"], *(s["output"] for s in self.graph["state"])], feeds)
+        return logits, state
+
+    # --- generate -------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """As ``predict`` does: the prompt's tokens (unknown words become ``<unk>``); an empty prompt is ``<eos>``."""
+        return self.vocab.encode(self.preprocessor(prompt)) or [self.vocab.eos_id]
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 50,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 50,
+        seed: int = 0,
+        num_samples: int = 1,
+    ) -> list[str]:
+        """``num_samples`` continuations of ``prompt`` (the prompt included), sampled together as parallel streams."""
+        check_sampling(max_new_tokens, temperature, top_k, num_samples)
+        rng = np.random.default_rng(seed)
+        tokens = [np.array([self.encode_prompt(prompt)] * num_samples, dtype=np.int64)]
+        logits, state = self.run(tokens[0])
+        for _ in range(max_new_tokens):
+            tokens.append(next_tokens(logits[:, -1], temperature, top_k, rng))
+            logits, state = self.run(tokens[-1], state)
+        preprocessor = self.preprocessor
+        return [preprocessor.detokenize(self.vocab.decode(row.tolist())) for row in np.concatenate(tokens, axis=1)]
+
+    # --- score ----------------------------------------------------------------------------------------
+    def score_text(self, text: str, name: str = "the text") -> dict:
+        """Perplexity of ``text``, read and batched as the export's test split was (same streams and window)."""
+        tokens = tokenize_lines(text, self.preprocessor, self.text["keep_empty_lines"])
+        if not tokens:
+            raise LMInputError(f"{name} has no tokens after preprocessing: give a file with text in it.")
+        ids = self.vocab.encode_array(tokens)
+        streams, bptt = self.text["eval_batch_size"], self.text["bptt"]
+        if len(ids) < streams * (bptt + 1):  # StreamWindows' own check, in the torch path's words
+            raise LMInputError(
+                f"{name} has {len(ids):,} tokens, fewer than one evaluation window needs ({streams} streams x "
+                f"{bptt + 1} tokens = {streams * (bptt + 1):,}): give a longer text, or --batch-size 1 (a perplexity "
+                "not comparable with the export's own)."
+            )
+        start = time.perf_counter()
+        state, total, count = None, 0.0, 0
+        for inputs, targets in stream_windows(ids, streams, bptt):
+            logits, state = self.run(inputs, state)
+            total += summed_nll(logits, targets)
+            count += targets.size
+        return {
+            "ppl": math.exp(total / count),
+            "tokens": len(ids),
+            "unknown": int((ids == self.vocab.unk_id).sum()),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def score_file(self, path: str | Path) -> dict:
+        path = Path(path)
+        if not path.exists():
+            raise LMInputError(f"{path} does not exist: give the text file to score.")
+        return self.score_text(read_text(path, "the file to score"), str(path))
+
+
+def _is_token_settings(text: Any) -> bool:
+    """``TokenDataModule.export_settings()``'s fields with their types (a bag-of-words model has no ONNX export)."""
+    if not isinstance(text, dict) or text.get("kind") != "tokens" or not isinstance(text.get("preprocessing"), dict):
+        return False
+    if not set(text["preprocessing"]) <= set(inspect.signature(Preprocessor).parameters):
+        return False  # bad values of known arguments are the Preprocessor's to refuse, in its own sentence
+    positive = all(type(text.get(key)) is int and text[key] >= 1 for key in ("eval_batch_size", "bptt"))
+    return positive and isinstance(text.get("keep_empty_lines"), bool)
