@@ -24,9 +24,7 @@ from lm_lightning.data.preprocessing import Preprocessor, tokenize_lines
 from lm_lightning.deploy import sampling
 from lm_lightning.deploy.runtime import OnnxModel
 from lm_lightning.deploy.scoring import stream_windows
-from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
-from lm_lightning.export import commands as torch_commands
 from lm_lightning.export.onnx_writer import export_onnx
 from lm_lightning.export.quantization import dequantize_weight, quantize_weight
 from lm_lightning.export.writer import export_model
@@ -149,15 +147,6 @@ def test_sampling_draws_the_softmax_of_the_top_k():
     assert counts[2:].sum() == 0 and abs(counts[0] - 0.5 / 0.7) < 0.01
     cold = np.bincount(sampling.next_tokens(logits, 0.25, None, rng)[:, 0], minlength=5) / 20_000  # p^4, renormalized
     assert abs(cold[0] - 0.5**4 / (0.5**4 + 0.2**4 + 0.15**4 + 0.1**4 + 0.05**4)) < 0.01
-
-
-@pytest.mark.parametrize("args", [(-1, 0.8, 50, 1), (5, -1.0, 50, 1), (5, float("nan"), 50, 1), (5, 0.8, -1, 1), (5, 0.8, 50, 0)])
-def test_sampling_checks_are_the_torch_paths(args):
-    with pytest.raises(LMInputError) as ours:
-        sampling.check_sampling(*args)
-    with pytest.raises(LMInputError) as theirs:
-        torch_commands.check_sampling(*args)
-    assert str(ours.value) == str(theirs.value)
 
 
 # --- the process ------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def read_manifest(folder: Path) -> dict:
         raise NotAnOnnxExport("its manifest's graph does not name its ids and logits and its vocabulary size")
     if not isinstance(graph.get("state"), list) or not all(_is_state(s) for s in graph["state"]):
         raise NotAnOnnxExport("its manifest's graph state is not a list of inputs, outputs, shapes and batch axes")
+    if not all(isinstance(graph.get(key), str) for key in ("top_k", "top_logits", "top_ids")):
+        raise NotAnOnnxExport("its manifest's graph does not name its top_k input and its top_logits and top_ids outputs")
     return manifest
 
 
@@ -153,6 +155,11 @@ def check_session(session: ort.InferenceSession, graph: dict, vocab: Optional[Vo
         raise NotAnOnnxExport(f"its graph's {graph['logits']} is {found}, not float (batch, time, {vocab_size})")
     if vocab is not None and len(vocab) != vocab_size:
         raise NotAnOnnxExport(f"{VOCAB} holds {len(vocab)} tokens, the graph predicts {vocab_size}")
+    # top_k has a default (an initializer of the same name): ONNX Runtime lists it apart from the inputs to feed.
+    top_k = {a.name: a for a in session.get_overridable_initializers()}.get(graph["top_k"])
+    top = [outputs.get(graph["top_logits"]), outputs.get(graph["top_ids"])]
+    if top_k is None or top_k.type != INT64 or None in top or [t.type for t in top] != [FLOAT, INT64]:
+        raise NotAnOnnxExport(f"its graph has no {graph['top_k']} input with a default and {graph['top_logits']} and {graph['top_ids']} outputs")
     for s in graph["state"]:
         for name, declared in ((s["input"], inputs.get(s["input"])), (s["output"], outputs.get(s["output"]))):
             fixed = [n for d, n in enumerate(s["shape"]) if d != s["batch_axis"]]

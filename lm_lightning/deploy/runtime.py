@@ -61,12 +61,29 @@ class OnnxModel:
 
     def run(self, ids: np.ndarray, state: Optional[list[np.ndarray]] = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """The network contract on arrays: logits (batch, time, vocab) and the new state, from zeros when ``None``."""
+        logits, *state = self.session.run([self.graph["logits"], *self._state_outputs], self._feeds(ids, state))
+        return logits, state
+
+    def run_top_k(
+        self, ids: np.ndarray, k: int, state: Optional[list[np.ndarray]] = None
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """The last step's ``k`` likeliest tokens, ``(values, ids)`` each (batch, k), and the new state: the graph's own
+        TopK (``deploy/layout.py`` says why), without copying the vocabulary-wide logits out."""
+        feeds = self._feeds(ids, state)
+        feeds[self.graph["top_k"]] = np.array([k], dtype=np.int64)
+        values, top, *state = self.session.run([self.graph["top_logits"], self.graph["top_ids"], *self._state_outputs], feeds)
+        return values, top, state
+
+    @property
+    def _state_outputs(self) -> list[str]:
+        return [s["output"] for s in self.graph["state"]]
+
+    def _feeds(self, ids: np.ndarray, state: Optional[list[np.ndarray]]) -> dict[str, np.ndarray]:
         feeds = {self.graph["ids"]: np.ascontiguousarray(ids, dtype=np.int64)}
         for i, s in enumerate(self.graph["state"]):
             shape = [len(ids) if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
             feeds[s["input"]] = state[i] if state is not None else np.zeros(shape, dtype=np.float32)
-        logits, *state = self.session.run([self.graph["logits"], *(s["output"] for s in self.graph["state"])], feeds)
-        return logits, state
+        return feeds
 
     # --- generate -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -86,10 +103,16 @@ class OnnxModel:
         check_sampling(max_new_tokens, temperature, top_k, num_samples)
         rng = np.random.default_rng(seed)
         tokens = [np.array([self.encode_prompt(prompt)] * num_samples, dtype=np.int64)]
-        logits, state = self.run(tokens[0])
+        k = 1 if temperature == 0 else top_k  # greedy is the top 1
+        state = None
         for _ in range(max_new_tokens):
-            tokens.append(next_tokens(logits[:, -1], temperature, top_k, rng))
-            logits, state = self.run(tokens[-1], state)
+            if k is not None and k < self.graph["vocab_size"]:  # sample among the graph's top k
+                values, top, state = self.run_top_k(tokens[-1], k, state)
+                choice = next_tokens(values, temperature, None, rng)
+                tokens.append(np.take_along_axis(top, choice, axis=1))
+            else:  # every token: the whole last step's logits
+                logits, state = self.run(tokens[-1], state)
+                tokens.append(next_tokens(logits[:, -1], temperature, None, rng))
         preprocessor = self.preprocessor
         return [preprocessor.detokenize(self.vocab.decode(row.tolist())) for row in np.concatenate(tokens, axis=1)]
 

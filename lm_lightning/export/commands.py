@@ -1,11 +1,10 @@
-"""What an export folder does on its own: generate text, score a text file, name the likeliest next words.
+"""What a safetensors export folder does on its own, in PyTorch: generate text, score a text file, name the likeliest
+next words (a bag-of-words export). An ONNX export does the same without torch (``deploy/runtime.py``); the
+``generate`` and ``score`` commands (``deploy/commands.py``) pick the runtime from the folder.
 
 No corpus, checkpoint or training config is needed: the folder holds the network, its vocabulary and how the
 training data was read (preprocessing, line ends, evaluation batching; written by the export step). The network runs
 through torch with float32 weights (an int8/int4 export's codes dequantized by ``loader.py``).
-
-    python -m lm_lightning generate EXPORT_DIR --prompt "the meaning of" --max-new-tokens 40 --num-samples 3
-    python -m lm_lightning score EXPORT_DIR some_text.txt
 
 From Python::
 
@@ -17,7 +16,6 @@ From Python::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -33,13 +31,14 @@ from lm_lightning.data.sources import read_text
 from lm_lightning.data.tokens import tokenize_lines
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import StreamWindows
+from lm_lightning.deploy.sampling import check_sampling
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.format import MANIFEST, VOCAB
 from lm_lightning.export.loader import load_exported
 from lm_lightning.generation import sample
 
-__all__ = ["ExportedModel", "generate_command", "score_command"]
+__all__ = ["ExportedModel"]
 
 
 @dataclass
@@ -148,61 +147,3 @@ class ExportedModel:
                 f"{self.folder} is a {'bag-of-words' if self.is_bag_model else 'token'} model: {what} needs a "
                 f"{'token' if kind == 'tokens' else 'bag-of-words'} model; use {other} with it."
             )
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], num_samples: int) -> None:
-    if not max_new_tokens >= 0:
-        raise LMInputError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}.")
-    if not temperature >= 0:  # also refuses NaN
-        raise LMInputError(f"--temperature must be >= 0, got {temperature}: give 0 for greedy decoding or e.g. 0.8.")
-    if top_k is not None and top_k < 1:
-        raise LMInputError(f"--top-k must be a positive integer, got {top_k}: give e.g. 50, or 0 to sample from all tokens.")
-    if num_samples < 1:
-        raise LMInputError(f"--num-samples must be a positive integer, got {num_samples}.")
-
-
-# --- the commands -------------------------------------------------------------------------------------
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m lm_lightning {prog}", description=description, exit_on_error=False)
-    parser.add_argument("export_dir", help="an export folder (RUN/export-*; written by fit or `export`)")
-    return parser
-
-
-def generate_command(args: list[str]) -> list[str]:
-    parser = _parser("generate", "Text from an export folder alone (token models); the likeliest next words (bag models).")
-    parser.add_argument("--prompt", default="", help="text to continue (empty: start after an end of line)")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=1)
-    opts = parser.parse_args(args)
-    model = ExportedModel.load(opts.export_dir)
-    if model.is_bag_model:
-        words = model.next_words(opts.prompt, opts.top_k or 10)
-        line = ", ".join(f"{w} {p:.3f}" for w, p in words)
-        print(f"likeliest words of the segment after {opts.prompt!r}: {line}")
-        return [line]
-    texts = model.generate(
-        opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_k or None, opts.seed, opts.num_samples
-    )
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"--- sample {i + 1} (seed {opts.seed})")
-        print(text)
-    return texts
-
-
-def score_command(args: list[str]) -> dict:
-    parser = _parser("score", "Perplexity of a text file under an export, read as the export's training data was.")
-    parser.add_argument("file", help="a UTF-8 text file")
-    opts = parser.parse_args(args)
-    model = ExportedModel.load(opts.export_dir)
-    result = model.score_file(opts.file)
-    known = model.metadata.get("evaluation", {}).get("test_ppl")
-    print(
-        f"{opts.file}: perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens "
-        f"({result['unknown']:,} unknown: <unk>), {result['seconds']:.1f}s"
-        + (f"; the export measured {known:.2f} on its own test split when it was written" if known else "")
-    )
-    return result
