@@ -42,24 +42,25 @@ def status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def load(folder: str, threads: int):
-    """The export as a user loads it, with only its own runtime imported."""
+def runtime(folder: str, threads: int):
+    """What loads the export as a user loads it, with only its own runtime imported."""
     if (Path(folder) / "model.onnx").is_file():
         from lm_lightning.deploy.runtime import OnnxModel
 
-        return OnnxModel.load(folder, threads=threads)
+        return lambda: OnnxModel.load(folder, threads=threads)
     import torch
 
     torch.set_num_threads(threads)
     from lm_lightning.export.commands import ExportedModel
 
-    return ExportedModel.load(folder)
+    return lambda: ExportedModel.load(folder)
 
 
 def measure(folder: str, test_file: str, prompt: str, tokens: int, repeats: int, threads: int, score: bool) -> dict:
+    load = runtime(folder, threads)
     baseline = status_bytes("VmRSS")
     start = time.perf_counter()
-    model = load(folder, threads)
+    model = load()
     result = {"load_seconds": time.perf_counter() - start, "rss_import_bytes": baseline, "rss_loaded_bytes": status_bytes("VmRSS")}
     model.generate(prompt, max_new_tokens=5)  # first calls allocate their buffers
     speeds = []

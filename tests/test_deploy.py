@@ -278,3 +278,28 @@ def test_bad_arguments_are_one_sentence(lstm_export, tmp_path, capsys):
         [sys.executable, "-m", "lm_lightning", "score", folder, str(tmp_path / "empty.txt")], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- the benchmark ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_inference_benchmark_measures_both_runtimes_and_scores_what_was_written(lstm_export, tmp_path):
+    """benchmarks/inference.py on an ONNX export and the safetensors export of the same network: every column is
+    filled, the ONNX row's process never imported torch, and `score` reproduces what each export wrote."""
+    root = Path(__file__).resolve().parents[1]
+    safetensors = tmp_path / "safetensors"
+    export_model(network("lstm"), safetensors, None, 32, vocabulary(), {"text": SETTINGS})
+    text = tmp_path / "test.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    ppl = OnnxModel.load(lstm_export).score_file(text)["ppl"]
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(root / "benchmarks/inference.py"), "--test-file", str(text), "--tokens", "20",
+               "--repeats", "1", "--rounds", "1", "--out", str(out), f"onnx={lstm_export}", f"torch={safetensors}"]  # fmt: skip
+    table = subprocess.run(command, check=True, capture_output=True, text=True, cwd=root).stdout
+    rows = json.loads(out.read_text())
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["onnx", "torch"]
+    assert rows["onnx"]["onnx"] and not rows["onnx"]["torch_imported"] and rows["torch"]["torch_imported"]
+    for row in rows.values():
+        assert row["test_ppl"] == pytest.approx(ppl, rel=1e-5)  # the same network, both runtimes
+        assert row["tokens_per_s"] > 0 and len(row["startup_runs"]) == 1 and row["startup_runs"][0] > 0
+        assert row["rss_import_bytes"] <= row["rss_loaded_bytes"] <= row["peak_generate_bytes"] <= row["peak_score_bytes"]
+    assert rows["onnx"]["peak_generate_bytes"] < rows["torch"]["rss_import_bytes"]  # ONNX Runtime's whole process < torch's import

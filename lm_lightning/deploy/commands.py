@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,9 +48,7 @@ def _load(folder: str, threads: Optional[int]) -> Any:
     if is_onnx_export(path):
         from lm_lightning.deploy.runtime import OnnxModel
 
-        model = OnnxModel.load(path, threads or 1)
-        _import_nltk_alone(model.text["preprocessing"])
-        return model
+        return OnnxModel.load(path, threads or 1)
     import torch  # a safetensors export: the torch path, as before ONNX existed
 
     from lm_lightning.export.commands import ExportedModel
@@ -59,31 +56,6 @@ def _load(folder: str, threads: Optional[int]) -> Any:
     if threads is not None:
         torch.set_num_threads(threads)
     return ExportedModel.load(path)
-
-
-def _import_nltk_alone(preprocessing: dict) -> None:
-    """Import NLTK, when the export's preprocessing uses it, without scipy and scikit-learn.
-
-    NLTK's ``__init__`` imports all of NLTK, and with it scipy and scikit-learn where they are installed, for
-    classifiers and statistics that tokenizing never runs: more resident memory and import time than the rest of
-    this process together. NLTK imports them under ``try/except ImportError``, so they are hidden while it loads.
-    Only this command's process does that (``OnnxModel`` from Python leaves NLTK alone): it runs a tokenizer and
-    nothing else of NLTK's. A stop-word list taken from scikit-learn (no NLTK data installed) still imports
-    scikit-learn later, unhidden.
-    """
-    uses_nltk = preprocessing.get("tokenizer", "treebank") == "treebank" or any(
-        preprocessing.get(key) for key in ("remove_stopwords", "stemmer", "lemmatize")
-    )
-    if not uses_nltk or "nltk" in sys.modules:
-        return
-    hidden = [name for name in ("scipy", "sklearn") if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(hidden, None))  # None in sys.modules: `import scipy` raises ImportError
-    try:
-        import nltk  # noqa: F401
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
 
 
 def generate_command(args: list[str]) -> list[str]:

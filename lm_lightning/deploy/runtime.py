@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class OnnxModel:
                 "written by an older version or by export_onnx() without a datamodule; export the run again with "
                 "`python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT --export.format onnx`."
             )
+        _import_nltk_alone(text["preprocessing"])
         return cls(export.session, export.manifest["graph"], export.vocab, text, metadata, export.folder)
 
     @property
@@ -158,3 +160,28 @@ def _is_token_settings(text: Any) -> bool:
         return False  # bad values of known arguments are the Preprocessor's to refuse, in its own sentence
     positive = all(type(text.get(key)) is int and text[key] >= 1 for key in ("eval_batch_size", "bptt"))
     return positive and isinstance(text.get("keep_empty_lines"), bool)
+
+
+def _import_nltk_alone(preprocessing: dict) -> None:
+    """Import NLTK, when the export's preprocessing uses it, without scipy and scikit-learn.
+
+    NLTK's ``__init__`` imports all of NLTK, and with it scipy and scikit-learn where they are installed, for
+    classifiers and statistics that tokenizing never runs: more resident memory and import time than the rest of
+    this process together. NLTK imports them under ``try/except ImportError``, so they are hidden while it loads.
+    ``OnnxModel.load`` does that when NLTK is not imported yet: a process that deploys a model runs NLTK's tokenizer
+    and nothing else of it (a process that imported NLTK before keeps it as it is). A stop-word list taken from
+    scikit-learn (no NLTK data installed) still imports scikit-learn later, unhidden.
+    """
+    uses_nltk = preprocessing.get("tokenizer", "treebank") == "treebank" or any(
+        preprocessing.get(key) for key in ("remove_stopwords", "stemmer", "lemmatize")
+    )
+    if not uses_nltk or "nltk" in sys.modules:
+        return
+    hidden = [name for name in ("scipy", "sklearn") if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(hidden, None))  # None in sys.modules: `import scipy` raises ImportError
+    try:
+        import nltk  # noqa: F401
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
