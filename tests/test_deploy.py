@@ -303,3 +303,14 @@ def test_the_inference_benchmark_measures_both_runtimes_and_scores_what_was_writ
         assert row["tokens_per_s"] > 0 and len(row["startup_runs"]) == 1 and row["startup_runs"][0] > 0
         assert row["rss_import_bytes"] <= row["rss_loaded_bytes"] <= row["peak_generate_bytes"] <= row["peak_score_bytes"]
     assert rows["onnx"]["peak_generate_bytes"] < rows["torch"]["rss_import_bytes"]  # ONNX Runtime's whole process < torch's import
+
+
+def test_scoring_in_stream_groups_is_scoring_whole_windows(lstm_export, monkeypatch):
+    """A window's streams run in groups whose logits fit SCORE_LOGITS_BYTES, each carrying its own state: the same
+    perplexity as whole windows."""
+    from lm_lightning.deploy import runtime
+
+    whole = OnnxModel.load(lstm_export).score_text(TEXT)["ppl"]
+    monkeypatch.setattr(runtime, "SCORE_LOGITS_BYTES", 1)  # one stream a group
+    assert OnnxModel.load(lstm_export).score_text(TEXT)["ppl"] == pytest.approx(whole, rel=1e-6)
+    assert len(runtime.stream_groups(3, 5, V, 1)) == 3 and len(runtime.stream_groups(3, 5, V, 1 << 20)) == 1

@@ -25,14 +25,21 @@ def stream_windows(ids: np.ndarray, streams: int, bptt: int) -> Iterator[tuple[n
 
 
 def summed_nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    """``-sum log softmax(logits)[target]`` over every position of ``logits`` (streams, time, vocab), in float64.
+    """``-sum log softmax(logits)[target]`` over every position of ``logits`` (streams, time, vocab).
 
-    One stream at a time: a float64 copy of a whole window's logits (streams x bptt x vocab) would be the largest
-    allocation of a scoring run."""
+    One stream at a time, the exponentials in float32 (shifted by the row's maximum, so they lie in (0, 1]) and their
+    sums and the total in float64: a float64 copy of the logits cost twice the time and the memory of the exponentials
+    and changed the perplexity by less than 1e-7 relative."""
     total = 0.0
     for row, target in zip(logits, targets):
-        x = row.astype(np.float64)
-        top = x.max(-1, keepdims=True)
-        log_sum_exp = top[:, 0] + np.log(np.exp(x - top).sum(-1))
-        total += float((log_sum_exp - x[np.arange(len(x)), target]).sum())
+        top = row.max(-1, keepdims=True)
+        log_sum_exp = top[:, 0].astype(np.float64) + np.log(np.exp(row - top).sum(-1, dtype=np.float64))
+        total += float((log_sum_exp - row[np.arange(len(row)), target]).sum())
     return total
+
+
+def stream_groups(streams: int, bptt: int, vocab_size: int, max_bytes: int) -> list[slice]:
+    """The streams in groups whose window of float32 logits stays under ``max_bytes`` (at least one stream a group):
+    each group carries its own state, exactly as if the window ran whole, at a fraction of the memory."""
+    size = max(1, min(streams, max_bytes // (4 * bptt * vocab_size)))
+    return [slice(first, min(first + size, streams)) for first in range(0, streams, size)]
