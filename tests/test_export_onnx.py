@@ -173,3 +173,13 @@ def test_a_qat_finished_run_exports_the_codes_it_trained_with_to_onnx(tmp_path, 
     assert perplexity(OnnxNetwork(folder), cli.datamodule.test_dataloader(), evaluation["test_batches"]) == pytest.approx(
         evaluation["test_ppl"], rel=1e-6
     )
+
+
+def test_a_bag_run_asking_for_an_onnx_export_stops_before_training(tmp_path, monkeypatch, capsys):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "-c", str(root / "configs/bag_embedded.yaml"), "-c", str(root / "configs/presets/debug.yaml"),
+              "--export.format", "onnx", "--export.enabled", "true"])  # fmt: skip
+    assert stopped.value.code == 2 and "--export.format safetensors" in capsys.readouterr().err
+    assert not list(tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))  # no step was trained

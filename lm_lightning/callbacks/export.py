@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.format import network_tensors
+from lm_lightning.export.onnx_writer import check_exportable
 from lm_lightning.export.quantization import block_width, check_quantization
 from lm_lightning.export.settings import EXPORT_FORMATS, resolve_format, strategy_metadata, trains_for_export
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
@@ -66,7 +67,9 @@ class Export(Callback):
         strategies = memory_strategies(trainer)
         self._bits, self._group_size = resolve_format(self.bits, self.group_size, strategies)
         self._enabled = self.enabled if self.enabled is not None else (self.bits is not None or trains_for_export(strategies))
-        if self._enabled and self._bits is not None:  # fail now, not after training, if the export cannot be written
+        if self._enabled and self.format == "onnx":  # fail now, not after training, if the export cannot be written
+            check_exportable(pl_module.network)
+        if self._enabled and self._bits is not None:
             for name, tensor in network_tensors(pl_module.network)[0].items():
                 if tensor.is_floating_point() and tensor.dim() == 2:
                     block_width(tensor.shape, self._bits, self._group_size, name)

@@ -54,7 +54,7 @@ from lm_lightning.export.onnx_quantize import rewrite_weights
 from lm_lightning.export.quantization import check_quantization
 from lm_lightning.io import atomic_directory, atomic_path
 
-__all__ = ["ACCURACY_LEVEL", "OPSET", "OnnxNetwork", "export_onnx"]
+__all__ = ["ACCURACY_LEVEL", "OPSET", "OnnxNetwork", "check_exportable", "export_onnx"]
 
 OPSET = 18  # BitwiseAnd (int4 unpacking) and Pad's axes input need 18
 # MatMulNBits' accuracy_level: 4 lets MLAS quantize the activations to int8 per block and multiply in integers
@@ -93,13 +93,18 @@ def _state_of(network: nn.Module) -> tuple[list[torch.Tensor], Any, list[int]]:
     return [torch.zeros_like(t) for t in leaves], spec, axes
 
 
-def onnx_graph(network: nn.Module) -> tuple[onnx.ModelProto, list[dict]]:
-    """The network's float32 graph and its state's description (input and output names, shape, batch axis)."""
+def check_exportable(network: nn.Module) -> None:
+    """Refuse, before training when the export step runs at the end of fit, a network the ONNX export does not cover."""
     if any(isinstance(m, nn.EmbeddingBag) for m in network.modules()):
         raise LMInputError(
             f"{type(network).__name__} reads bags of words (nn.EmbeddingBag with sparse bags), which the ONNX export does "
             "not cover: export it with --export.format safetensors."
         )
+
+
+def onnx_graph(network: nn.Module) -> tuple[onnx.ModelProto, list[dict]]:
+    """The network's float32 graph and its state's description (input and output names, shape, batch axis)."""
+    check_exportable(network)
     network = network.eval().cpu()
     state, spec, axes = _state_of(network)
     names = [f"state_{i}" for i in range(len(state))]
