@@ -57,8 +57,9 @@ from lm_lightning.io import atomic_directory, atomic_path
 __all__ = ["ACCURACY_LEVEL", "OPSET", "OnnxNetwork", "check_exportable", "export_onnx"]
 
 OPSET = 18  # BitwiseAnd (int4 unpacking) and Pad's axes input need 18
-# MatMulNBits' accuracy_level: 4 lets MLAS quantize the activations to int8 per block and multiply in integers
-# (3.7x-63x faster than 0 here, which dequantizes the weights to float32 first; the README measures both).
+# MatMulNBits' accuracy_level: 4 lets MLAS quantize the activations to int8 per block and multiply in integers. At
+# WikiText-2's vocabulary it generated 32x (int8) and 2.5x (int4) faster than 0, which multiplies in float32, and moved
+# a PTB model's test perplexity by 0.005% / 0.010% (the README has the figures).
 ACCURACY_LEVEL = 4
 
 
