@@ -23,12 +23,12 @@ from typing import Any, Optional
 import numpy as np
 import onnxruntime as ort
 
-from lm_lightning.data.preprocessing import Preprocessor, tokenize_lines
-from lm_lightning.data.sources import read_text
+from lm_lightning.data.preprocessing import Preprocessor
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.deploy.folder import open_export
 from lm_lightning.deploy.sampling import check_sampling, next_tokens
 from lm_lightning.deploy.scoring import stream_groups, stream_windows, summed_nll
+from lm_lightning.deploy.text import ReadsText
 from lm_lightning.errors import LMInputError
 
 __all__ = ["OnnxModel"]
@@ -39,7 +39,7 @@ SCORE_LOGITS_BYTES = 8 << 20
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(ReadsText):
     session: ort.InferenceSession
     graph: dict  # the manifest's "graph": names of ids, logits and state, the state's shapes
     vocab: Vocabulary
@@ -60,10 +60,6 @@ class OnnxModel:
             )
         _import_nltk_alone(text["preprocessing"])
         return cls(export.session, export.manifest["graph"], export.vocab, text, metadata, export.folder)
-
-    @property
-    def preprocessor(self) -> Preprocessor:
-        return Preprocessor(**self.text["preprocessing"])
 
     def run(self, ids: np.ndarray, state: Optional[list[np.ndarray]] = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """The network contract on arrays: logits (batch, time, vocab) and the new state, from zeros when ``None``."""
@@ -92,10 +88,6 @@ class OnnxModel:
         return feeds
 
     # --- generate -------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """As ``predict`` does: the prompt's tokens (unknown words become ``<unk>``); an empty prompt is ``<eos>``."""
-        return self.vocab.encode(self.preprocessor(prompt)) or [self.vocab.eos_id]
-
     def generate(
         self,
         prompt: str,
@@ -119,23 +111,13 @@ class OnnxModel:
             else:  # every token: the whole last step's logits
                 logits, state = self.run(tokens[-1], state)
                 tokens.append(next_tokens(logits[:, -1], temperature, None, rng))
-        preprocessor = self.preprocessor
-        return [preprocessor.detokenize(self.vocab.decode(row.tolist())) for row in np.concatenate(tokens, axis=1)]
+        return self.decode_rows(np.concatenate(tokens, axis=1).tolist())
 
     # --- score ----------------------------------------------------------------------------------------
     def score_text(self, text: str, name: str = "the text") -> dict:
         """Perplexity of ``text``, read and batched as the export's test split was (same streams and window)."""
-        tokens = tokenize_lines(text, self.preprocessor, self.text["keep_empty_lines"])
-        if not tokens:
-            raise LMInputError(f"{name} has no tokens after preprocessing: give a file with text in it.")
-        ids = self.vocab.encode_array(tokens)
+        ids = self.ids_to_score(text, name)
         streams, bptt = self.text["eval_batch_size"], self.text["bptt"]
-        if len(ids) < streams * (bptt + 1):  # StreamWindows' own check, in the torch path's words
-            raise LMInputError(
-                f"{name} has {len(ids):,} tokens, fewer than one evaluation window needs ({streams} streams x "
-                f"{bptt + 1} tokens = {streams * (bptt + 1):,}): give a longer text, or --batch-size 1 (a perplexity "
-                "not comparable with the export's own)."
-            )
         start = time.perf_counter()
         groups = stream_groups(streams, bptt, self.graph["vocab_size"], SCORE_LOGITS_BYTES)
         states: list[Optional[list[np.ndarray]]] = [None] * len(groups)
@@ -151,12 +133,6 @@ class OnnxModel:
             "unknown": int((ids == self.vocab.unk_id).sum()),
             "seconds": time.perf_counter() - start,
         }
-
-    def score_file(self, path: str | Path) -> dict:
-        path = Path(path)
-        if not path.exists():
-            raise LMInputError(f"{path} does not exist: give the text file to score.")
-        return self.score_text(read_text(path, "the file to score"), str(path))
 
 
 def _is_token_settings(text: Any) -> bool:

@@ -25,13 +25,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lm_lightning.data.preprocessing import Preprocessor
 from lm_lightning.data.segments import BagVocabulary, Segmenter, count_matrix
-from lm_lightning.data.sources import read_text
-from lm_lightning.data.tokens import tokenize_lines
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import StreamWindows
 from lm_lightning.deploy.sampling import check_sampling
+from lm_lightning.deploy.text import ReadsText
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.format import MANIFEST, VOCAB
@@ -42,7 +40,7 @@ __all__ = ["ExportedModel"]
 
 
 @dataclass
-class ExportedModel:
+class ExportedModel(ReadsText):
     network: nn.Module
     vocab: Vocabulary
     text: dict  # the datamodule's export_settings(): how text was read
@@ -65,18 +63,10 @@ class ExportedModel:
         return cls(network, vocab, text, metadata, folder)
 
     @property
-    def preprocessor(self) -> Preprocessor:
-        return Preprocessor(**self.text["preprocessing"])
-
-    @property
     def is_bag_model(self) -> bool:
         return self.text["kind"] == "bags"
 
     # --- tokens ---------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """As ``predict`` does: the prompt's tokens (unknown words become ``<unk>``); an empty prompt is ``<eos>``."""
-        return self.vocab.encode(self.preprocessor(prompt)) or [self.vocab.eos_id]
-
     def generate(
         self,
         prompt: str,
@@ -92,25 +82,13 @@ class ExportedModel:
         ids = torch.tensor([self.encode_prompt(prompt)] * num_samples)
         generator = torch.Generator().manual_seed(seed)
         out = sample(self.network, ids, max_new_tokens, temperature, top_k, generator)
-        preprocessor = self.preprocessor
-        return [preprocessor.detokenize(self.vocab.decode(row.tolist())) for row in out]
+        return self.decode_rows(out.tolist())
 
     def score_text(self, text: str, name: str = "the text") -> dict:
         """Perplexity of ``text``, read and batched as the export's test split was (same streams and window)."""
         self._needs("tokens", "score")
-        tokens = tokenize_lines(text, self.preprocessor, self.text["keep_empty_lines"])
-        if not tokens:
-            raise LMInputError(f"{name} has no tokens after preprocessing: give a file with text in it.")
-        ids = self.vocab.encode_array(tokens)
-        streams, bptt = self.text["eval_batch_size"], self.text["bptt"]
-        try:
-            windows = StreamWindows(ids, streams, bptt, split="scored text")
-        except LMInputError:
-            raise LMInputError(
-                f"{name} has {len(ids):,} tokens, fewer than one evaluation window needs ({streams} streams x "
-                f"{bptt + 1} tokens = {streams * (bptt + 1):,}): give a longer text, or --batch-size 1 (a perplexity "
-                "not comparable with the export's own)."
-            ) from None
+        ids = self.ids_to_score(text, name)
+        windows = StreamWindows(ids, self.text["eval_batch_size"], self.text["bptt"], split="scored text")
         start = time.perf_counter()
         ppl = perplexity(self.network, windows)
         return {
@@ -119,12 +97,6 @@ class ExportedModel:
             "unknown": int((ids == self.vocab.unk_id).sum()),
             "seconds": time.perf_counter() - start,
         }
-
-    def score_file(self, path: str | Path) -> dict:
-        path = Path(path)
-        if not path.exists():
-            raise LMInputError(f"{path} does not exist: give the text file to score.")
-        return self.score_text(read_text(path, "the file to score"), str(path))
 
     # --- bags -----------------------------------------------------------------------------------------
     @torch.no_grad()
