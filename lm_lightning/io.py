@@ -10,6 +10,7 @@ process umask is never read by setting it, which would race with other threads c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -107,3 +108,17 @@ def _swap(tmp: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read 1 MiB at a time: caches, exports and ONNX exports all check their files with it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_sha256(value: object) -> bool:
+    """A hex SHA-256 as the manifests write it: 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)

@@ -33,7 +33,7 @@ from lm_lightning.data.locks import clear_leftovers, entry_lock
 from lm_lightning.data.splits import SPLITS
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.errors import LMInputError
-from lm_lightning.io import atomic_directory
+from lm_lightning.io import atomic_directory, file_sha256
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,14 +54,6 @@ class CacheDamaged(Exception):
 def cache_key(content_hash: str, settings: dict) -> str:
     blob = json.dumps({"version": CACHE_VERSION, "content": content_hash, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def prepare_root(root: Path) -> bool:

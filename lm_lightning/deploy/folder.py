@@ -10,7 +10,6 @@ failure is one :class:`LMInputError` naming the folder and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -24,6 +23,7 @@ from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.deploy.layout import MANIFEST, MODEL, ONNX_FORMAT, ONNX_VERSION, VOCAB
 from lm_lightning.deploy.session import open_session
 from lm_lightning.errors import LMInputError
+from lm_lightning.io import file_sha256, is_sha256
 
 MAX_MANIFEST_BYTES = 16 << 20  # as export/checks.py: a manifest is a few KiB; a larger one is refused unread
 FLOAT, INT64 = "tensor(float)", "tensor(int64)"
@@ -118,7 +118,7 @@ def check_files(folder: Path, files: dict) -> None:
     for name, entry in files.items():
         if name not in (MODEL, VOCAB):
             raise NotAnOnnxExport(f"its manifest lists {name!r}, not a file an ONNX export holds ({MODEL}, {VOCAB})")
-        if not isinstance(entry, dict) or not _positive_int(entry.get("bytes")) or not _is_sha256(entry.get("sha256")):
+        if not isinstance(entry, dict) or not _positive_int(entry.get("bytes")) or not is_sha256(entry.get("sha256")):
             raise NotAnOnnxExport(f"its manifest's entry for {name} has no byte count and SHA-256")
     if MODEL not in files:
         raise NotAnOnnxExport(f"its manifest does not list {MODEL}")
@@ -134,7 +134,7 @@ def check_files(folder: Path, files: dict) -> None:
             raise NotAnOnnxExport(f"{name} is missing") from None
         if not stat.S_ISREG(info.st_mode):
             raise NotAnOnnxExport(f"{name} is not a regular file (a link, a folder or a device)")
-        if info.st_size != entry["bytes"] or _sha256(folder / name) != entry["sha256"]:
+        if info.st_size != entry["bytes"] or file_sha256(folder / name) != entry["sha256"]:
             raise NotAnOnnxExport(f"{name} does not match the manifest (size or SHA-256 differ): it was changed or damaged")
 
 
@@ -192,16 +192,6 @@ def _positive_int(value: Any) -> bool:
     return type(value) is int and value >= 1
 
 
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _one_line(err: BaseException) -> str:

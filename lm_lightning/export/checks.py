@@ -14,7 +14,6 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,6 +31,7 @@ from lm_lightning.export.format import (
     stored_as,
 )
 from lm_lightning.export.quantization import block_width
+from lm_lightning.io import is_sha256
 
 # The loader's ceilings: a manifest or header larger than these, or a network of more numbers, is refused unread.
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest takes ~300 bytes per tensor
@@ -95,7 +95,7 @@ def check_files(folder: Path, files: dict) -> None:
                 else "not a file an export holds"
             )
             raise NotAnExport(f"its manifest lists {name!r}, {kind} ({WEIGHTS}, {VOCAB})")
-        if not isinstance(entry, dict) or type(entry.get("bytes")) is not int or not _is_sha256(entry.get("sha256")):
+        if not isinstance(entry, dict) or type(entry.get("bytes")) is not int or not is_sha256(entry.get("sha256")):
             raise NotAnExport(f"its manifest's entry for {name} has no byte count and SHA-256")
     if WEIGHTS not in files:
         raise NotAnExport(f"its manifest does not list {WEIGHTS}")
@@ -118,8 +118,6 @@ def check_files(folder: Path, files: dict) -> None:
             raise NotAnExport(f"{name} does not match the manifest (size or SHA-256 differ)")
 
 
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def tensor_plans(manifest: dict, tensors: dict[str, torch.Tensor], ties: dict[str, str], cls: str) -> dict[str, dict]:

@@ -1,20 +1,23 @@
 """The export format on disk: names, int4 packing, the sparse layouts and their decoding, which tensors are quantized.
 
-``writer.py`` writes and ``loader.py`` loads exports with these; ``checks.py`` checks an export against them before loading.
+``writer.py`` and ``onnx_writer.py`` write exports with these (``write_folder``: the atomic folder both formats share),
+``loader.py`` loads them; ``checks.py`` checks an export against them before loading.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from lm_lightning.errors import LMInputError
+from lm_lightning.io import atomic_directory, atomic_path, file_sha256
 
 FORMAT, VERSION = "lm_lightning.export", 2
 WEIGHTS, MANIFEST, VOCAB = "model.safetensors", "manifest.json", "vocab.json"
@@ -110,12 +113,7 @@ def network_tensors(network: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, ties
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256 = file_sha256  # the name the export modules use
 
 
 def header_of(plans: dict[str, dict]) -> dict[str, tuple[str, list[int]]]:
@@ -135,3 +133,24 @@ def header_of(plans: dict[str, dict]) -> dict[str, tuple[str, list[int]]]:
         if plan["quantized"]:
             header[f"{name}.scale"] = ("F32", [plan["shape"][0], plan["shape"][1] // plan["block"]])
     return header
+
+
+def check_target(folder: Path) -> None:
+    """An export goes to a new or empty folder, or replaces an export: never over a folder of someone else's files."""
+    if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
+
+
+def write_folder(folder: Path, name: str, write: Callable[[Path], None], vocab: Any, manifest: dict) -> None:
+    """Write an export atomically (a crash never leaves half of one; a re-export replaces the old folder only when
+    complete): ``write(path)`` makes the file ``name``, then the vocabulary, then the manifest, to which this adds
+    every file's size and SHA-256 (``files``) before ``metadata``."""
+    with atomic_directory(folder, replace=True) as tmp:
+        with atomic_path(tmp / name) as path:  # atomic_path: the file follows the umask whatever the writer does
+            write(path)
+        if vocab is not None:
+            vocab.save(tmp / VOCAB)
+        metadata = manifest.pop("metadata", None) or {}
+        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest["metadata"] = metadata
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")

@@ -45,14 +45,12 @@ from lm_lightning.deploy.layout import (
     TOP_IDS,
     TOP_K,
     TOP_LOGITS,
-    VOCAB,
 )
 from lm_lightning.deploy.session import open_session
 from lm_lightning.errors import LMInputError
-from lm_lightning.export.format import sha256
+from lm_lightning.export.format import check_target, write_folder
 from lm_lightning.export.onnx_quantize import rewrite_weights
 from lm_lightning.export.quantization import check_quantization
-from lm_lightning.io import atomic_directory, atomic_path
 
 __all__ = ["ACCURACY_LEVEL", "OPSET", "OnnxNetwork", "check_exportable", "export_onnx"]
 
@@ -89,7 +87,9 @@ def _state_of(network: nn.Module) -> tuple[list[torch.Tensor], Any, list[int]]:
     for a, b in zip(leaves, others):
         differ = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
         if len(differ) != 1 or a.shape[differ[0]] != 2:
-            raise LMInputError(f"{type(network).__name__}'s state {tuple(a.shape)} has no single batch axis: export it with --export.format safetensors.")
+            raise LMInputError(
+                f"{type(network).__name__}'s state {tuple(a.shape)} has no single batch axis: export it with --export.format safetensors."
+            )
         axes.append(differ[0])
     return [torch.zeros_like(t) for t in leaves], spec, axes
 
@@ -141,34 +141,34 @@ def export_onnx(
     quantization: ``writer.plain_copy``). Returns a report like ``export_model``'s."""
     check_quantization(bits, group_size)
     folder = Path(folder)
-    if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
-        raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
+    check_target(folder)
     model, state = onnx_graph(network)
     formats = rewrite_weights(model, bits, group_size, accuracy_level)
     default_top_k = _add_top_k(model)
     onnx.checker.check_model(model)
-    with atomic_directory(folder, replace=True) as tmp:
-        with atomic_path(tmp / MODEL) as path:
-            path.write_bytes(model.SerializeToString())
-        if vocab is not None:
-            vocab.save(tmp / VOCAB)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {
-            "format": ONNX_FORMAT,
-            "version": ONNX_VERSION,
-            "bits": bits,
-            "group_size": group_size,
-            "network": network_spec or {"class": type(network).__name__},
-            "graph": {
-                "ids": IDS, "logits": LOGITS, "vocab_size": _vocab_size(model), "state": state, "opset": OPSET,
-                "top_k": TOP_K, "top_logits": TOP_LOGITS, "top_ids": TOP_IDS, "default_top_k": default_top_k,
-                "operators": sorted({n.op_type for n in model.graph.node}), "weights": formats,
-                "accuracy_level": accuracy_level if bits else None,
-            },  # fmt: skip
-            "files": files,
-            "metadata": metadata or {},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+    manifest = {
+        "format": ONNX_FORMAT,
+        "version": ONNX_VERSION,
+        "bits": bits,
+        "group_size": group_size,
+        "network": network_spec or {"class": type(network).__name__},
+        "graph": {
+            "ids": IDS,
+            "logits": LOGITS,
+            "vocab_size": _vocab_size(model),
+            "state": state,
+            "opset": OPSET,
+            "top_k": TOP_K,
+            "top_logits": TOP_LOGITS,
+            "top_ids": TOP_IDS,
+            "default_top_k": default_top_k,
+            "operators": sorted({n.op_type for n in model.graph.node}),
+            "weights": formats,
+            "accuracy_level": accuracy_level if bits else None,
+        },  # fmt: skip
+        "metadata": metadata,
+    }
+    write_folder(folder, MODEL, lambda path: path.write_bytes(model.SerializeToString()), vocab, manifest)
     return {
         "folder": str(folder),
         "bits": bits,
@@ -185,7 +185,10 @@ def _add_top_k(model: onnx.ModelProto) -> int:
     graph, default = model.graph, min(DEFAULT_TOP_K, _vocab_size(model))
     last = f"{LOGITS}_last_step"
     graph.initializer.extend(
-        [numpy_helper.from_array(np.array(-1, np.int64), f"{last}_index"), numpy_helper.from_array(np.array([default], np.int64), TOP_K)]
+        [
+            numpy_helper.from_array(np.array(-1, np.int64), f"{last}_index"),
+            numpy_helper.from_array(np.array([default], np.int64), TOP_K),
+        ]
     )
     graph.input.append(helper.make_tensor_value_info(TOP_K, TensorProto.INT64, [1]))
     graph.node.extend([

@@ -20,7 +20,6 @@ rebuilds and checks the network. The format's names and layouts are in ``format.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -32,25 +31,22 @@ import torch.nn.utils.prune as torch_prune
 from safetensors.numpy import save_file
 from torch import nn
 
-from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.fake_quantization import disable_fake_quantization
 from lm_lightning.export.format import (
     FORMAT,
-    MANIFEST,
     VERSION,
-    VOCAB,
     WEIGHTS,
+    check_target,
     layouts,
     network_tensors,
     stored_as,
     stored_bytes,
+    write_folder,
 )
-from lm_lightning.export.format import sha256 as _sha256
 from lm_lightning.export.loader import load_exported, record_evaluation
 from lm_lightning.export.onnx_writer import OnnxNetwork, export_onnx
 from lm_lightning.export.quantization import block_width, check_quantization, quantize_weight
-from lm_lightning.io import atomic_directory, atomic_path
 from lm_lightning.networks import NETWORKS
 from lm_lightning.networks.contract import class_path
 
@@ -87,8 +83,7 @@ def export_model(
     {"bytes": total size of the folder's files, "tensors": {name: {"format": ..., "bytes": ...}}}."""
     check_quantization(bits, group_size)
     folder = Path(folder)
-    if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
-        raise LMInputError(f"{folder} exists and is not an export: choose an empty or new folder for the export.")
+    check_target(folder)
     tensors, ties = network_tensors(network)
     arrays: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
@@ -110,24 +105,12 @@ def export_model(
         entries[name] = info
 
     spec = network_spec(network, network_init_args)
-    with atomic_directory(folder, replace=True) as tmp:
-        with atomic_path(tmp / WEIGHTS) as weights:  # safetensors alone would leave the file 0600 whatever the umask
-            save_file(arrays, str(weights), metadata={"format": FORMAT})
-        if vocab is not None:
-            vocab.save(tmp / VOCAB)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "bits": bits,
-            "group_size": group_size,
-            "network": spec,
-            "tensors": entries,
-            "ties": ties,
-            "files": files,
-            "metadata": metadata or {},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+    manifest = {
+        "format": FORMAT, "version": VERSION, "bits": bits, "group_size": group_size, "network": spec,
+        "tensors": entries, "ties": ties, "metadata": metadata,
+    }  # fmt: skip
+    # safetensors writes through its own open(): atomic_path around it keeps the file's mode the umask's
+    write_folder(folder, WEIGHTS, lambda path: save_file(arrays, str(path), metadata={"format": FORMAT}), vocab, manifest)
     formats = {
         n: {"format": e["dtype"] if e["storage"] == "dense" else f"{e['dtype']}+{e['storage']}", "bytes": e["bytes"]}
         for n, e in entries.items()
@@ -191,7 +174,10 @@ def export_network(
             loaded, device = OnnxNetwork(folder), torch.device("cpu")
         else:
             same = NETWORKS.get(type(plain).__name__) is type(plain)
-            loaded, device = (load_exported(folder) if same else load_exported(folder, network=plain)), next(network.parameters()).device
+            loaded, device = (
+                (load_exported(folder) if same else load_exported(folder, network=plain)),
+                next(network.parameters()).device,
+            )
         datamodule.setup("test")
         report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches, device)
         record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
