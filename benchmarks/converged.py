@@ -1,7 +1,7 @@
 """Memory strategies on a converged model: post-training quantization (PTQ) of its checkpoint, and QAT and pruning as
 finishing phases from its weights (``fit --weights_from``: new optimizer, constant small lr, new run folder).
 
-    python -m lm_lightning fit -c configs/ptb_small.yaml --data.data_dir ../shared/data/ptb      # ~70 min, one thread
+    python -m lm_lightning fit -c configs/ptb_small.yaml      # ~70 min, one thread (offline: --data.data_dir DIR)
     python benchmarks/converged.py --run lightning_logs/version_0 --skip all                      # ~25 min, 2 cores
 
 ``benchmarks/memory.py`` trains every strategy from scratch for a few epochs, which says what each one costs in memory

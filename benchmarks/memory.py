@@ -1,7 +1,7 @@
 """What does each memory strategy buy? Train the same model with each strategy alone and all together.
 
     python benchmarks/memory.py                                    # embedded corpus, default recipe, 2 epochs
-    python benchmarks/memory.py --recipe configs/ptb_small.yaml --data-dir ../shared/data/ptb --epochs 1
+    python benchmarks/memory.py --recipe configs/ptb_small.yaml --epochs 1     # offline: --data-dir DIR
 
 Every configuration runs in its own process (so peak memory is its own), with the memory monitor on, and
 ``--repeats`` times in rotating order (tokens/s on a shared machine is noisy: the table shows medians). Beside
@@ -254,7 +254,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=lambda p: str(Path(p).resolve()), default=str(ROOT / "configs" / "default.yaml"))
-    parser.add_argument("--data-dir", type=lambda p: str(Path(p).resolve()), default=None, help="folder of the recipe's corpus (e.g. ../shared/data/ptb)")
+    parser.add_argument("--data-dir", type=lambda p: str(Path(p).resolve()), default=None, help="folder of the recipe's corpus (a folder holding train.txt, valid.txt, test.txt; default: downloaded by name)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (windows; same for accumulation)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; tokens/s is their median")

@@ -6,7 +6,7 @@ The reference the template is compared with: what does Lightning cost in tokens/
 user would write by hand, and does it reach the same perplexity?
 
     python benchmarks/plain_loop.py --epochs 2 --out plain.json                             # configs/default.yaml
-    python benchmarks/plain_loop.py --recipe configs/ptb_small.yaml --data-dir ../shared/data/ptb   # all 13 epochs
+    python benchmarks/plain_loop.py --recipe configs/ptb_small.yaml   # all 13 epochs (offline: --data-dir DIR)
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def instantiate(spec: dict | None, *args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "default.yaml")
-    parser.add_argument("--data-dir", default=None, help="folder of the recipe's corpus (e.g. ../shared/data/ptb)")
+    parser.add_argument("--data-dir", default=None, help="folder of the recipe's corpus (a folder holding train.txt, valid.txt, test.txt; default: downloaded by name)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's max_epochs")
     parser.add_argument("--limit-train-batches", type=int, default=None, help="windows per epoch")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all (like --trainer.max_steps)")
