@@ -81,11 +81,7 @@ class OnnxModel(ReadsText):
         return [s["output"] for s in self.graph["state"]]
 
     def _feeds(self, ids: np.ndarray, state: Optional[list[np.ndarray]]) -> dict[str, np.ndarray]:
-        feeds = {self.graph["ids"]: np.ascontiguousarray(ids, dtype=np.int64)}
-        for i, s in enumerate(self.graph["state"]):
-            shape = [len(ids) if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
-            feeds[s["input"]] = state[i] if state is not None else np.zeros(shape, dtype=np.float32)
-        return feeds
+        return graph_feeds(self.graph, ids, state)
 
     # --- generate -------------------------------------------------------------------------------------
     def generate(
@@ -133,6 +129,15 @@ class OnnxModel(ReadsText):
             "unknown": int((ids == self.vocab.unk_id).sum()),
             "seconds": time.perf_counter() - start,
         }
+
+
+def graph_feeds(graph: dict, ids: np.ndarray, state: Optional[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """The inputs of an export's graph (its manifest's ``graph``): the ids, and the state, zeros when ``None``."""
+    feeds = {graph["ids"]: np.ascontiguousarray(ids, dtype=np.int64)}
+    for i, s in enumerate(graph["state"]):
+        shape = [len(ids) if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
+        feeds[s["input"]] = state[i] if state is not None else np.zeros(shape, dtype=np.float32)
+    return feeds
 
 
 def _is_token_settings(text: Any) -> bool:

@@ -21,8 +21,6 @@ file's, which ``score`` reproduces.
 from __future__ import annotations
 
 import io
-import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -34,11 +32,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lm_lightning.deploy.folder import open_export
 from lm_lightning.deploy.layout import (
     DEFAULT_TOP_K,
     IDS,
     LOGITS,
-    MANIFEST,
     MODEL,
     ONNX_FORMAT,
     ONNX_VERSION,
@@ -46,7 +44,7 @@ from lm_lightning.deploy.layout import (
     TOP_K,
     TOP_LOGITS,
 )
-from lm_lightning.deploy.session import open_session
+from lm_lightning.deploy.runtime import graph_feeds
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.format import check_target, write_folder
 from lm_lightning.export.onnx_quantize import rewrite_weights
@@ -213,20 +211,11 @@ class OnnxNetwork(nn.Module):
 
     def __init__(self, folder: str | Path, threads: Optional[int] = None) -> None:
         super().__init__()
-        folder = Path(folder)
-        self.graph = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["graph"]
-        self.session = open_session(folder / MODEL, threads)
+        export = open_export(folder, threads or 1)  # the checks generate and score run: the file is measured as used
+        self.graph, self.session = export.manifest["graph"], export.session
 
     def forward(self, ids: torch.Tensor, hidden: Optional[list[torch.Tensor]] = None) -> tuple[torch.Tensor, list]:
-        batch = ids.shape[0]
-        feeds = {self.graph["ids"]: ids.cpu().numpy().astype("int64")}
-        for i, s in enumerate(self.graph["state"]):
-            shape = [batch if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
-            feeds[s["input"]] = hidden[i].numpy() if hidden is not None else torch.zeros(shape).numpy()
+        state = [t.cpu().numpy() for t in hidden] if hidden is not None else None
         names = [self.graph["logits"], *(s["output"] for s in self.graph["state"])]
-        logits, *state = self.session.run(names, feeds)
+        logits, *state = self.session.run(names, graph_feeds(self.graph, ids.cpu().numpy(), state))
         return torch.from_numpy(logits), [torch.from_numpy(t) for t in state]
-
-
-def float32_share(report: dict) -> float:
-    return report["bytes"] / report["float32_bytes"] if report["float32_bytes"] else math.nan
