@@ -127,12 +127,29 @@ class LMCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        self._restructure()
         self._load_weights_from()
         if self.checkpoint is not None:
             config = self.config.get(self.config.get("subcommand") or "", self.config)
             check_compatible(self.checkpoint, self.model, config["ckpt_path"])
             if self.subcommand is not None:  # the trainer loads it again; `export` uses this copy
                 self.checkpoint = None
+
+    def _restructure(self) -> None:
+        """The strategies that swap a network module for their own layer do it now, before a checkpoint's weights are
+        checked against the model and loaded (``MemoryStrategy.restructure``); two may not swap the same module."""
+        strategies = memory_strategies(self.trainer)
+        claimed: dict[str, str] = {}
+        for strategy in strategies:
+            if strategy.replaces and strategy.replaces in claimed:
+                raise LMInputError(
+                    f"{claimed[strategy.replaces]} and {type(strategy).__name__} both replace the network's {strategy.replaces}: "
+                    "keep one of them in trainer.callbacks."
+                )
+            claimed[strategy.replaces] = type(strategy).__name__
+        if isinstance(self.model, StreamSystem):
+            for strategy in strategies:
+                strategy.restructure(self.model)
 
     def _load_weights_from(self) -> None:
         """``fit --weights_from CKPT``: the network's weights from a trained run, everything else new."""

@@ -55,21 +55,19 @@ def _scalars(run: Path, tag: str) -> list[float]:
     return [event.value for event in events.Scalars(tag)]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """Both fits, run side by side: ``{"ddp": {"ranks": [rank0, rank1], "dir": ...}, "single": {...}}``."""
-    root = tmp_path_factory.mktemp("ddp")
+def _fit_side_by_side(root: Path, runs: dict[str, list[str]], extra: list[str] = ()) -> dict:
+    """The fits of ``runs`` started together: ``{name: {"ranks": [rank0, ...], "dir": ...}}``."""
     words = [f"w{i}" for i in range(max(TRAIN_WORDS, VALID_WORDS))]
     (root / "corpus").mkdir()
     for split, count in (("train", TRAIN_WORDS), ("valid", VALID_WORDS), ("test", 50)):
         (root / "corpus" / f"{split}.txt").write_text(" ".join(words[:count]) + "\n")
     started = {}
-    for name, args in RUNS.items():
+    for name, args in runs.items():
         (root / name).mkdir()
         # A session of its own, so that a hung run's rank processes can all be killed at once.
         with open(root / name / "output.txt", "w") as log:
             started[name] = subprocess.Popen(
-                [sys.executable, "-m", "lm_lightning", *COMMON, "--data.source", str(root / "corpus"), *args],
+                [sys.executable, "-m", "lm_lightning", *COMMON, "--data.source", str(root / "corpus"), *args, *extra],
                 cwd=root / name, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
     for name, process in started.items():
@@ -83,8 +81,14 @@ def runs(tmp_path_factory) -> dict:
         assert process.returncode == 0, (root / name / "output.txt").read_text()[-3000:]
     return {
         name: {"dir": root / name, "ranks": [json.loads(p.read_text()) for p in sorted((root / name / "batches").glob("rank*.json"))]}
-        for name in RUNS
+        for name in runs
     }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Both fits, run side by side: ``{"ddp": {"ranks": [rank0, rank1], "dir": ...}, "single": {...}}``."""
+    return _fit_side_by_side(tmp_path_factory.mktemp("ddp"), RUNS)
 
 
 def test_validation_perplexity_equals_one_process_at_the_same_global_batch(runs):
@@ -143,3 +147,17 @@ def test_each_rank_draws_its_own_dropout_masks_and_rank0_those_of_one_process(ru
             assert torch.rand(4).tolist() == record["next_uniforms"]
     finally:
         torch.set_rng_state(state)
+
+
+def test_the_adaptive_layers_train_under_ddp_as_in_one_process(tmp_path):
+    """Adaptive input + softmax (tied): a tail cluster without targets on a rank still takes part in the gradient
+    all-reduce (no hang: DDP runs without find_unused_parameters), and validation equals one process's."""
+    adaptive = ["-c", str(Path(__file__).resolve().parents[1] / "configs/memory/adaptive.yaml"), "--trainer.callbacks.cutoffs", "[50,200]"]
+    runs = _fit_side_by_side(tmp_path, RUNS, adaptive)
+    ddp, one = _scalars(runs["ddp"]["dir"], "val/ppl"), _scalars(runs["single"]["dir"], "val/ppl")
+    assert len(ddp) == len(one) == 2 and ddp == pytest.approx(one, rel=1e-5)
+    assert 1 < one[-1] < TRAIN_WORDS * 2
+    for name in ("ddp", "single"):  # trained as adaptive layers (the tails' matrices are in the checkpoint)
+        last = runs[name]["dir"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        state = torch.load(last, weights_only=True)["state_dict"]
+        assert state["network.decoder.tails.1.1.weight"].shape == (202, 1)  # words 200-401 in 16 // 4**2 = 1 dimension

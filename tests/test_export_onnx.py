@@ -20,7 +20,8 @@ from lm_lightning.evaluation import perplexity
 from lm_lightning.export.onnx_quantize import nbits_layout
 from lm_lightning.export.onnx_writer import OnnxNetwork, export_onnx
 from lm_lightning.export.quantization import dequantize_weight, quantize_weight
-from lm_lightning.networks import BagLSTMNetwork, LSTMNetwork
+from lm_lightning.networks import AdaptiveEmbedding, AdaptiveLogSoftmax, BagLSTMNetwork, LSTMNetwork
+from lm_lightning.networks.adaptive import install
 
 
 def trained_looking(network: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -41,8 +42,17 @@ def dequantized(network: torch.nn.Module, bits: int, group_size: int) -> torch.n
     return copy_
 
 
+def adaptive_lstm() -> LSTMNetwork:
+    """Adaptive input and softmax, tied; widths 40, 8 and 1 (div_value 5), so every group size below fits."""
+    network = LSTMNetwork(300, 40, 40, 2, 0.0, True)
+    install(network, "decoder", AdaptiveLogSoftmax(300, 40, [30, 120], 5.0))
+    install(network, "embedding", AdaptiveEmbedding(300, 40, [30, 120], 5.0))
+    return network
+
+
 NETWORKS = {
     "tied LSTM": lambda: LSTMNetwork(300, 40, 40, 2, 0.0, True),
+    "adaptive input and softmax": adaptive_lstm,
     "untied LSTM": lambda: LSTMNetwork(300, 40, 40, 2, 0.0, False),
     "GRU (a fork)": lambda: GRUNetwork(300, 40, 40, 2),
 }
@@ -72,6 +82,10 @@ def test_onnx_runtime_reproduces_the_network_and_carries_its_state(tmp_path, kin
     operators = manifest["graph"]["operators"]
     assert ("MatMulNBits" in operators) == (bits is not None)
     assert manifest["graph"]["vocab_size"] == 300 and manifest["bits"] == bits
+    if kind.startswith("adaptive"):  # each word matrix once, as float32 (shared by Gather and Gemm) or only as codes
+        model = onnx.load(str(tmp_path / "export" / "model.onnx"))
+        floats = [int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and "scales" not in t.name]
+        assert [floats.count(n) for n in (30 * 40, 90 * 8, 180 * 1)] == ([1, 1, 1] if bits is None else [0, 0, 0])
 
 
 def _initializer_sizes(folder: Path) -> list[int]:

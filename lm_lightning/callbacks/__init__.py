@@ -6,6 +6,8 @@ monitor lives with the memory measuring and planning it shares code with: ``lm_l
 """
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
+from lm_lightning.callbacks.adaptive_input import AdaptiveInput
+from lm_lightning.callbacks.adaptive_softmax import AdaptiveSoftmax
 from lm_lightning.callbacks.allocator import ReturnFreedMemory
 from lm_lightning.callbacks.chunked_loss import ChunkedLoss
 from lm_lightning.callbacks.console import ValidationLine
@@ -20,6 +22,8 @@ from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
 from lm_lightning.callbacks.throughput import TokenThroughput
 
 __all__ = [
+    "AdaptiveInput",
+    "AdaptiveSoftmax",
     "ChunkedLoss",
     "Export",
     "GenerationWriter",

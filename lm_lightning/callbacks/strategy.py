@@ -24,7 +24,8 @@ them: the HPARAMS row and ``compare`` (``name``, :meth:`label`, :meth:`hparams`)
 
 A strategy that changes the system's structure (how the loss or the network runs) does it in :meth:`apply`, through
 the hooks that :class:`~lm_lightning.systems.base.StreamSystem` documents (``loss_head``, ``window_runner``) or
-through the network's own modules; a strategy that acts during training (a schedule) uses Lightning's hooks as any
+through the network's own modules (a strategy that swaps a module for a new layer does that in :meth:`restructure`,
+which runs before a checkpoint is loaded); a strategy that acts during training (a schedule) uses Lightning's hooks as any
 callback does, and tells ``estimate`` its costliest state in :meth:`probe`.
 """
 
@@ -65,6 +66,15 @@ class MemoryStrategy(Callback):
         """``(bits, group_size)`` when this strategy trained the weights for an integer export (the export step then
         writes that format unless ``--export.bits`` says otherwise); ``None`` otherwise."""
         return None
+
+    #: The network module this strategy puts a new layer in place of (``"decoder"``, ``"embedding"``), ``""`` for none;
+    #: two strategies of a run cannot replace the same one.
+    replaces: ClassVar[str] = ""
+
+    def restructure(self, system: StreamSystem) -> None:
+        """Swap the network's modules for this strategy's own (what its state dict holds), idempotently. Called before
+        any checkpoint is loaded into the system (``--ckpt_path``, ``--weights_from``, ``export``) and by :meth:`apply`
+        implementations that need it; the default swaps nothing."""
 
     def apply(self, system: StreamSystem) -> None:
         """Change ``system`` (its network or its hooks) as this strategy trains it. The base :meth:`setup` calls it at

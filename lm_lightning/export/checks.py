@@ -75,6 +75,13 @@ def read_manifest(folder: Path) -> dict:
         raise NotAnExport("its manifest does not name the network's class")
     if spec.get("class_path") is not None and not isinstance(spec["class_path"], str):
         raise NotAnExport(f"its manifest's network class_path is {spec['class_path']!r}, not a dotted name")
+    modules = spec.get("modules", {})
+    if not isinstance(modules, dict) or not all(
+        isinstance(name, str) and name.isidentifier() and isinstance(record, dict)
+        and isinstance(record.get("class_path"), str) and isinstance(record.get("init_args"), dict)
+        for name, record in modules.items()
+    ):  # fmt: skip
+        raise NotAnExport("its manifest's network modules are not {name: {class_path, init_args}} entries")
     for key in ("tensors", "ties", "files"):
         if not isinstance(manifest.get(key), dict):
             raise NotAnExport(f"its manifest's {key!r} is not a JSON object")

@@ -85,7 +85,8 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int) -> nn.M
     for alias, name in ties.items():
         state[alias] = state[name]
     if network is None:
-        network = build_network(network_class(folder, manifest["network"]), manifest["network"]["config"])
+        spec = manifest["network"]
+        network = build_network(network_class(folder, spec), spec["config"], spec.get("modules"), folder)
     try:
         network.load_state_dict(state)
     except RuntimeError as err:  # a caller's instance whose parameters changed since the check: not expected

@@ -161,7 +161,7 @@ def rewrite_weights(model: onnx.ModelProto, bits: Optional[int], group_size: int
                     formats[f"{node.name or node.op_type} {role}"] = f"int{bits}, dequantized when the graph is loaded"
                     node.input[position] = _folded_weights(g, w, bits, group_size, node.input[position])
     for node, out in rewritten:
-        for consumer in g.graph.node:
+        for consumer in [*g.graph.node, *g.new_nodes]:  # a rewritten node may feed another (a projected embedding)
             for i, name in enumerate(consumer.input):
                 if name == node.output[0]:
                     consumer.input[i] = out

@@ -25,9 +25,10 @@ def check_quantization(bits: Optional[int], group_size: int) -> None:
 
 
 def block_width(weight_shape: torch.Size | tuple, bits: int, group_size: int, name: str = "weight") -> int:
-    """Inputs sharing one scale: the whole row for int8, ``group_size`` for int4 (which must divide the row)."""
+    """Inputs sharing one scale: the whole row for int8, ``group_size`` for int4 (which must divide the row); a row
+    narrower than ``group_size`` (an adaptive layer's rare-word matrix) is one group."""
     width = int(weight_shape[-1])
-    if bits == 8:
+    if bits == 8 or width < group_size:
         return width
     if width % group_size:
         divisors = [d for d in (32, 64, 16, 128, 8) if width % d == 0]
@@ -44,6 +45,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 32) -> tu
     # Imported here, not at module level: torchao costs 13 MB of resident memory that a float32 run never needs.
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
+    if weight.shape[-1] == 1:  # torchao cannot quantize (rows, 1) (a reshape fails); a zero column changes no scale
+        codes, scale = quantize_weight(torch.cat([weight, torch.zeros_like(weight)], -1), bits, group_size)
+        return codes[:, :1].contiguous(), scale
     block = (1, block_width(weight.shape, bits, group_size))
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale, zero_point = choose_qparams_affine(

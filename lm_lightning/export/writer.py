@@ -63,7 +63,10 @@ def network_spec(network: nn.Module, init_args: Optional[dict] = None) -> dict:
     config = dict(init_args) if init_args is not None else getattr(network, "config", None)
     if NETWORKS.get(cls.__name__) is cls and isinstance(config, dict):
         config.pop("dropout", None)  # the loader builds the template's networks with dropout 0 (eval mode)
-    return {"class": cls.__name__, "class_path": class_path(network), "config": config}
+    spec = {"class": cls.__name__, "class_path": class_path(network), "config": config}
+    if getattr(network, "replaced_modules", None):  # layers a memory strategy put in (adaptive input and softmax)
+        spec["modules"] = {name: dict(record) for name, record in network.replaced_modules.items()}
+    return spec
 
 
 def export_model(

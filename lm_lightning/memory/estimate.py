@@ -37,6 +37,7 @@ from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
 from lm_lightning.memory.measure import allocated_bytes, human_bytes, rss_bytes, storage_bytes
 from lm_lightning.memory.probe import LEVERS, Phases, Probe, Settings
+from lm_lightning.networks.contract import output_layer
 
 # What `fit` holds beyond this process at the same point: what its first steps, first validation and first logged
 # text load and keep (oneDNN's primitive cache, TensorBoard's summary modules, the validation windows, the sanity
@@ -122,7 +123,9 @@ def search(probe: Probe, current: Settings, batch_size: int, bptt: int, baseline
     configured loss before the chunked one. Returns (fitting estimate or None, the smallest estimate seen)."""
     chunks = list(dict.fromkeys([current.loss_chunk_size, current.loss_chunk_size or DEFAULT_CHUNK_SIZE]))
     recomputes = list(dict.fromkeys([current.recompute_segments, max(current.recompute_segments, round(bptt**0.5))]))
-    if not callable(getattr(probe.template.network, "features", None)):  # the chunked loss needs the output-layer hook
+    try:  # the chunked loss needs the output-layer hook, and refuses a decoder another strategy replaced
+        output_layer(probe.template.network, "ChunkedLoss")
+    except LMInputError:
         chunks = [current.loss_chunk_size]
     cache: dict[tuple[int, int], tuple] = {}
     smallest: Optional[Estimate] = None
@@ -179,6 +182,18 @@ def predict(model: Any, trainer: Any, data: Any, baseline: int) -> tuple[Estimat
     return estimate, probe, current
 
 
+def speed_line(probe: Probe, current: Settings) -> str:
+    """Training speed from timed probe steps, and against the network without the memory strategies' layers and hooks
+    (the adaptive softmax's factor, recomputation's cost) where the run has any."""
+    speed = probe.tokens_per_second(current)
+    line = f"Predicted speed: {speed:,.0f} training tokens/s (timed probe steps here, {torch.get_num_threads()} threads)"
+    if any(s.label() for s in probe.strategies):
+        plain = probe.tokens_per_second(current, plain=True)
+        if plain == plain:  # not NaN: the network could be built without them
+            line += f", {speed / plain:.2f}x the same run without its memory strategies ({plain:,.0f})"
+    return line
+
+
 def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
     """The estimate at the start of ``fit`` (``MemoryMonitor``), where it applies: token path, CPU, glibc."""
     data = getattr(trainer, "datamodule", None)
@@ -227,6 +242,7 @@ def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], b
     estimate, probe, current = predict(model, trainer, data, baseline)
     batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
     print(estimate.table(bptt))
+    print(speed_line(probe, current))
     if probe.optimizer_note:
         print(probe.optimizer_note)
     if os.environ.get("MALLOC_MMAP_MAX_") == "0" or "MALLOC_TRIM_THRESHOLD_" in os.environ:

@@ -8,6 +8,8 @@ Each strategy puts the copy in its costliest state through its own ``probe()`` (
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from lm_lightning.callbacks.recompute import Recomputation
 from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
 from lm_lightning.data.batch import Batch
 from lm_lightning.memory.measure import PeakAllocated, allocated_bytes, human_bytes, storage_bytes
+from lm_lightning.networks.contract import build_network, network_spec
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,42 @@ class Probe:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
         return Phases(streams, kept, forward.peak - start, backward.peak - start, step.peak - start)
+
+    def plain(self) -> Any:
+        """A copy of the run's system with the network as configured, without the memory strategies' layers and hooks
+        (what a strategy's speed factor is measured against); ``None`` for a network without a ``config``."""
+        if getattr(self.template.network, "config", None) is None:
+            return None
+        model = copy.deepcopy(self.template)
+        model.network = build_network(network_spec(self.template.network))
+        model.loss_head = model.window_runner = None
+        model = self.trainer.precision_plugin.convert_module(model).train()
+        return model
+
+    def tokens_per_second(self, settings: Settings, plain: bool = False, steps: int = 3) -> float:
+        """Training tokens per second of a micro-batch step (forward, backward, optimizer step; the median of
+        ``steps`` after one to warm up), timed without the memory measurement's dispatch mode."""
+        if plain:
+            model = self.plain()
+            if model is None:
+                return float("nan")
+            config = model.configure_optimizers()
+            optimizer = config["optimizer"] if isinstance(config, dict) else config
+        else:
+            model, optimizer = self.build(settings)
+        n, times = settings.micro_batch_size, []
+        with torch.backends.mkldnn.flags(enabled=self.onednn), torch.random.fork_rng(devices=[]):
+            for seed in range(steps + 1):
+                batch = _probe_batch(n, self.bptt, self.vocab_size, torch.Generator().manual_seed(seed))
+                model._hidden.clear()
+                start = time.perf_counter()
+                with self.trainer.precision_plugin.forward_context():
+                    loss = model._loss(batch, "train")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                times.append(time.perf_counter() - start)
+        return n * self.bptt / statistics.median(times[1:])
 
     def measure(self, settings: Settings) -> tuple[dict[str, int], Phases, Phases, str]:
         """Steady-state bytes and steps of half the micro-batch and the whole one. Each size runs twice and the

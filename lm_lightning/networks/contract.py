@@ -20,6 +20,9 @@ sentence naming what is missing):
   features without the full logits (the chunked loss).
 * ``config``: a dict of the constructor's arguments, so an export records how to rebuild the network (when the
   system was built by the CLI its configuration is recorded anyway).
+* ``embedding`` (an ``nn.Embedding``) and ``decoder``, read by the strategies that put adaptive layers in their place
+  (adaptive input and softmax, ``networks/adaptive.py``): :func:`replace_module` records such a swap, so an export
+  rebuilds the network as it was trained.
 
 Everything else is found in the modules themselves, for any layer type that torch has a generic mechanism for: the
 weights that pruning and quantization-aware training act on (``nn.Embedding``, ``nn.EmbeddingBag``, ``nn.Linear`` and
@@ -48,12 +51,26 @@ class Network(Protocol):
 def output_layer(network: nn.Module, strategy: str) -> nn.Linear:
     """The ``decoder`` of a network that offers ``features`` and ``decoder``, or one sentence naming what is missing."""
     decoder = getattr(network, "decoder", None)
+    if "decoder" in getattr(network, "replaced_modules", {}):
+        raise LMInputError(
+            f"{strategy} computes the network's nn.Linear decoder its own way, and another memory strategy of this run has "
+            f"put a {type(decoder).__name__} in its place (the adaptive softmax never builds the full logits either): "
+            f"leave one of the two out."
+        )
     if not callable(getattr(network, "features", None)) or not isinstance(decoder, nn.Linear):
         raise LMInputError(
             f"{strategy} needs a network with a features() method and an nn.Linear decoder (the optional output-layer "
             f"hook of lm_lightning/networks/contract.py); {type(network).__name__} lacks them: add them, or leave {strategy} out."
         )
     return decoder
+
+
+def replace_module(network: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of ``network.<name>``, recorded in ``network.replaced_modules`` (name -> class path and
+    the module's ``config``) so that an export rebuilds the network with it (``export/rebuild.py``)."""
+    setattr(network, name, module)
+    records = network.__dict__.setdefault("replaced_modules", {})
+    records[name] = {"class_path": class_path(module), "init_args": dict(module.config)}
 
 
 def class_path(network: nn.Module) -> str:
