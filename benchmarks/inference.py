@@ -109,7 +109,7 @@ def table(rows: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="*", help="NAME=FOLDER or NAME=FOLDER::CHECKOUT")
-    parser.add_argument("--test-file", required=True, help="the text to score (the export's own test split, to compare)")
+    parser.add_argument("--test-file", required=True, type=lambda p: str(Path(p).resolve()), help="the text to score (the export's own test split, to compare)")
     parser.add_argument("--prompt", default="the")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)

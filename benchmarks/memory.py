@@ -170,6 +170,7 @@ def run_one(name: str, cli_args: list[str], out: Path, group_size: int, eval_bat
         # What the forward pass kept for backward, by the allocator's count where there is one (it sees the chunked
         # loss's early gradients and recomputed segments' inputs, which saved-tensor hooks cannot).
         "optimizer_bytes": statistics.median(logged.get("memory/optimizer_bytes", [math.nan])),
+        "state_bytes": sum(statistics.median(logged.get(f"memory/{part}_bytes", [math.nan])) for part in ("params", "grads", "optimizer")),
         "activations_bytes": statistics.median(
             logged.get("memory/retained_bytes", logged.get("memory/activations_bytes", [math.nan]))
         ),
@@ -199,8 +200,8 @@ def mib(n: float) -> str:
 
 def table(rows: list[dict], baseline: dict) -> str:
     lines = [
-        "| preset | strategies (their labels) | peak memory (RSS) | optimizer state | kept for backward per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| preset | strategies (their labels) | peak memory (RSS) | parameters + gradients + optimizer state | optimizer state | kept for backward per step | tokens/s (median) | export | export size | test ppl (model) | test ppl (export) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         ratio = row["tokens_per_sec"] / baseline["tokens_per_sec"]
@@ -208,10 +209,11 @@ def table(rows: list[dict], baseline: dict) -> str:
         for i, (label, export) in enumerate(exports.items()):
             first = i == 0
             lines.append(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                     row["name"] if first else "",
                     row.get("strategies", "") if first else "",
                     mib(row["peak_rss_bytes"]) if first else "",
+                    mib(row.get("state_bytes", math.nan)) if first else "",
                     mib(row.get("optimizer_bytes", math.nan)) if first else "",
                     mib(row.get("activations_bytes", math.nan)) if first else "",
                     f"{row['tokens_per_sec']:,.0f} ({ratio:.2f}x)" if first else "",

@@ -26,6 +26,7 @@ import yaml
 
 from lm_lightning.data import StreamWindows, TokenDataModule
 from lm_lightning.evaluation import perplexity
+from lm_lightning.memory.measure import storage_bytes
 from lm_lightning.networks import LSTMNetwork
 from lm_lightning.systems import LanguageModel
 
@@ -141,6 +142,9 @@ def main() -> None:
         "recipe": str(args.recipe),
         "tokens_per_sec": tokens / seconds if steps > 5 and seconds else float("nan"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        # Parameters, their gradients (still there after the last step) and the optimizer's state, as the monitor counts.
+        "state_bytes": storage_bytes([*network.parameters(), *(p.grad for p in network.parameters() if p.grad is not None),
+                                      *(t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor))]),
         "val_ppl_per_epoch": val_curve,
         "val_ppl": min(val_curve),
         "test_ppl": perplexity(network, test, max_batches=args.eval_batches),  # of the best-validation weights, as the template's `test` of best-*.ckpt

@@ -129,8 +129,6 @@ def test_the_chunked_loss_and_the_adaptive_softmax_refuse_each_other(order):
 def test_refusals_before_training_are_one_sentence(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cases = [
-        (["--trainer.callbacks+=AdaptiveSoftmax"], r"AdaptiveSoftmax on a tied network needs the adaptive embedding too"),
-        (["--trainer.callbacks+=AdaptiveInput"], r"AdaptiveInput on a tied network needs the adaptive decoder too"),
         ([*ADAPTIVE, "-c", str(ROOT / "configs/memory/chunked_loss.yaml")], r"leave one of the two out\."),
         (["-c", str(ROOT / "configs/bag_embedded.yaml"), *ADAPTIVE], r"the bag path reads bags of words"),
     ]
@@ -144,14 +142,39 @@ def test_refusals_before_training_are_one_sentence(tmp_path, monkeypatch, capsys
         assert err.startswith("error: ") and pytest.importorskip("re").search(message, err), err
 
 
-def test_one_side_alone_trains_an_untied_network(tmp_path, monkeypatch):
-    """Each preset alone unties the network (a full matrix on the other side has nothing to share): it trains, and
-    validation falls from epoch to epoch, below the uniform guess."""
+def test_one_side_alone_unties_the_network_and_says_so(tmp_path, monkeypatch, caplog):
+    """Each preset alone on the tied default network: the other side keeps its full matrix, untied (a line says so),
+    and the run trains: validation falls from epoch to epoch, below the uniform guess."""
     monkeypatch.chdir(tmp_path)
-    for preset in ("adaptive_softmax", "adaptive_input"):
+    for preset, other in (("adaptive_softmax", "embedding"), ("adaptive_input", "decoder")):
+        caplog.clear()
         cli = build_cli(["fit", *TINY, "-c", str(ROOT / f"configs/memory/{preset}.yaml"), "--trainer.limit_train_batches", "8", "--trainer.max_epochs", "2"])
         first, second = val_ppl(cli)[-2:]
         assert second < first < cli.datamodule.vocab_size, (preset, first, second)
         network = cli.model.network
         assert list(network.replaced_modules) == ["decoder" if preset == "adaptive_softmax" else "embedding"]
         assert not {id(p) for p in network.embedding.parameters()} & {id(p) for p in network.decoder.parameters()}
+        assert getattr(network, other).weight.shape == (cli.datamodule.vocab_size, 32)  # the full matrix, its own
+        assert f"the {other} keeps its full matrix, untied" in caplog.text
+
+
+def test_the_adaptive_layers_compose_with_every_other_strategy(tmp_path, monkeypatch):
+    """bf16 + accumulation (4 x 8 streams) + pruning + QAT (configs/memory/all.yaml) + recomputation + the adaptive pair
+    in one fit: 4 optimizer steps with finite losses, the clustered loss head under the recomputed features, the
+    pruned matrices the adaptive ones, and an int8 sparse export at the end."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(
+        ["fit", *TINY, *ADAPTIVE, "-c", str(ROOT / "configs/memory/all.yaml"), "-c", str(ROOT / "configs/memory/recompute.yaml"),
+         "--trainer.limit_train_batches", "16"]
+    )  # fmt: skip
+    assert cli.trainer.global_step == 4 and cli.model.window_runner is not None
+    assert type(cli.model.loss_head).__name__ == "AdaptiveNLL"
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    assert all(np.isfinite([e.value for e in events.Scalars("train/loss")]))
+    assert 1 < events.Scalars("val/ppl")[-1].value < cli.datamodule.vocab_size
+    tails = cli.model.network.decoder.tails
+    assert float((tails[0][1].weight == 0).float().mean()) > 0.5  # pruning reached the tail's word matrix
+    assert (Path(cli.trainer.log_dir) / "export" / "manifest.json").is_file()

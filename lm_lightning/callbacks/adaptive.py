@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 from torch import nn
 
@@ -106,9 +107,9 @@ class AdaptiveLayerStrategy(MemoryStrategy):
         if getattr(getattr(network, self.replaces), "tied", False) and not any(
             s.replaces == self.partner for s in memory_strategies(trainer)
         ):
-            raise LMInputError(
-                f"{name} on a tied network needs the adaptive {self.partner} too, so that the two share their word matrices "
-                f"(-c configs/memory/adaptive.yaml turns on both); or untie: --model.network.init_args.tie_weights false."
+            rank_zero_info(
+                f"{name} on a tied network: the {self.partner} keeps its full matrix, untied (add the adaptive "
+                f"{self.partner} too, -c configs/memory/adaptive.yaml, and the two share their word matrices)."
             )
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ids") and stage == "fit":

@@ -3,8 +3,8 @@
 The input side of the adaptive softmax's clusters (``networks/adaptive.py``): frequent words keep the full embedding
 width, rare words get ``embedding_dim / div_value**i`` dimensions and a projection back up. Fewer parameters, gradients
 and optimizer state at a large vocabulary; Baevski & Auli report it also trains faster and to a better perplexity on
-WikiText-103, tied with the adaptive softmax (``configs/memory/adaptive.yaml``). Alone it serves an untied network
-(a tied one would have nothing to share its full decoder with: the run stops and says so).
+WikiText-103, tied with the adaptive softmax (``configs/memory/adaptive.yaml``). Alone on a tied network, the full
+decoder keeps the matrix the two shared, untied (the run says so).
 """
 
 from __future__ import annotations

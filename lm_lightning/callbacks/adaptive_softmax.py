@@ -10,7 +10,8 @@ exactly -log p(target) under it (tests/test_adaptive.py holds it to the full dis
 
 It replaces the network's ``decoder`` (the contract's output-layer hook: ``features`` and an ``nn.Linear`` decoder) and
 computes the loss from the features, as the chunked loss does, which it makes unnecessary: the two refuse each other.
-On a tied network it needs the adaptive input too (``configs/memory/adaptive.yaml``), which shares its word matrices.
+On a tied network, the adaptive input (``configs/memory/adaptive.yaml``) shares its word matrices; without it the
+embedding keeps its full matrix, untied (the run says so).
 """
 
 from __future__ import annotations

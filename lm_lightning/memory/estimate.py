@@ -186,7 +186,7 @@ def speed_line(probe: Probe, current: Settings) -> str:
     """Training speed from timed probe steps, and against the network without the memory strategies' layers and hooks
     (the adaptive softmax's factor, recomputation's cost) where the run has any."""
     speed = probe.tokens_per_second(current)
-    line = f"Predicted speed: {speed:,.0f} training tokens/s (timed probe steps here, {torch.get_num_threads()} threads)"
+    line = f"Predicted speed: {speed:,.0f} training tokens/s (timed probe steps here, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})"
     if any(s.label() for s in probe.strategies):
         plain = probe.tokens_per_second(current, plain=True)
         if plain == plain:  # not NaN: the network could be built without them
