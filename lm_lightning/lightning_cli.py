@@ -28,6 +28,10 @@ from lightning.pytorch.utilities import rank_zero_info
 # neither concerns anything used here.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# Lightning 2.6 names torch's LeafSpec, which torch 2.13 deprecates, at every fit's start; and advertises a cloud
+# logger at every Trainer: neither is about the user's run, so neither reaches the console.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not record.getMessage().startswith("💡 Tip"))
 
 from lm_lightning.callbacks import (  # noqa: E402
     Export,

@@ -237,3 +237,20 @@ def test_bad_data_sources(tmp_path, monkeypatch, capsys, make_source, message):
     assert not (tmp_path / "lightning_logs").exists()  # failed before any run folder or checkpoint
     leftovers = [p for p in cache.rglob("*") if p.name.endswith(".tmp")] if cache.exists() else []
     assert leftovers == []
+
+
+def test_the_end_of_fit_names_the_best_checkpoint_and_the_command_that_tests_it(tmp_path, monkeypatch, capsys):
+    """The last two lines of a fit, run as printed (from the folder the fit ran in): the test perplexity comes back.
+    No advertisement for a cloud logger and no deprecation notice from the libraries reach the console."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "-c", str(ROOT / "configs/presets/debug.yaml"), *QUIET, *SMALL])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    best = re.fullmatch(r"Best checkpoint: (lightning_logs/version_0/checkpoints/best-\S+\.ckpt) \(val ppl ([0-9.]+)\)\.", lines[-2])
+    assert best is not None, lines[-2:]
+    command = lines[-1].removeprefix("Test it: python -m lm_lightning ").split()
+    assert command == ["test", "-c", "lightning_logs/version_0/config.yaml", "--ckpt_path", best.group(1)]
+    for noise in ("💡 Tip", "litlogger", "LeafSpec", "deprecated"):
+        assert noise not in captured.out + captured.err
+    main([*command, *QUIET])
+    assert "test/ppl" in capsys.readouterr().out

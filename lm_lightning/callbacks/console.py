@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -65,6 +66,20 @@ class ValidationLine(Callback):
         self.lines.append(line)
         print(line, flush=True)
 
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Whatever the console: which checkpoint to keep and how to test it, the next thing a user does.
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "")
+        if not best or not Path(best).is_file():
+            return
+        score = getattr(checkpoint, "best_model_score", None)
+        figure = f" (val ppl {float(score):.2f})" if score is not None and getattr(checkpoint, "monitor", "") == "val/ppl" else ""
+        config = Path(trainer.log_dir or "") / "config.yaml"
+        print(f"Best checkpoint: {_shown(best)}{figure}.", flush=True)
+        if config.is_file():
+            print(f"Test it: python -m lm_lightning test -c {_shown(config)} --ckpt_path {_shown(best)}", flush=True)
+
     def line(self, trainer: L.Trainer) -> str:
         metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step:,}"]
@@ -88,3 +103,11 @@ class ValidationLine(Callback):
         if self._start is None or done <= 0 or not math.isfinite(total):
             return None
         return (time.monotonic() - self._start) / done * max(0, total - trainer.global_step)
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working folder when it is inside it (what the user would type), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
