@@ -19,7 +19,7 @@ from lm_lightning.__main__ import main
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DEBUG = ["-c", "configs/presets/debug.yaml", *QUIET]
-CORPUS_DIRS = {"configs/ptb_small.yaml": SHARED_PTB, "configs/wikitext2_small.yaml": SHARED_WT2}
+CORPUS_DIRS = {"configs/ptb_small.yaml": SHARED_PTB, "configs/wikitext2_small.yaml": SHARED_WT2, "configs/wikitext2_adaptive.yaml": SHARED_WT2}
 
 
 def one_liners() -> list[tuple[str, str]]:
