@@ -75,9 +75,11 @@ class ValidationLine(Callback):
             return
         score = getattr(checkpoint, "best_model_score", None)
         figure = f" (val ppl {float(score):.2f})" if score is not None and getattr(checkpoint, "monitor", "") == "val/ppl" else ""
-        config = Path(trainer.log_dir or "") / "config.yaml"
+        # Not trainer.log_dir: under DDP it is a broadcast, which this rank-zero hook would wait on alone.
+        folders = [Path(log_dir) for log_dir in (getattr(logger, "log_dir", None) for logger in trainer.loggers) if log_dir]
+        config = next((f / "config.yaml" for f in [*folders, Path(best).parent.parent] if (f / "config.yaml").is_file()), None)
         print(f"Best checkpoint: {_shown(best)}{figure}.", flush=True)
-        if config.is_file():
+        if config is not None:
             print(f"Test it: python -m lm_lightning test -c {_shown(config)} --ckpt_path {_shown(best)}", flush=True)
 
     def line(self, trainer: L.Trainer) -> str:
