@@ -91,7 +91,15 @@ def cluster_widths(dim: int, clusters: int, div_value: float) -> list[int]:
     return [max(1, int(dim // div_value**i)) for i in range(clusters)]
 
 
-class AdaptiveEmbedding(nn.Module):
+class _AdaptiveLayer(nn.Module):
+    """What both layers share: how an export's rebuild puts one back in a network (``export/rebuild.py``)."""
+
+    def attach(self, network: nn.Module, name: str) -> None:
+        """Put this layer in ``network`` in place of ``name``, tied as it was trained."""
+        install(network, name, self)
+
+
+class AdaptiveEmbedding(_AdaptiveLayer):
     """Token ids -> ``(..., dim)`` vectors, cluster ``i`` embedded in ``dim // div_value**i`` and projected to ``dim``.
 
     Every cluster is looked up for every token and masked (ids outside a cluster read its row 0 and get weight 0): a
@@ -109,10 +117,6 @@ class AdaptiveEmbedding(nn.Module):
         for embedding in self.embeddings:
             nn.init.uniform_(embedding.weight, -0.1, 0.1)  # the full embedding's init (networks/lstm.py)
 
-    def attach(self, network: nn.Module, name: str) -> None:
-        """Put this layer in ``network`` in place of ``name`` (an export's rebuild; tied as it was trained)."""
-        install(network, name, self)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = None
         for (start, stop), embedding, projection in zip(self.spans, self.embeddings, self.projections):
@@ -123,7 +127,7 @@ class AdaptiveEmbedding(nn.Module):
         return out
 
 
-class AdaptiveLogSoftmax(nn.Module):
+class AdaptiveLogSoftmax(_AdaptiveLayer):
     """Features ``(..., dim)`` -> log-probabilities over the vocabulary (``forward``, normalized: what generation,
     export and ``score`` read), or the summed -log p(targets) touching only the clusters they fall in (``nll``)."""
 
@@ -141,10 +145,6 @@ class AdaptiveLogSoftmax(nn.Module):
         )
         nn.init.zeros_(self.shortlist.bias)  # the full decoder's init (networks/lstm.py)
         nn.init.uniform_(self.shortlist.weight, -0.1, 0.1)
-
-    def attach(self, network: nn.Module, name: str) -> None:
-        """Put this layer in ``network`` in place of ``name`` (an export's rebuild; tied as it was trained)."""
-        install(network, name, self)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(torch.cat([self.shortlist(x), self.cluster_logits(x)], -1), dim=-1, dtype=torch.float32)
