@@ -6,6 +6,7 @@ started."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -88,6 +89,34 @@ def runnable(command: str) -> tuple[list[str], dict[str, str]]:
     return args, env
 
 
+def newest_run(folder: Path) -> Path:
+    return max((folder / "lightning_logs").glob("version_*"), key=lambda run: run.stat().st_mtime_ns)
+
+
+def newest_export(folder: Path) -> Path:
+    return max((folder / "lightning_logs").glob("version_*/export*/manifest.json"), key=lambda m: m.stat().st_mtime_ns).parent
+
+
+def config_of(run: Path) -> str:
+    return (run / "config.yaml").read_text()
+
+
+# What each flag says it does, checked on what the command left behind (rows not named here are checked by exit status
+# and, for generate/predict/score, by their output).
+EFFECTS = {
+    "Penn Treebank": lambda out, d: "source: ptb" in config_of(newest_run(d)),
+    "SGD instead of AdamW": lambda out, d: "torch.optim.SGD" in (c := config_of(newest_run(d))) and "lr: 20" in c,
+    "Chinese or other text without spaces": lambda out, d: "tokenizer: char" in config_of(newest_run(d)),
+    "one text file, split 90/5/5": lambda out, d: "source: book.txt" in config_of(newest_run(d)),
+    "export a checkpoint (int8)": lambda out, d: json.loads((newest_export(d) / "manifest.json").read_text())["bits"] == 8,
+    "export a checkpoint for ONNX Runtime (int8)": lambda out, d: any(newest_export(d).glob("*.onnx")),
+    "finish a trained run with QAT int8": lambda out, d: "QuantizationAwareFinishing" in config_of(newest_run(d)),
+    "predict a run's peak memory, and what fits 2 GiB": lambda out, d: "Predicted peak memory" in out and "Budget 2.0 GiB" in out,
+    "print the resolved config": lambda out, d: "ptb" in out and "max_epochs: 13" in out,
+    "compare runs: table + Pareto picture": lambda out, d: (d / "pareto.png").stat().st_size > 0,
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("what", "command"), ROWS, ids=[what for what, _ in ROWS])
 def test_every_readme_one_liner_runs_as_written(what, command, workdir, monkeypatch, capsys):
@@ -104,8 +133,13 @@ def test_every_readme_one_liner_runs_as_written(what, command, workdir, monkeypa
         assert out.strip(), f"{command} printed no text"
     if args[0] == "score":
         assert "perplexity" in out
+    for start, effect in EFFECTS.items():
+        if what.startswith(start):
+            assert effect(out, workdir), f"{command} ran, but did not do what its row says ({what})"
 
 
 def test_the_table_is_read():
     """The parser above finds the table's rows (a renamed section would otherwise test nothing)."""
     assert len(ROWS) >= 20 and all(c.startswith(("python -m", "NLTK_DATA")) for _, c in ROWS)
+    for start in EFFECTS:
+        assert any(what.startswith(start) for what, _ in ROWS), f"no README one-liner starts with {start!r}"
