@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_lightning.callbacks import Export, memory_strategies
 from lm_lightning.deploy.commands import generate_command, score_command
-from lm_lightning.errors import LMInputError, exit_with, flag_sentence, input_error
+from lm_lightning.errors import LMInputError, StoppedBySigterm, exit_with, flag_sentence, input_error
 from lm_lightning.export.settings import resolve_format
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 from lm_lightning.lightning_cli import build_cli
@@ -85,9 +86,21 @@ COMMANDS = {
 }
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM before Lightning's own handler is in place (reading the corpus, building the cache, the model): stop
+    here, through every ``finally`` (temporary cache folders and locks are cleaned up). Once a fit runs, Lightning
+    calls this too, after its own handler, which stops at the next batch: then nothing is raised here."""
+    if signal.getsignal(signal.SIGTERM) is _terminated:
+        raise StoppedBySigterm
+
+
 def main(args: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = sys.argv[1:] if args is None else args
+    # Only where SIGTERM would otherwise kill the process silently (a harness or a user may have set their own).
+    own_handler = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if own_handler:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args[:1] and args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])
@@ -99,6 +112,13 @@ def main(args: Optional[list[str]] = None) -> None:
         print(
             "stopped by SIGTERM before the run finished: resume it from its last checkpoint with "
             "-c RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt (written at the end of each epoch).",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except StoppedBySigterm:
+        print(
+            "stopped by SIGTERM before training started (while reading the data or building the model): nothing was "
+            "trained and nothing half-written was left; run the same command again.",
             file=sys.stderr,
         )
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -116,6 +136,9 @@ def main(args: Optional[list[str]] = None) -> None:
         if cause is None:
             raise
         exit_with(str(cause))
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ class LMInputError(ValueError):
     """Bad user input (a path, a setting, a corpus): the message says what is wrong and how to fix it."""
 
 
+class StoppedBySigterm(BaseException):
+    """SIGTERM arrived before training started (``cli.main``): a BaseException, so that no ``except Exception`` on the
+    way (a corpus reader's, a cache's) takes it for a failure to recover from."""
+
+
 def input_error(err: Optional[BaseException]) -> Optional[LMInputError]:
     """The LMInputError behind ``err``: jsonargparse wraps errors raised while it builds classes (callbacks)."""
     while err is not None and not isinstance(err, LMInputError):

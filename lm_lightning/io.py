@@ -10,8 +10,10 @@ process umask is never read by setting it, which would race with other threads c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -122,3 +124,24 @@ def file_sha256(path: str | Path) -> str:
 def is_sha256(value: object) -> bool:
     """A hex SHA-256 as the manifests write it: 64 lowercase hex digits."""
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+# How libraries report a write the full disk cut short when they drop the errno: numpy's tofile ("1020499 requested and
+# 495584 written") and torch's zip writer ("[enforce fail at inline_container.cc:...] . unexpected pos ...", raised as a
+# RuntimeError while it handles the ENOSPC; also "file write failed").
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|unexpected pos \d+|file write failed|No space left on device|Disk quota exceeded")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a write that failed because the disk or the quota is full,
+    however the library reported it: an errno, or a short write's message without one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(err, (OSError, RuntimeError)) and _SHORT_WRITE.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+

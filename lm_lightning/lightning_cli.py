@@ -43,7 +43,7 @@ from lm_lightning.callbacks import (  # noqa: E402
     memory_strategies,
 )
 from lm_lightning.data import StreamDataModule  # noqa: E402
-from lm_lightning.errors import LMInputError, input_error  # noqa: E402
+from lm_lightning.errors import LMInputError, StoppedBySigterm, input_error  # noqa: E402
 from lm_lightning.memory.monitor import MemoryMonitor  # noqa: E402, F401  (so that --trainer.callbacks+=MemoryMonitor resolves)
 from lm_lightning.storage.checkpoints import BestAndLastCheckpoint, install_atomic_checkpoint_io  # noqa: E402
 from lm_lightning.storage.folders import RunConfig, existing_run_config, place_logs  # noqa: E402
@@ -136,6 +136,8 @@ class LMCLI(LightningCLI):
         if self.checkpoint is not None:
             config = self.config.get(self.config.get("subcommand") or "", self.config)
             check_compatible(self.checkpoint, self.model, config["ckpt_path"])
+            if self.subcommand == "fit":  # checked against the configured optimizer once it can be built
+                self._resumed = (config["ckpt_path"], self.checkpoint.get("optimizer_states") or [])
             if self.subcommand is not None:  # the trainer loads it again; `export` uses this copy
                 self.checkpoint = None
 
@@ -218,12 +220,12 @@ class LMCLI(LightningCLI):
                 f"{existing.parent} already holds a run (its config.yaml): give another --trainer.logger.init_args.version "
                 "(null for a new version_N), or resume that run with --ckpt_path."
             )
-        check_start(self.trainer, self.model, subcommand)
+        check_start(self.trainer, self.model, subcommand, getattr(self, "_resumed", None))
         created = new_folders(self.trainer)
         try:
             super()._run_subcommand(subcommand)
-        except Exception as err:
-            if input_error(err) is not None:
+        except (Exception, StoppedBySigterm) as err:
+            if input_error(err) is not None or isinstance(err, StoppedBySigterm):
                 remove_failed_start(self.trainer, created)
             raise
 

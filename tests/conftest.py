@@ -54,6 +54,28 @@ def tiny_corpus(tmp_path: Path) -> Path:
 
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``small_disk(kib)``: a folder on a tmpfs of that size, to fill up for real (skipped where mounting is not
+    allowed: it needs root, or a container that permits it). Unmounted at the end."""
+    import subprocess
+
+    mounts = []
+
+    def make(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip() or 'mount failed'})")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 def shared(*parts: str) -> Path | None:
     """A path under the shared read-only data folder (next to the repository, or inside it), if present."""
     for base in (ROOT.parent / "shared", ROOT / "shared"):

@@ -113,8 +113,8 @@ def _patch_torch_save(switch: KillAt) -> None:
     torch.save = save_half_then_die
 
 
-def _patch_numpy_save() -> None:
-    """Die halfway through the second ``.npy`` a token-cache build writes."""
+def _patch_numpy_save(signum: int = signal.SIGKILL) -> None:
+    """Die (or get ``signum``) halfway through the second ``.npy`` a token-cache build writes."""
     real_save, calls = np.save, []
 
     def save_then_die(file: Any, arr: Any, *args: Any, **kwargs: Any) -> None:
@@ -127,7 +127,7 @@ def _patch_numpy_save() -> None:
             out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
             out.flush()
             os.fsync(out.fileno())
-        die()
+        os.kill(os.getpid(), signum)
 
     np.save = save_then_die
 
@@ -136,6 +136,8 @@ def _patch_numpy_save() -> None:
 # the prepare point is armed when this module is imported (jsonargparse imports it while parsing the arguments).
 if os.environ.get("LM_TEST_KILL_AT") == "prepare":
     _patch_numpy_save()
+elif os.environ.get("LM_TEST_KILL_AT") == "prepare_sigterm":  # a scheduler's SIGTERM at the same point
+    _patch_numpy_save(signal.SIGTERM)
 
 
 def run_cli(args: list[str], cwd: str, log_path: str, kill_in_prepare: bool = False) -> None:

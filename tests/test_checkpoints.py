@@ -142,6 +142,18 @@ def test_a_full_disk_during_fit_is_one_sentence_and_keeps_last_ckpt(tmp_path, co
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 22
 
 
+def test_a_really_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(small_disk):
+    """A real full disk (a 256 KiB tmpfs): torch's zip writer reports it as a RuntimeError ("unexpected pos"), not as
+    the OSError it handles, and the sentence must still say the disk is full."""
+    folder = small_disk(256)
+    target = folder / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.zeros(1000)}, target)
+    with pytest.raises(LMInputError, match=r"^The disk holding .*checkpoints is full, so the checkpoint was not written"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(200_000)}, target)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
 def test_a_sigkill_inside_the_save_leaves_the_previous_last_ckpt(tmp_path, corpora):
     """A real `python -m lm_lightning fit`, killed with half of epoch 1's last.ckpt written (tests/kill_switch.py)."""
     corpus, _, cache = corpora
@@ -177,6 +189,24 @@ def test_a_sigterm_during_fit_exits_143_with_a_sentence_and_keeps_the_last_check
     assert "stopped by SIGTERM before the run finished" in err and "Traceback" not in err
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] >= 22
+
+
+def test_a_sigterm_while_the_data_is_prepared_exits_143_with_a_sentence_and_leaves_nothing(tmp_path, corpora):
+    """SIGTERM halfway through writing the token cache (tests/kill_switch.py), before Lightning's own handler exists:
+    not a silent death but 143 and a sentence; no run folder, no half-written cache, and the next start builds it."""
+    corpus, _, _ = corpora
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "lm_lightning", "fit", *data(corpus, cache), "--trainer.max_epochs", "1"]
+    env = {**os.environ, "LM_TEST_KILL_AT": "prepare_sigterm"}
+    armed = [*args, "--trainer.callbacks+=kill_switch.KillAt", "--trainer.callbacks.point", "prepare"]
+    proc = subprocess.run(armed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM before training started") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "lightning_logs").exists()
+    assert not cache.exists() or [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Token cache written" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -429,3 +459,25 @@ def test_a_checkpoint_from_before_the_network_was_injected_is_one_sentence_namin
     assert exit_info.value.code == 2 and err.count("\n") == 0
     assert "was written before the network became an argument of the model (its embedding_dim 8, hidden_dim 8" in err
     assert err.endswith("start a new fit from its weights with --weights_from and the same sizes as --model.network.* flags.")
+
+
+# --- another optimizer on resume ----------------------------------------------------------------------------
+def test_resuming_with_another_optimizer_is_one_sentence_and_a_new_lr_is_said(tmp_path, corpora, caplog):
+    """The saved AdamW state cannot drive SGD (KeyError 'momentum' in its first step): refused before the run folder is
+    touched, pointing at --weights_from. A new learning rate would be replaced by the saved one: said, and resumed."""
+    corpus, _, cache = corpora
+    in_folder(tmp_path, ["fit", *data(corpus, cache), "--trainer.max_epochs", "1"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    resume = ["fit", "-c", str(run / "config.yaml"), "--ckpt_path", str(last), "--trainer.max_epochs", "2", *QUIET]
+    sentence = (r"^--model.optimizer SGD is not the optimizer .*last.ckpt was trained with \(its saved state has no "
+                r"dampening, momentum, nesterov\): .* --weights_from .*last.ckpt instead of --ckpt_path\.$")
+    with pytest.raises(LMInputError, match=sentence):
+        in_folder(tmp_path, [*resume, "--model.optimizer", "SGD", "--model.optimizer.lr", "20"])
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    with caplog.at_level("WARNING"):
+        cli = in_folder(tmp_path, [*resume, "--model.optimizer.lr", "0.5"])
+    assert "--model.optimizer.lr 0.5 is not used when resuming" in caplog.text
+    assert cli.trainer.current_epoch == 2
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3)  # the run's own, as said

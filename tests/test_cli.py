@@ -254,3 +254,22 @@ def test_the_end_of_fit_names_the_best_checkpoint_and_the_command_that_tests_it(
         assert noise not in captured.out + captured.err
     main([*command, *QUIET])
     assert "test/ppl" in capsys.readouterr().out
+
+
+def test_predict_onto_a_full_disk_prints_the_samples_and_ends_in_one_sentence(small_disk, capsys):
+    """generated.txt on a full disk (a 16 KiB tmpfs, filled): the samples are on screen, the file is not half-written."""
+    from types import SimpleNamespace
+
+    from lm_lightning.callbacks import GenerationWriter
+    from lm_lightning.errors import LMInputError
+
+    disk = small_disk(16)
+    with pytest.raises(OSError):
+        (disk / "filler").write_bytes(b"x" * 32768)
+    writer = GenerationWriter(output_path=str(disk / "generated.txt"))
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(disk))
+    samples = [{"prompt": "the", "text": "the cat sat " * 400}]
+    with pytest.raises(LMInputError, match=r"^The disk holding .* is full, so generated.txt was not written \(the samples"):
+        writer.write_on_epoch_end(trainer, None, [samples], [])
+    assert "the cat sat" in capsys.readouterr().out
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]

@@ -429,6 +429,16 @@ def fake_corpus(monkeypatch) -> str:
     return "fake"
 
 
+def test_a_download_onto_a_full_disk_is_one_sentence_and_leaves_no_file(fake_corpus, small_disk, monkeypatch):
+    """The named corpus is fetched into $LM_LIGHTNING_DATA on a 64 KiB disk; its 1 MiB train.txt cannot fit."""
+    data = small_disk(64)
+    monkeypatch.setenv("LM_LIGHTNING_DATA", str(data))
+    serve(monkeypatch, lambda url: FakeResponse([b"x" * 65536] * 16))
+    with pytest.raises(LMInputError, match=r"^The disk holding .* is full, so fake's train.txt was not downloaded: .*LM_LIGHTNING_DATA"):
+        load_corpus(fake_corpus)
+    assert [p.name for p in (data / fake_corpus).iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_download_over_the_size_cap_stops_and_leaves_no_file(tmp_path, monkeypatch):
     serve(monkeypatch, lambda url: FakeResponse([b"x" * 65536] * 100))
     target = tmp_path / "got" / "train.txt"

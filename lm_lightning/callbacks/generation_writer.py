@@ -9,7 +9,8 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lm_lightning.io import atomic_write_text
+from lm_lightning.errors import LMInputError
+from lm_lightning.io import atomic_write_text, disk_full
 
 
 class GenerationWriter(BasePredictionWriter):
@@ -30,6 +31,15 @@ class GenerationWriter(BasePredictionWriter):
         path = Path(self.output_path or Path(trainer.log_dir or ".") / "generated.txt")
         if trainer.is_global_zero:
             print(text)
-            atomic_write_text(path, text + "\n")
+            try:
+                atomic_write_text(path, text + "\n")
+            except OSError as err:
+                if not disk_full(err):
+                    raise
+                raise LMInputError(
+                    f"The disk holding {path.parent} is full, so {path.name} was not written (the samples are printed "
+                    "above): free space there, or give the file another place with "
+                    "--trainer.callbacks+=GenerationWriter --trainer.callbacks.output_path FILE."
+                ) from None
             print(f"\nWrote {len(samples)} sample(s) to {path}")
         self.written = path

@@ -33,7 +33,7 @@ from lm_lightning.data.locks import clear_leftovers, entry_lock
 from lm_lightning.data.splits import SPLITS
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.errors import LMInputError
-from lm_lightning.io import atomic_directory, file_sha256
+from lm_lightning.io import atomic_directory, disk_full, file_sha256
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,8 +115,11 @@ def _build(entry: Path, check: Callable[[Path], T], write: Callable[[Path], None
             raise LMInputError(
                 f"--data.cache_dir {root} is not writable ({err.strerror}): give a folder you can write to."
             ) from None
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise LMInputError(f"--data.cache_dir {root} is full ({err.strerror}): free space or give another folder.") from None
+        if disk_full(err):  # numpy's tofile reports a short write with no errno
+            raise LMInputError(
+                f"The disk holding --data.cache_dir {root} is full, so the {what.lower()} was not written: free space "
+                "there or give --data.cache_dir on another disk."
+            ) from None
         raise
 
 

@@ -32,7 +32,7 @@ from typing import Optional
 from lm_lightning.data.locks import clear_leftovers, entry_lock
 from lm_lightning.data.splits import SPLITS, blocks_of, paragraphs_of, split_documents
 from lm_lightning.errors import LMInputError
-from lm_lightning.io import atomic_path
+from lm_lightning.io import atomic_path, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,11 @@ def named_corpus(name: str, data_dir: Optional[Path]) -> Corpus:
                 if not path.exists():
                     download(spec.url.format(split=split), path, spec.sha256[split], deadline=deadline)
         except (OSError, http.client.HTTPException) as err:
+            if disk_full(err):
+                raise LMInputError(
+                    f"The disk holding {folder} is full, so {name}'s {split}.txt was not downloaded: free space there, "
+                    f"set LM_LIGHTNING_DATA to a folder on another disk, or pass a copy of the corpus as --data.data_dir."
+                ) from None
             raise LMInputError(
                 f"{path} is missing and could not be downloaded ({err}): put {name}'s train.txt, valid.txt and "
                 "test.txt in a folder and pass it as --data.data_dir."

@@ -37,6 +37,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lm_lightning.errors import LMInputError
+from lm_lightning.io import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer, when the disk filled under it
             raise _write_error(target.parent, err) from None
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_folder(target.parent)
 
 
-def _write_error(folder: Path, err: OSError) -> Exception:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+def _write_error(folder: Path, err: Exception) -> Exception:
+    if disk_full(err):
         return LMInputError(
             f"The disk holding {folder} is full, so the checkpoint was not written (the previous one is kept): free "
             "space there or point --trainer.default_root_dir to another disk."
         )
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LMInputError(
             f"Checkpoints cannot be written to {folder} ({os.strerror(err.errno)}): make it writable or point "
             "--trainer.default_root_dir to a writable folder."

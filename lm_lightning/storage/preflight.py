@@ -9,6 +9,8 @@ one sentence first. For bad input found later (a callback's ``setup``), :func:`n
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import shutil
@@ -22,10 +24,14 @@ import torch
 from lm_lightning.errors import LMInputError
 
 SAVE_DIR_FLAG = "--trainer.logger.init_args.save_dir"
+log = logging.getLogger(__name__)
 
 
-def check_start(trainer: L.Trainer, model: L.LightningModule, subcommand: str) -> None:
-    """One sentence, before anything is written, for settings Lightning or torch would refuse (or ignore) later."""
+def check_start(
+    trainer: L.Trainer, model: L.LightningModule, subcommand: str, resumed: Optional[tuple[str, list[dict]]] = None
+) -> None:
+    """One sentence, before anything is written, for settings Lightning or torch would refuse (or ignore) later.
+    ``resumed``: the ``--ckpt_path`` a fit resumes and its saved optimizer states."""
     log_dir = trainer.log_dir
     # The root first: the logs go under it unless the logger names its own folder, and its flag is the one to fix.
     if Path(trainer.default_root_dir).absolute() != Path.cwd():
@@ -34,7 +40,7 @@ def check_start(trainer: L.Trainer, model: L.LightningModule, subcommand: str) -
         check_writable(Path(log_dir), f"run from a writable folder or set {SAVE_DIR_FLAG} to one")
     if subcommand == "fit":
         check_training_budget(trainer)
-        check_optimizer(model)
+        check_optimizer(model, resumed)
 
 
 def check_writable(folder: Path, fix: str) -> None:
@@ -65,9 +71,9 @@ def check_training_budget(trainer: L.Trainer) -> None:
             )
 
 
-def check_optimizer(model: L.LightningModule) -> None:
+def check_optimizer(model: L.LightningModule, resumed: Optional[tuple[str, list[dict]]] = None) -> None:
     """Build the optimizer (and schedule) once, as fit will: torch refuses a negative learning rate only then, and
-    accepts a zero one, which trains nothing."""
+    accepts a zero one, which trains nothing. When resuming, the optimizer must be the one whose state is saved."""
     try:
         configured = model.configure_optimizers()
     except ValueError as err:
@@ -82,6 +88,35 @@ def check_optimizer(model: L.LightningModule) -> None:
             lr = group.get("lr")
             if lr is not None and float(lr) <= 0:
                 raise LMInputError(_lr_sentence(float(lr)))
+    if resumed is not None:
+        path, states = resumed
+        for optimizer, state in zip(_optimizers(configured), states):
+            check_resumed_optimizer(optimizer, state, path)
+
+
+# Settings torch fills in itself when it loads a state saved without them (by an older torch): not the optimizer's own.
+_TORCH_FLAGS = {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay", "initial_lr"}
+
+
+def check_resumed_optimizer(optimizer: torch.optim.Optimizer, state: dict, path: str) -> None:
+    """Resuming loads the saved optimizer state into the configured optimizer, settings included: another optimizer
+    class then fails in its first step (AdamW's state has no ``momentum`` for SGD), and a new learning rate is replaced
+    by the saved one. The first is refused, the second said."""
+    groups = state.get("param_groups") or [{}]
+    saved = groups[0]
+    missing = sorted(set(optimizer.defaults) - set(saved) - _TORCH_FLAGS)
+    if missing:
+        raise LMInputError(
+            f"--model.optimizer {type(optimizer).__name__} is not the optimizer {path} was trained with (its saved state "
+            f"has no {', '.join(missing)}): resume with the run's own optimizer settings (its config.yaml), or start a "
+            f"new run from these weights with a new optimizer: --weights_from {path} instead of --ckpt_path."
+        )
+    given, kept = optimizer.param_groups[0].get("lr"), saved.get("initial_lr", saved.get("lr"))
+    if isinstance(given, (int, float)) and isinstance(kept, (int, float)) and not math.isclose(given, kept, rel_tol=1e-9):
+        log.warning(
+            "--model.optimizer.lr %g is not used when resuming: the learning rate (and its schedule) continue from %s "
+            "(lr %g). To train on at another rate, start from its weights with --weights_from.", given, path, kept
+        )
 
 
 def _lr_sentence(lr: Any) -> str:
