@@ -24,6 +24,7 @@ from lm_lightning.callbacks import Export, memory_strategies
 from lm_lightning.deploy.commands import generate_command, score_command
 from lm_lightning.errors import LMInputError, StoppedBySigterm, exit_with, flag_sentence, input_error
 from lm_lightning.export.settings import resolve_format
+from lm_lightning.io import disk_full
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 from lm_lightning.lightning_cli import build_cli
 from lm_lightning.memory.estimate import USAGE, Estimate, estimate_command, split_arguments
@@ -133,6 +134,8 @@ def main(args: Optional[list[str]] = None) -> None:
         exit_with(sentence)
     except Exception as err:
         cause = input_error(err)
+        if cause is None and disk_full(err):  # a writer with no sentence of its own (a logger's, a library's)
+            exit_with(f"A write failed because the disk is full ({err}): free space there, or point --trainer.default_root_dir to another disk.")
         if cause is None:
             raise
         exit_with(str(cause))

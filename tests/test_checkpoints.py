@@ -154,6 +154,21 @@ def test_a_really_full_disk_is_one_sentence_and_keeps_the_previous_checkpoint(sm
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
+def test_a_fit_onto_a_full_disk_stops_before_its_run_folder_in_one_sentence(small_disk, corpora, tmp_path, capsys):
+    """A disk with no room left takes an empty file, and TensorBoard's writer thread then fails with a traceback: the
+    start writes 1 MiB for real first."""
+    corpus, _, cache = corpora
+    root = small_disk(512)
+    with pytest.raises(OSError):
+        (root / "filler").write_bytes(bytes(1 << 20))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *data(corpus, cache), "--trainer.default_root_dir", str(root)])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(rf"^error: The disk holding {root} is full \(not even 1 MiB could be written\): free space there", last)
+    assert sorted(p.name for p in root.iterdir()) == ["filler"]
+
+
 def test_a_sigkill_inside_the_save_leaves_the_previous_last_ckpt(tmp_path, corpora):
     """A real `python -m lm_lightning fit`, killed with half of epoch 1's last.ckpt written (tests/kill_switch.py)."""
     corpus, _, cache = corpora

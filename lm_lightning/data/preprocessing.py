@@ -16,6 +16,7 @@ The defaults suit language modelling: nothing is removed or rewritten except low
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
@@ -44,6 +45,19 @@ def chunks(line: str, size: int = MAX_CHUNK_CHARS) -> Iterator[str]:
         yield line[start:cut]
         start = cut
     yield line[start:]
+
+
+def split_chars(line: str) -> list[str]:
+    """One token per character. Inner spaces stay tokens so generated text can be read back; line ends are dropped
+    (they become ``<eos>``)."""
+    return list(line.strip("\r\n"))
+
+
+def split_treebank(tokenize: Callable[[str], list[str]], line: str) -> list[str]:
+    """``tokenize(line)``, a line longer than ``MAX_CHUNK_CHARS`` in pieces (see the module docstring)."""
+    if len(line) <= MAX_CHUNK_CHARS:
+        return tokenize(line)
+    return [token for piece in chunks(line) for token in tokenize(piece)]
 
 
 def load_stopwords(language: str = "english") -> tuple[frozenset[str], str]:
@@ -140,15 +154,15 @@ class Preprocessor:
         self._split = self._make_splitter()
 
     def _make_splitter(self) -> Callable[[str], list[str]]:
+        # Module-level functions, no lambdas: ``--trainer.strategy ddp_spawn`` pickles the data module, and with it
+        # this preprocessor, into every rank's process.
         if self.tokenizer == "whitespace":
             return str.split
         if self.tokenizer == "char":
-            # Keep inner spaces as tokens so generated text can be read back; drop line ends (they become <eos>).
-            return lambda line: list(line.strip("\r\n"))
+            return split_chars
         from nltk.tokenize import NLTKWordTokenizer
 
-        tokenize = NLTKWordTokenizer().tokenize
-        return lambda line: tokenize(line) if len(line) <= MAX_CHUNK_CHARS else [t for c in chunks(line) for t in tokenize(c)]
+        return functools.partial(split_treebank, NLTKWordTokenizer().tokenize)
 
     def arguments(self) -> dict:
         """The constructor's arguments: ``Preprocessor(**p.arguments())`` tokenizes as ``p`` does (an export keeps them)."""

@@ -22,8 +22,10 @@ import lightning as L
 import torch
 
 from lm_lightning.errors import LMInputError
+from lm_lightning.io import disk_full
 
 SAVE_DIR_FLAG = "--trainer.logger.init_args.save_dir"
+PROBE_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -53,9 +55,14 @@ def check_writable(folder: Path, fix: str) -> None:
     if not os.path.isdir(existing):
         raise LMInputError(f"The folder {folder} cannot be created because {existing} is a file, not a folder: {fix}.")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        # 1 MiB written for real: a full disk accepts an empty file, then fails in TensorBoard's writer thread.
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
+        if disk_full(err):
+            raise LMInputError(f"The disk holding {folder} is full (not even 1 MiB could be written): free space there, or {fix}.") from None
         raise LMInputError(f"The folder {folder} cannot be written ({existing}: {err.strerror}): {fix}.") from None
 
 
