@@ -12,6 +12,7 @@ from lm_lightning.callbacks.allocator import ReturnFreedMemory
 from lm_lightning.callbacks.chunked_loss import ChunkedLoss
 from lm_lightning.callbacks.console import ValidationLine
 from lm_lightning.callbacks.export import Export
+from lm_lightning.callbacks.fast_allocator import FastAllocator
 from lm_lightning.callbacks.generation_writer import GenerationWriter
 from lm_lightning.callbacks.precision import PrecisionGuard
 from lm_lightning.callbacks.pruning import MagnitudePruning
@@ -26,6 +27,7 @@ __all__ = [
     "AdaptiveSoftmax",
     "ChunkedLoss",
     "Export",
+    "FastAllocator",
     "GenerationWriter",
     "MagnitudePruning",
     "MemoryStrategy",

@@ -6,7 +6,7 @@ starts at 128 KiB and rises to the size of every such block freed, up to 32 MiB:
 every activation, gradient and temporary comes from the heap, whose freed space stays resident and fragments, so the
 peak RSS grows over the run past what ``estimate`` predicts from the bytes in use. With the threshold fixed the peak
 stays near the prediction, for some tokens/s, because each large buffer is mapped (and zeroed) anew every step (the
-README's lean-preset section has the figures). A trade for a process that must stay under a limit, not a default.
+docs/memory.md's lean-preset section has the figures). A trade for a process that must stay under a limit, not a default.
 
 Setting the threshold disables glibc's own adjustment for the rest of the process (its documented behaviour), the
 same as the ``MALLOC_MMAP_THRESHOLD_`` environment variable would; this callback does it when ``fit`` starts, so a
@@ -25,7 +25,8 @@ from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-# glibc caps what M_MMAP_THRESHOLD accepts at HEAP_MAX_SIZE / 2 (32 MiB on 64-bit Linux); above it mallopt fails.
+# The ceiling of glibc's own adaptive threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit): a fixed threshold above it keeps
+# more in the heap than glibc ever would, the opposite of this callback's purpose (FastAllocator's, callbacks/fast_allocator.py).
 MAX_MMAP_THRESHOLD = 32 * 2**20
 
 

@@ -3,7 +3,7 @@
 With a large vocabulary the decoder's logits are by far the largest activation (tokens x vocabulary floats), the
 log-softmax that cross-entropy saves for backward as much again, and their gradient as much in the backward pass.
 Computed ``chunk_size`` tokens at a time, only one chunk's logits exist at once; on CPU it is also faster at large
-vocabularies (fewer bytes through memory; the README's memory table has the figures).
+vocabularies (fewer bytes through memory; docs/memory.md has the figures).
 
 torch does the work: ``torch.nn.functional.linear_cross_entropy`` with an explicit ``batch_chunk_size`` computes each
 chunk's loss *and* its gradients in the forward pass, so nothing of size vocabulary x tokens survives it (torch's

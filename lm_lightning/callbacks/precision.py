@@ -6,7 +6,7 @@ What they lack, and this callback adds:
 * **A start-up error for ``16-true`` with an Adam-style optimizer.** ``16-true`` keeps weights *and* optimizer state
   in float16, whose smallest subnormal is ~6e-8: Adam's default ``eps=1e-8`` rounds to 0, so ``exp_avg / (sqrt(v) +
   eps)`` divides by zero wherever ``v`` underflows and the weights fill with NaN (an eps of 1e-4 or more survives; the
-  README has the measurements). The check covers every optimizer with a numeric ``eps`` below 1e-4 (Adam, AdamW,
+  docs/memory.md has the measurements). The check covers every optimizer with a numeric ``eps`` below 1e-4 (Adam, AdamW,
   NAdam, RAdam, Adamax, RMSprop, Adagrad, ...).
 * **A report of what actually runs**: the plugin, the parameter dtype, and the dtype each parametrised module
   *outputs* during the first training step (forward hooks, removed after that step), logged with ``logging`` and as

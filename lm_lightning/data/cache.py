@@ -8,7 +8,7 @@ hit a stale entry.
 An entry checks itself when opened (issue 8): files present, dtype, shape and file size, ids in ``[0, vocab_size)``,
 the vocabulary's size and special tokens, and the sha256 of every file against ``meta.json``. The full hash costs
 less than what every run already does to find the key (read and hash the corpus text, which is larger than its ids;
-the README has the numbers), so nothing cheaper is used. A damaged entry is rebuilt with one warning, and the rebuilt
+docs/ has the numbers), so nothing cheaper is used. A damaged entry is rebuilt with one warning, and the rebuilt
 folder replaces it (``atomic_directory(replace=True)``).
 
 Builds hold the entry's lock (``locks.py``), so two processes (DDP ranks) opening the same key tokenize once: the

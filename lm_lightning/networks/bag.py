@@ -15,7 +15,7 @@ in the bag-of-words loss of Zhao et al. 2017, arXiv:1703.10960): its negative lo
 comparable with a unigram model's (which predicts the same ``p`` for every segment).
 
 Sum or mean of the word vectors (``bag_weighting``): the count-weighted sum keeps a segment's length, which the mean
-throws away (the README gives the measured difference); the mean suits corpora whose segments differ wildly in length,
+throws away (docs/bag_of_words.md gives the measured difference); the mean suits corpora whose segments differ wildly in length,
 where sums of very different scales reach the LSTM.
 
 This file knows nothing about Lightning. ``forward`` also takes dense ``(streams, time, vocab)`` count tensors, the
