@@ -22,6 +22,7 @@ from lm_lightning.__main__ import main
 from lm_lightning.data import StreamWindows, TokenDataModule, Vocabulary
 from lm_lightning.data.preprocessing import Preprocessor, tokenize_lines
 from lm_lightning.deploy import sampling
+from lm_lightning.deploy.layout import GOOD_CHECKPOINT, sealed_manifest
 from lm_lightning.deploy.runtime import OnnxModel
 from lm_lightning.deploy.scoring import stream_windows
 from lm_lightning.evaluation import perplexity
@@ -178,15 +179,26 @@ def test_generate_and_score_import_no_torch(lstm_export, tmp_path, capsys):
 def rewrite(folder: Path, name: str, data: bytes) -> None:
     """Replace a file and list its new size and hash, so that only the runtime's own checks can refuse it."""
     (folder / name).write_bytes(data)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(folder, lambda m: m["files"].update({name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))
 
 
-def edit_manifest(folder: Path, change) -> None:
+def edit_manifest(folder: Path, change, seal: bool = True) -> None:
+    """Change the manifest and, as a careful tamperer would, seal it anew: the checks behind the seal are tested."""
     manifest = json.loads((folder / "manifest.json").read_text())
     change(manifest)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(sealed_manifest(manifest) if seal else json.dumps(manifest))
+
+
+def nan_weight(f: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(f / "model.onnx"))
+    bias = next(t for t in model.graph.initializer if t.name.endswith("decoder.bias"))
+    values = numpy_helper.to_array(bias).copy()
+    values[2] = np.nan
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    rewrite(f, "model.onnx", model.SerializeToString())
 
 
 def truncate(f: Path) -> None:
@@ -223,6 +235,11 @@ BAD_FOLDERS = {
     "vocabulary size": (vocab_short, f"vocab.json holds {V - 1} tokens, the graph predicts {V}"),
     "manifest garbage": (lambda f: (f / "manifest.json").write_bytes(b"\x00{not json"), "manifest.json cannot be read as JSON"),
     "manifest format": (lambda f: edit_manifest(f, lambda m: m.update(version=9)), "its manifest is ('lm_lightning.onnx', 9)"),
+    "manifest edited by hand": (  # a change no other check sees: the graph's recorded operators
+        lambda f: edit_manifest(f, lambda m: m["graph"].update(operators=[]), seal=False),
+        "manifest.json does not match its own manifest_sha256: it was edited or damaged after the export",
+    ),
+    "NaN weight": (nan_weight, f"model.onnx holds NaN or infinite values (in network.decoder.bias); {GOOD_CHECKPOINT}."),
     "logits width": (
         lambda f: edit_manifest(f, lambda m: m["graph"].update(vocab_size=V + 1)),
         f"its graph's logits is tensor(float) ['batch', 'time', {V}], not float (batch, time, {V + 1})",
@@ -254,7 +271,7 @@ def test_a_damaged_folder_is_one_sentence(case, lstm_export, tmp_path, capsys):
     damage(folder)
     err = one_sentence(capsys, ["generate", str(folder)])
     assert err.startswith(f"error: {folder} is not a readable lm_lightning ONNX export: {expected}"), err
-    assert err.endswith("; export the model again.")
+    assert err.endswith(("; export the model again.", f"; {GOOD_CHECKPOINT}."))
 
 
 def test_bad_arguments_are_one_sentence(lstm_export, tmp_path, capsys):

@@ -26,6 +26,7 @@ import lm_lightning.export.loader as export
 import lm_lightning.export.writer as writer
 from lm_lightning.data import Vocabulary
 from lm_lightning.data.batch import Bags, Batch
+from lm_lightning.deploy.layout import GOOD_CHECKPOINT, sealed_manifest
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.fake_quantization import disable_fake_quantization, enable_fake_quantization
@@ -206,10 +207,15 @@ def _set_header(folder: Path, header: bytes, length: int | None = None) -> None:
 
 
 def _tamper(folder: Path, manifest: dict, case: str) -> None:
+    """Change the export as ``case`` says, then write the manifest sealed anew (``deploy/layout.py``), as a careful
+    tamperer would: the checks behind the seal are what each case tests; "manifest edited by hand" tests the seal."""
     tensors, files, config = manifest["tensors"], manifest["files"], manifest["network"]["config"]
     weights = folder / "model.safetensors"
     if case == "manifest not JSON":
         (folder / "manifest.json").write_text("{not json")
+        return
+    if case == "manifest edited by hand":  # a change every other check accepts (group_size means nothing to int8)
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "group_size": 64}, indent=1))
         return
     if case == "manifest not an object":
         manifest = [manifest]
@@ -305,16 +311,23 @@ def _tamper(folder: Path, manifest: dict, case: str) -> None:
     elif case == "bit mask marks another count":
         _rewrite_weights(folder, lambda a: a["lstm.weight_hh_l0.mask"].__setitem__(0, a["lstm.weight_hh_l0.mask"][0] ^ 1))
         _rehash(folder, manifest)
+    elif case == "NaN weight":
+        _rewrite_weights(folder, lambda a: a["decoder.bias"].__setitem__(3, float("nan")))
+        _rehash(folder, manifest)
+    elif case == "infinite scale":
+        _rewrite_weights(folder, lambda a: a["lstm.weight_hh_l1.scale"].__setitem__((5, 0), float("inf")))
+        _rehash(folder, manifest)
     elif case == "unreadable weights":
         pass  # the test makes opening it fail: chmod alone does not stop root
     else:
         raise AssertionError(f"unknown case {case}")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(sealed_manifest(manifest) if isinstance(manifest, dict) else json.dumps(manifest))
 
 
 TAMPERED = [
     ("manifest not JSON", "manifest.json cannot be read as JSON (Expecting property name"),
     ("manifest not an object", "its manifest is None, this version reads ('lm_lightning.export', 2)"),
+    ("manifest edited by hand", "manifest.json does not match its own manifest_sha256: it was edited or damaged after the export"),
     ("other version", "its manifest is ('lm_lightning.export', 99), this version reads"),
     ("bits not 4 or 8", "its manifest declares bits 8.0 and group_size 32"),
     ("traversal name", "its manifest lists '../outside.txt', a path, not a file name in the folder"),
@@ -353,6 +366,8 @@ TAMPERED = [
     ("sparse index out of range", "the sparse indices of lstm.weight_ih_l1 are not increasing positions below 16384"),
     ("sparse indices repeated", "the sparse indices of lstm.weight_ih_l1 are not increasing positions"),
     ("bit mask marks another count", "the bit mask of lstm.weight_hh_l0 does not mark its"),
+    ("NaN weight", f"model.safetensors holds NaN or infinite values (in decoder.bias); {GOOD_CHECKPOINT}."),
+    ("infinite scale", f"model.safetensors holds NaN or infinite values (in lstm.weight_hh_l1.scale); {GOOD_CHECKPOINT}."),
     ("unreadable weights", "model.safetensors cannot be read (Permission denied); check its permissions or export the model again."),
 ]
 
@@ -429,7 +444,7 @@ def test_random_damage_is_refused_in_one_sentence_or_still_a_consistent_export(t
                         node[last] = rng.choice(values)
                 except (KeyError, IndexError, TypeError):
                     pass  # an earlier change of this case replaced or removed a parent
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        (folder / "manifest.json").write_text(sealed_manifest(manifest))  # sealed anew: the checks behind the seal
         try:
             load_exported(folder)
             outcomes["loaded"] += 1  # e.g. metadata or header spacing changed: still an export its checks accept
@@ -453,7 +468,7 @@ def test_a_huge_network_is_refused_before_it_is_built(tmp_path, monkeypatch):
     manifest["network"]["config"]["vocab_size"] = 10**9  # 128 GB of float32 if it were built
     manifest["tensors"]["embedding.weight"]["shape"] = [10**9, 64]
     manifest["tensors"]["decoder.bias"]["shape"] = [10**9]
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(sealed_manifest(manifest))
     built = record_builds(monkeypatch)
     with pytest.raises(LMInputError) as error:
         load_exported(folder)
@@ -632,7 +647,7 @@ def test_every_network_round_trips_through_an_export(tmp_path, monkeypatch, kind
     for name in ("os.system", "tests.evil.Module", "evil_probe.Module"):
         manifest = json.loads(manifest_path.read_text())
         manifest["network"] = {"class": name, "config": {"command": "touch " + str(marker)}}
-        manifest_path.write_text(json.dumps(manifest))
+        manifest_path.write_text(sealed_manifest(manifest))
         with pytest.raises(LMInputError, match="pass network="):
             load_exported(tmp_path / "int8")
     monkeypatch.undo()

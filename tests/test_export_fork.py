@@ -15,6 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from lm_lightning.data import TokenDataModule
+from lm_lightning.deploy.layout import sealed_manifest
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
 from lm_lightning.export.commands import ExportedModel
@@ -111,7 +112,7 @@ def test_a_class_path_that_cannot_be_imported_or_is_not_a_module_is_one_sentence
     ]:
         manifest = json.loads(manifest_path.read_text())
         manifest["network"]["class_path"] = class_path
-        manifest_path.write_text(json.dumps(manifest))
+        manifest_path.write_text(sealed_manifest(manifest))  # sealed anew: the class path's own check is tested
         with pytest.raises(LMInputError) as error:
             load_exported(tmp_path / "export")
         text = str(error.value)

@@ -1,26 +1,38 @@
 """An ONNX export folder, checked before ONNX Runtime reads a byte of its graph, then its session against the manifest.
 
 An export folder is untrusted input, read as ``export/checks.py`` reads a safetensors export: the manifest (a regular
-file of bounded size, JSON, format, version, field types), the files (a fixed list of names, each a regular file
-(``lstat``: no link, also none leading out of the folder), size and SHA-256 as listed, nothing else in the folder),
-then the session ONNX Runtime builds from the graph: it must refuse a damaged graph itself, and the inputs and outputs
-it declares must be those the manifest describes, so that feeding ``ids`` and the state cannot fail later. Every
-failure is one :class:`LMInputError` naming the folder and the fix.
+file of bounded size, JSON, format, version, its seal, field types), the files (a fixed list of names, each a regular
+file (``lstat``: no link, also none leading out of the folder), size and SHA-256 as listed, nothing else in the folder),
+then the session ONNX Runtime builds from the graph: it must refuse a damaged graph itself, its floating initializers
+must be finite, and the inputs and outputs it declares must be those the manifest describes, so that feeding ``ids``
+and the state cannot fail later. Every failure is one :class:`LMInputError` naming the folder and the fix.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import onnxruntime as ort
 
 from lm_lightning.data.vocabulary import Vocabulary
-from lm_lightning.deploy.layout import MANIFEST, MODEL, ONNX_FORMAT, ONNX_VERSION, VOCAB
+from lm_lightning.deploy.layout import (
+    GOOD_CHECKPOINT,
+    MANIFEST,
+    MANIFEST_SHA256,
+    MODEL,
+    ONNX_FORMAT,
+    ONNX_VERSION,
+    VOCAB,
+    seal_broken,
+)
 from lm_lightning.deploy.session import open_session
 from lm_lightning.errors import LMInputError
 from lm_lightning.io import file_sha256, is_sha256
@@ -30,7 +42,12 @@ FLOAT, INT64 = "tensor(float)", "tensor(int64)"
 
 
 class NotAnOnnxExport(Exception):
-    """Why a folder is not a readable ONNX export; :func:`open_export` turns it into the user's sentence."""
+    """Why a folder is not a readable ONNX export; :func:`open_export` turns it into the user's sentence, ending with
+    ``fix``."""
+
+    def __init__(self, why: str, fix: str = "export the model again") -> None:
+        super().__init__(why)
+        self.fix = fix
 
 
 @dataclass
@@ -53,9 +70,10 @@ def open_export(folder: str | Path, threads: int = 1) -> OnnxExport:
             session = open_session(folder / MODEL, threads)
         except Exception as err:  # ONNX Runtime's own check of the graph: InvalidProtobuf, Fail, InvalidGraph, ...
             raise NotAnOnnxExport(f"ONNX Runtime refuses {MODEL} ({_one_line(err)})") from None
+        check_weights(folder / MODEL)  # after ONNX Runtime accepted the file: its structure is sound
         check_session(session, manifest["graph"], vocab)
     except NotAnOnnxExport as why:
-        raise LMInputError(f"{folder} is not a readable lm_lightning ONNX export: {why}; export the model again.") from None
+        raise LMInputError(f"{folder} is not a readable lm_lightning ONNX export: {why}; {why.fix}.") from None
     except OSError as err:  # a file that cannot be opened (permissions) or vanished while it was read
         name = Path(err.filename).name if err.filename else "a file"
         raise LMInputError(
@@ -93,6 +111,8 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != ONNX_FORMAT or manifest.get("version") != ONNX_VERSION:
         found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
         raise NotAnOnnxExport(f"its manifest is {found}, this version reads ({ONNX_FORMAT!r}, {ONNX_VERSION})")
+    if seal_broken(manifest):
+        raise NotAnOnnxExport(f"{MANIFEST} does not match its own {MANIFEST_SHA256}: it was edited or damaged after the export")
     bits, group_size = manifest.get("bits"), manifest.get("group_size")
     if bits not in (None, 4, 8) or isinstance(bits, bool) or not _positive_int(group_size):
         raise NotAnOnnxExport(f"its manifest declares bits {bits!r} and group_size {group_size!r}")
@@ -169,6 +189,77 @@ def check_session(session: ort.InferenceSession, graph: dict, vocab: Optional[Vo
                 raise NotAnOnnxExport(f"its graph's state {name} is {what}, its manifest describes float {s['shape']}")
 
 
+# --- the weights: no NaN or infinite initializer -----------------------------------------------------------------
+# ONNX Runtime does not hand out a graph's initializers, and the onnx package would add 1.5 s and 17 MiB of imports
+# (ml_dtypes) to every `generate`: the few fields needed are read from the protobuf wire format itself
+# (https://protobuf.dev/programming-guides/encoding/), the file mapped, not read, and each float array checked in place.
+# tests/test_export_consistency.py holds the arrays found here equal to the onnx package's.
+FLOAT_TYPES = {1: "<f4", 10: "<f2", 11: "<f8"}  # TensorProto.DataType: FLOAT, FLOAT16, DOUBLE
+GRAPH, INITIALIZER = 7, 5  # ModelProto.graph, GraphProto.initializer
+DATA_TYPE, FLOAT_DATA, NAME, RAW_DATA, DOUBLE_DATA, DATA_LOCATION = 2, 4, 8, 9, 10, 14  # TensorProto's fields
+
+
+def check_weights(path: Path) -> None:
+    """Every floating initializer of the graph finite: float32 weights, int8 / int4 weights' scales, biases."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            for name, dtype, (start, stop) in float_initializers(data):
+                values = np.frombuffer(data, dtype, (stop - start) // np.dtype(dtype).itemsize, start)
+                finite = bool(np.isfinite(values).all())
+                del values  # the map closes only when no array looks into it
+                if not finite:
+                    raise NotAnOnnxExport(f"{MODEL} holds NaN or infinite values (in {name})", GOOD_CHECKPOINT)
+        except (ValueError, IndexError, TypeError) as err:  # a field past its message's end, or of another wire type
+            raise NotAnOnnxExport(f"{MODEL} cannot be read for its weights ({_one_line(err)})") from None
+
+
+def float_initializers(data: Any) -> Iterator[tuple[str, str, tuple[int, int]]]:
+    """``(name, numpy dtype, (start, stop))`` of each floating initializer's values in ``data``, a serialized
+    ModelProto: its ``raw_data``, or its packed or single ``float_data`` / ``double_data``."""
+    for _, graph in _fields(data, 0, len(data), GRAPH):
+        for _, tensor in _fields(data, *graph, INITIALIZER):
+            fields = list(_fields(data, *tensor))
+            number = {n: v for n, v in fields if type(v) is int}
+            name = next((bytes(data[slice(*v)]).decode("utf-8", "replace") for n, v in fields if n == NAME), "?")
+            if number.get(DATA_LOCATION) == 1:  # EXTERNAL: values in another file, which no export writes
+                raise NotAnOnnxExport(f"{MODEL} keeps the values of {name} in another file")
+            dtype = FLOAT_TYPES.get(number.get(DATA_TYPE, 0))
+            spans = {RAW_DATA: dtype, FLOAT_DATA: "<f4", DOUBLE_DATA: "<f8"}
+            yield from ((name, spans[n], span) for n, span in fields if dtype and n in spans and type(span) is tuple)
+
+
+def _fields(data: Any, start: int, stop: int, wanted: Optional[int] = None) -> Iterator[tuple[int, Any]]:
+    """``(number, value)`` of each field of the message in ``data[start:stop]`` (of field ``wanted`` only, when
+    given): the value an int (varint) or the ``(start, stop)`` of its bytes."""
+    at = start
+    while at < stop:
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+        elif wire in (1, 2, 5):  # 64-bit, length-delimited, 32-bit
+            size, at = (8, at) if wire == 1 else (4, at) if wire == 5 else _varint(data, at)
+            value, at = (at, at + size), at + size
+        else:
+            raise ValueError(f"wire type {wire} of field {number}")
+        if at > stop:
+            raise ValueError(f"field {number} runs past its message")
+        if wanted is None or number == wanted:
+            yield number, value
+
+
+def _varint(data: Any, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
+
+
 def _vocabulary(path: Path) -> Vocabulary:
     try:
         return Vocabulary(json.loads(path.read_bytes())["itos"])
@@ -190,8 +281,6 @@ def _is_state(s: Any) -> bool:
 
 def _positive_int(value: Any) -> bool:
     return type(value) is int and value >= 1
-
-
 
 
 def _one_line(err: BaseException) -> str:

@@ -12,23 +12,21 @@ perplexity its test split was measured with, the recurrent state carried from ca
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
 
-from lm_lightning.data.preprocessing import Preprocessor
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.deploy.folder import open_export
 from lm_lightning.deploy.sampling import check_sampling, next_tokens
 from lm_lightning.deploy.scoring import stream_groups, stream_windows, summed_nll
-from lm_lightning.deploy.text import ReadsText
+from lm_lightning.deploy.text import ReadsText, text_settings_problem
 from lm_lightning.errors import LMInputError
 
 __all__ = ["OnnxModel"]
@@ -52,12 +50,15 @@ class OnnxModel(ReadsText):
         export = open_export(folder, threads)  # every check of the folder and the graph, one sentence on failure
         metadata = export.manifest["metadata"]
         text = metadata.get("text")
-        if export.vocab is None or not _is_token_settings(text):
+        if export.vocab is None or not isinstance(text, dict) or "kind" not in text:
             raise LMInputError(
                 f"{export.folder} holds a network but not how to read text (its vocabulary and preprocessing): it was "
                 "written by an older version or by export_onnx() without a datamodule; export the run again with "
                 "`python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT --export.format onnx`."
             )
+        problem = text_settings_problem(text, kinds=["tokens"])  # a bag-of-words model has no ONNX export
+        if problem:
+            raise LMInputError(f"{export.folder} is not a readable lm_lightning ONNX export: {problem}; export the model again.")
         _import_nltk_alone(text["preprocessing"])
         return cls(export.session, export.manifest["graph"], export.vocab, text, metadata, export.folder)
 
@@ -138,16 +139,6 @@ def graph_feeds(graph: dict, ids: np.ndarray, state: Optional[list[np.ndarray]])
         shape = [len(ids) if d == s["batch_axis"] else n for d, n in enumerate(s["shape"])]
         feeds[s["input"]] = state[i] if state is not None else np.zeros(shape, dtype=np.float32)
     return feeds
-
-
-def _is_token_settings(text: Any) -> bool:
-    """``TokenDataModule.export_settings()``'s fields with their types (a bag-of-words model has no ONNX export)."""
-    if not isinstance(text, dict) or text.get("kind") != "tokens" or not isinstance(text.get("preprocessing"), dict):
-        return False
-    if not set(text["preprocessing"]) <= set(inspect.signature(Preprocessor).parameters):
-        return False  # bad values of known arguments are the Preprocessor's to refuse, in its own sentence
-    positive = all(type(text.get(key)) is int and text[key] >= 1 for key in ("eval_batch_size", "bptt"))
-    return positive and isinstance(text.get("keep_empty_lines"), bool)
 
 
 def _import_nltk_alone(preprocessing: dict) -> None:

@@ -1,7 +1,7 @@
 """The checks ``load_exported`` runs on an export folder before it reads a weight or allocates a network.
 
 An export folder is untrusted input. In order: the manifest (a regular file of bounded size, JSON, format, version,
-types), the files (a fixed list of names, so nothing outside the folder is reached; the folder holds nothing else),
+its seal (``deploy/layout.py``), types), the files (a fixed list of names, so nothing outside the folder is reached; the folder holds nothing else),
 then, once ``rebuild.py`` has built the network the manifest describes on the ``meta`` device,
 every tensor entry against that network and the export rule, and the safetensors header against the arrays the
 writer produces for those entries. Each failure raises :class:`NotAnExport` with the reason.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lm_lightning.deploy.layout import MANIFEST_SHA256, seal_broken
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.format import (
     FORMAT,
@@ -62,6 +63,8 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
         raise NotAnExport(f"its manifest is {found}, this version reads ({FORMAT!r}, {VERSION})")
+    if seal_broken(manifest):
+        raise NotAnExport(f"{MANIFEST} does not match its own {MANIFEST_SHA256}: it was edited or damaged after the export")
     bits, group_size = manifest.get("bits"), manifest.get("group_size")
     if (
         "bits" not in manifest

@@ -29,9 +29,10 @@ from lm_lightning.data.segments import BagVocabulary, Segmenter, count_matrix
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.data.windows import StreamWindows
 from lm_lightning.deploy.sampling import check_sampling
-from lm_lightning.deploy.text import ReadsText
+from lm_lightning.deploy.text import ReadsText, text_settings_problem
 from lm_lightning.errors import LMInputError
 from lm_lightning.evaluation import perplexity
+from lm_lightning.export.checks import one_line
 from lm_lightning.export.format import MANIFEST, VOCAB
 from lm_lightning.export.loader import load_exported
 from lm_lightning.generation import sample
@@ -53,14 +54,23 @@ class ExportedModel(ReadsText):
         network = load_exported(folder)  # every check of the folder, one sentence on failure
         metadata = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("metadata") or {}
         text = metadata.get("text")
-        if not (folder / VOCAB).is_file() or not isinstance(text, dict) or text.get("kind") not in ("tokens", "bags"):
+        if not (folder / VOCAB).is_file() or not isinstance(text, dict) or "kind" not in text:
             raise LMInputError(
                 f"{folder} holds a network but not how to read text (its vocabulary and preprocessing): it was written "
                 "by an older version or by export_model() without a datamodule; export the run again with "
                 "`python -m lm_lightning export -c RUN/config.yaml --ckpt_path CKPT`."
             )
-        vocab = (BagVocabulary if text["kind"] == "bags" else Vocabulary).load(folder / VOCAB)
-        return cls(network, vocab, text, metadata, folder)
+        problem = text_settings_problem(text)
+        if not problem:
+            try:  # not Vocabulary.load, whose sentence is a cache's ("delete it to rebuild it")
+                itos = json.loads((folder / VOCAB).read_bytes())["itos"]
+                model = cls(network, (BagVocabulary if text["kind"] == "bags" else Vocabulary)(itos), text, metadata, folder)
+            except (ValueError, KeyError, TypeError, RecursionError) as err:  # LMInputError is a ValueError
+                problem = f"{VOCAB} is not a vocabulary ({one_line(err)})"
+        problem = problem or model._size_problem()
+        if problem:
+            raise LMInputError(f"{folder} is not a readable lm_lightning export: {problem}; export the model again.")
+        return model
 
     @property
     def is_bag_model(self) -> bool:
@@ -111,6 +121,26 @@ class ExportedModel(ReadsText):
         probs = logits[0, -1].float().softmax(-1)
         top = probs.topk(min(count, probs.numel()))
         return list(zip(self.vocab.decode(top.indices.tolist()), top.values.tolist()))
+
+    @torch.no_grad()
+    def _size_problem(self) -> Optional[str]:
+        """Whether the vocabulary and the network disagree: the logits' width of one step (any network), and the rows
+        of its embedding (the contract's optional ``embedding``: an nn.Embedding(Bag), or a layer whose ``config``
+        holds its ``vocab_size``, as the adaptive input's). A vocabulary of another size decodes wrong words (or none:
+        IndexError) and scores a wrong perplexity."""
+        if self.is_bag_model:
+            from lm_lightning.data.bag import as_bags
+
+            inputs = as_bags(count_matrix([[]], self.vocab), streams=1)
+        else:
+            inputs = torch.zeros(1, 1, dtype=torch.long)
+        outputs = self.network(inputs)[0].shape[-1]
+        embedding = getattr(self.network, "embedding", None)
+        inputs = getattr(embedding, "num_embeddings", None) or (getattr(embedding, "config", None) or {}).get("vocab_size")
+        for size, what in ((outputs, "the network predicts"), (inputs, "the network's embedding reads")):
+            if size is not None and size != len(self.vocab):
+                return f"{VOCAB} holds {len(self.vocab)} tokens, {what} {size}"
+        return None
 
     def _needs(self, kind: str, what: str) -> None:
         if self.text["kind"] != kind:

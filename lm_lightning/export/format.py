@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lm_lightning.deploy.layout import GOOD_CHECKPOINT, sealed_manifest
 from lm_lightning.errors import LMInputError
-from lm_lightning.io import atomic_directory, atomic_path, file_sha256
+from lm_lightning.io import atomic_directory, atomic_path, disk_full, file_sha256
 
 FORMAT, VERSION = "lm_lightning.export", 2
 WEIGHTS, MANIFEST, VOCAB = "model.safetensors", "manifest.json", "vocab.json"
@@ -31,7 +32,12 @@ ITEM_BYTES = {code: np.dtype(name).itemsize for name, code in SAFETENSORS_DTYPES
 
 
 class NotAnExport(Exception):
-    """Why a folder is not a readable export; ``load_exported`` turns it into one ``LMInputError`` sentence."""
+    """Why a folder is not a readable export; ``load_exported`` turns it into one ``LMInputError`` sentence, ending
+    with ``fix``."""
+
+    def __init__(self, why: str, fix: str = "export the model again") -> None:
+        super().__init__(why)
+        self.fix = fix
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -135,6 +141,18 @@ def header_of(plans: dict[str, dict]) -> dict[str, tuple[str, list[int]]]:
     return header
 
 
+def check_finite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Refuse, before anything is written, weights holding NaN or infinite values (a diverged training): an export of
+    them would load and generate garbage."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LMInputError(
+                f"{name} holds NaN or infinite values ({bad:,} of {tensor.numel():,}: the training diverged), so nothing "
+                f"was written to {folder}: {GOOD_CHECKPOINT}, or train again with a lower learning rate."
+            )
+
+
 def check_target(folder: Path) -> None:
     """An export goes to a new or empty folder, or replaces an export: never over a folder of someone else's files."""
     if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
@@ -144,8 +162,9 @@ def check_target(folder: Path) -> None:
 def write_folder(folder: Path, name: str, write: Callable[[Path], None], vocab: Any, manifest: dict) -> None:
     """Write an export atomically (a crash never leaves half of one; a re-export replaces the old folder only when
     complete): ``write(path)`` makes the file ``name``, then the vocabulary, then the manifest, to which this adds
-    every file's size and SHA-256 (``files``) before ``metadata``."""
-    with atomic_directory(folder, replace=True) as tmp:
+    every file's size and SHA-256 (``files``) before ``metadata``, and its seal (``deploy/layout.py``). A full disk is
+    one sentence, the temporary folder removed and the earlier export untouched."""
+    with disk_space_for(folder), atomic_directory(folder, replace=True) as tmp:
         with atomic_path(tmp / name) as path:  # atomic_path: the file follows the umask whatever the writer does
             write(path)
         if vocab is not None:
@@ -153,4 +172,19 @@ def write_folder(folder: Path, name: str, write: Callable[[Path], None], vocab: 
         metadata = manifest.pop("metadata", None) or {}
         manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest["metadata"] = metadata
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+        (tmp / MANIFEST).write_text(sealed_manifest(manifest), encoding="utf-8")
+
+
+@contextmanager
+def disk_space_for(folder: Path, after: str = "nothing was written and any earlier export there is unchanged") -> Iterator[None]:
+    """A write into ``folder`` that the full disk (or quota) cut short, as one sentence; ``after``: what the folder holds
+    then. The atomic writers have already removed their temporary files when this runs."""
+    try:
+        yield
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        raise LMInputError(
+            f"The disk holding {folder} is full (or its quota is): {after}; free some space there or choose another "
+            "--export.folder."
+        ) from None

@@ -16,6 +16,7 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
+from lm_lightning.deploy.layout import GOOD_CHECKPOINT, sealed_manifest
 from lm_lightning.errors import LMInputError
 from lm_lightning.export.checks import MAX_ELEMENTS, check_files, check_header, one_line, read_manifest, tensor_plans
 from lm_lightning.export.format import MANIFEST, WEIGHTS, NotAnExport, decode_values, header_of, network_tensors
@@ -46,7 +47,7 @@ def load_exported(folder: str | Path, network: Optional[nn.Module] = None, max_e
     try:
         return _load(folder, network, max_elements)
     except NotAnExport as why:
-        raise LMInputError(f"{folder} is not a readable lm_lightning export: {why}; export the model again.") from None
+        raise LMInputError(f"{folder} is not a readable lm_lightning export: {why}; {why.fix}.") from None
     except OSError as err:  # a file that cannot be opened (permissions) or vanished while it was read
         name = Path(err.filename).name if err.filename else "a file"
         raise LMInputError(
@@ -74,6 +75,9 @@ def _load(folder: Path, network: Optional[nn.Module], max_elements: int) -> nn.M
         arrays = load_file(str(folder / WEIGHTS))
     except Exception as err:  # SafetensorError, OSError: the file changed under us
         raise NotAnExport(f"{WEIGHTS} cannot be read ({one_line(err)})") from None
+    for name, array in arrays.items():  # the scales of integer weights and the float32 ones; codes are always finite
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise NotAnExport(f"{WEIGHTS} holds NaN or infinite values (in {name})", GOOD_CHECKPOINT)
     state = {}
     for name, info in plans.items():
         values = decode_values(arrays, info, name)
@@ -101,10 +105,10 @@ def _check_hashes(folder: Path, files: dict) -> None:
 
 
 def record_evaluation(folder: str | Path, figures: dict) -> None:
-    """Add what the export measured on itself (its test perplexity) to its manifest's metadata, atomically. The
-    manifest is not among the hashed files, so the weights' checks are unchanged."""
+    """Add what the export measured on itself (its test perplexity) to its manifest's metadata, atomically, sealed
+    anew (the manifest is not among the files it hashes, so the other files' checks are unchanged)."""
     path = Path(folder) / MANIFEST
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest.setdefault("metadata", {}).setdefault("evaluation", {}).update(figures)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+        tmp.write_text(sealed_manifest(manifest), encoding="utf-8")

@@ -46,7 +46,7 @@ from lm_lightning.deploy.layout import (
 )
 from lm_lightning.deploy.runtime import graph_feeds
 from lm_lightning.errors import LMInputError
-from lm_lightning.export.format import check_target, write_folder
+from lm_lightning.export.format import check_finite, check_target, write_folder
 from lm_lightning.export.onnx_quantize import rewrite_weights
 from lm_lightning.export.quantization import check_quantization
 
@@ -140,6 +140,7 @@ def export_onnx(
     check_quantization(bits, group_size)
     folder = Path(folder)
     check_target(folder)
+    check_finite(network.state_dict(), folder)
     model, state = onnx_graph(network)
     formats = rewrite_weights(model, bits, group_size, accuracy_level)
     default_top_k = _add_top_k(model)

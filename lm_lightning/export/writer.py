@@ -28,6 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.utils.prune as torch_prune
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from torch import nn
 
@@ -37,7 +38,9 @@ from lm_lightning.export.format import (
     FORMAT,
     VERSION,
     WEIGHTS,
+    check_finite,
     check_target,
+    disk_space_for,
     layouts,
     network_tensors,
     stored_as,
@@ -88,6 +91,7 @@ def export_model(
     folder = Path(folder)
     check_target(folder)
     tensors, ties = network_tensors(network)
+    check_finite(tensors, folder)
     arrays: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
     for name, tensor in tensors.items():
@@ -112,8 +116,7 @@ def export_model(
         "format": FORMAT, "version": VERSION, "bits": bits, "group_size": group_size, "network": spec,
         "tensors": entries, "ties": ties, "metadata": metadata,
     }  # fmt: skip
-    # safetensors writes through its own open(): atomic_path around it keeps the file's mode the umask's
-    write_folder(folder, WEIGHTS, lambda path: save_file(arrays, str(path), metadata={"format": FORMAT}), vocab, manifest)
+    write_folder(folder, WEIGHTS, lambda path: _save_safetensors(arrays, path), vocab, manifest)
     formats = {
         n: {"format": e["dtype"] if e["storage"] == "dense" else f"{e['dtype']}+{e['storage']}", "bytes": e["bytes"]}
         for n, e in entries.items()
@@ -125,6 +128,16 @@ def export_model(
         "float32_bytes": 4 * sum(math.prod(e["shape"]) for e in entries.values()),
         "tensors": formats,
     }
+
+
+def _save_safetensors(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """safetensors writes through its own open() (``write_folder``'s atomic_path keeps the file's mode the umask's)
+    and reports a failed write as a SafetensorError without an errno: raised as an OSError, whose message
+    ("No space left on device") ``io.disk_full`` reads."""
+    try:
+        save_file(arrays, str(path), metadata={"format": FORMAT})
+    except SafetensorError as err:
+        raise OSError(f"{WEIGHTS} could not be written ({err})") from err
 
 
 def plain_copy(network: nn.Module) -> nn.Module:
@@ -183,7 +196,8 @@ def export_network(
             )
         datamodule.setup("test")
         report["test_ppl"] = perplexity(loaded.to(device), datamodule.test_dataloader(), test_batches, device)
-        record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
+        with disk_space_for(folder, after="the export is complete, but its manifest could not record its test perplexity"):
+            record_evaluation(folder, {"test_ppl": report["test_ppl"], "test_batches": test_batches})
         report["bytes"] = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())  # the manifest grew
     return report
 
