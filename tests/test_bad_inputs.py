@@ -131,6 +131,9 @@ SETTING_CASES = [
     ("max-new-tokens-negative", ["--model.max_new_tokens", "-5"], r"--model.max_new_tokens must be >= 0, got -5"),
     ("temperature-negative", ["--model.temperature", "-1"], r"--model.temperature must be >= 0, got -1.0: give 0 for greedy"),
     ("top-k-0", ["--model.top_k", "0"], r"--model.top_k must be a positive integer, got 0"),
+    ("max-new-tokens-too-many", ["--model.max_new_tokens", "1000000000000"], r"--model.max_new_tokens 1,000,000,000,000 is more than the 100,000 tokens one run generates: give 100,000 or fewer"),
+    ("temperature-inf", ["--model.temperature", ".inf"], r"--model.temperature must be at most 100, got inf: hotter samples uniformly in effect"),
+    ("temperature-tiny", ["--model.temperature", "1e-300"], r"--model.temperature must be 0 or at least 0.001, got 1e-300: colder is greedy in effect"),
     ("bptt-0", ["--data.bptt", "0"], r"--data.bptt must be a positive integer, got 0"),
     ("batch-size-0", ["--data.batch_size", "0"], r"--data.batch_size must be a positive integer, got 0"),
     ("eval-batch-size-0", ["--data.eval_batch_size", "0"], r"--data.eval_batch_size must be a positive integer, got 0"),
@@ -159,6 +162,28 @@ def test_bad_settings_are_one_sentence_before_any_run_folder(tiny, tmp_path, mon
     one_sentence(capsys.readouterr().err, r"^error: .*" + pattern, parser_error=False)
     assert listing(tmp_path) == []  # no lightning_logs/version_N, nothing else
     assert listing(tiny["cache"]) == cache_before and listing(tiny["files"]) == files_before
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--data.num_prompts", "1000000000"], r"^error: --data.num_prompts 1,000,000,000 is more than the 10,000 samples one run generates: give 10,000 or fewer\.$"),
+        (["--data.num_prompts", "5000", "--model.max_new_tokens", "90000"], r"^error: 5,000 samples \(--data.num_prompts\) of 90,002 tokens \(the prompt and --model.max_new_tokens\) need about 26.9 GiB of memory, more than the 1.0 GiB this process can still take: give fewer samples, or at most about 3,350 tokens each\.$"),
+    ],
+    ids=["num-prompts-too-many", "more-than-memory-holds"],
+)
+def test_predict_bounds_are_one_sentence_before_the_run(tiny, tmp_path, monkeypatch, capsys, extra, pattern):
+    """--data.num_prompts is the datamodule's and the sampling settings the model's: predict checks them together, in
+    the model's setup, before predict_dataloader builds a batch per prompt (10**9 of them filled the memory)."""
+    from lm_lightning.deploy import sampling
+
+    monkeypatch.setattr(sampling, "available_bytes", lambda: 1 << 30)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *tiny["args"][1:], *extra])
+    assert exit_info.value.code == 2
+    one_sentence(capsys.readouterr().err, pattern, parser_error=False)
+    assert listing(tmp_path) == []
 
 
 def test_a_working_folder_that_cannot_be_written(tiny, monkeypatch, capsys):

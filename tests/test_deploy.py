@@ -280,7 +280,7 @@ def test_bad_arguments_are_one_sentence(lstm_export, tmp_path, capsys):
     folder = str(lstm_export)
     for args, expected in [
         (["generate", str(tmp_path / "missing")], f"{tmp_path / 'missing'} does not exist: give an export folder"),
-        (["generate", folder, "--max-new-tokens", "-1"], "--max-new-tokens must be 0 or more, got -1."),
+        (["generate", folder, "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1: give a number of tokens"),
         (["generate", folder, "--top-k", "-1"], "--top-k must be a positive integer, got -1"),
         (["generate", folder, "--threads", "0"], "--threads must be a positive integer, got 0."),
         (["generate", folder, "--dequantize"], "unrecognized arguments: --dequantize: see python -m lm_lightning generate --help."),

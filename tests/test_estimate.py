@@ -4,6 +4,7 @@ trained in its own process with the memory monitor on every step."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.memory.estimate import parse_size
-from lm_lightning.memory.measure import allocated_bytes
+from lm_lightning.memory.estimate import fixed_bytes, parse_size
+from lm_lightning.memory.measure import allocated_bytes, human_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.network.embedding_dim", "64", "--model.network.hidden_dim", "64", "--model.sample_length", "0"]
@@ -155,14 +156,51 @@ def test_a_budget_gets_the_cheapest_fit_line_or_the_smallest_reachable_peak(tmp_
     # Least recomputation first: nothing recomputed when a micro-batch or the chunked loss is enough.
     assert chosen.recompute_segments == 0
 
-    smallest = estimate_command([*common, "--budget", "100MiB"])
+    # A byte above what no lever changes: the search tries every setting and reports the smallest peak it reached.
+    budget = fixed_bytes(as_configured) + 1
+    smallest = estimate_command([*common, "--budget", str(budget)])
     out = capsys.readouterr().out
-    assert "Budget 100.0 MiB: nothing fits. The smallest reachable peak is" in out
-    assert "its largest part is the process baseline" in out and smallest.peak > 100 * 2**20
+    assert f"Budget {human_bytes(budget)}: nothing fits. The smallest reachable peak is" in out
+    assert "its largest part is the process baseline" in out and smallest.peak > budget
     assert "glibc's heap keeps freed buffers on top of them" in out  # the headroom a budget answer needs
 
-    estimate_command([*common, "-c", str(ROOT / "configs/memory/lean.yaml"), "--budget", "100MiB"])
+    estimate_command([*common, "-c", str(ROOT / "configs/memory/lean.yaml"), "--budget", "100GiB"])
     assert "glibc's heap keeps" not in capsys.readouterr().out  # the lean preset returns them
+
+
+@pytest.mark.parametrize("args", [["--budget", "0"], ["--budget=0B"], ["--budget", "0.4"]], ids=["0", "0B", "under-a-byte"])
+def test_a_budget_of_no_memory_is_one_sentence_before_anything_is_built(args, monkeypatch, capsys):
+    from lm_lightning import cli
+
+    monkeypatch.setattr(cli, "build_cli", lambda *a, **k: pytest.fail("built the run for a budget of no memory"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["estimate", "-c", str(ROOT / "configs/default.yaml"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert re.match(r"^error: --budget 0\S* is not a positive size: give the memory a fit may take, such as 2GiB or 800MiB\.$", err[0])
+
+
+@pytest.mark.skipif(allocated_bytes(torch.device("cpu")) is None, reason="estimate needs glibc's mallinfo2 (Linux)")
+def test_a_budget_below_what_no_setting_changes_says_nothing_fits_without_a_search(tmp_path, monkeypatch, capsys):
+    """1 B is under the process baseline: nothing can fit, and the probes of a search would only spend time."""
+    from lm_lightning import cli
+    from lm_lightning.memory import estimate
+
+    monkeypatch.setattr(estimate, "rss_bytes", lambda: 500 * 2**20)
+    monkeypatch.setattr(estimate, "speed_line", lambda probe, current: "")  # timed probe steps: not what is tested here
+    monkeypatch.setattr(estimate, "search", lambda *args: pytest.fail("searched below what no setting changes"))
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--model.network.embedding_dim", "8", "--model.network.hidden_dim", "8", "--model.sample_length", "0", "--data.bptt", "8"]
+    result = cli.estimate(["-c", str(ROOT / "configs/default.yaml"), *tiny, "--budget", "1B"])
+    out = capsys.readouterr().out
+    assert result.baseline == 500 * 2**20 - result.params + estimate.FIT_OVERHEAD_BYTES
+    assert (
+        f"\nBudget 1 B: nothing fits. What no setting of the search changes (the process baseline, parameters, gradients, "
+        f"optimizer state) already takes {human_bytes(fixed_bytes(result))} before a training step, and its largest part is "
+        f"the process baseline ({human_bytes(result.baseline)}). That is Python, torch, Lightning and the data, loaded before "
+        "any model: a budget must be larger than it.\n"
+    ) in out
+    assert "leave some headroom" not in out and "python -m lm_lightning fit" not in out
 
 
 def test_estimate_refuses_the_bag_path_in_one_sentence(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lm_lightning.deploy.folder import is_onnx_export
-from lm_lightning.deploy.sampling import check_sampling
+from lm_lightning.deploy.sampling import MAX_NEW_TOKENS, MAX_SAMPLES, MAX_TEMPERATURE, MIN_TEMPERATURE, check_sampling
 from lm_lightning.errors import LMInputError, exit_with, flag_sentence, input_error
 
 __all__ = ["COMMANDS", "generate_command", "main", "score_command"]
@@ -61,11 +61,21 @@ def _load(folder: str, threads: Optional[int]) -> Any:
 def generate_command(args: list[str]) -> list[str]:
     parser = _parser("generate", "Text from an export folder alone (token models); the likeliest next words (bag models).")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start after an end of line)")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help=f"tokens generated per sample, 0 to {MAX_NEW_TOKENS:,}")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help=f"0 = greedy; otherwise from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (so does a k at or above the vocabulary size)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument(
+        "--num-samples", type=int, default=1, help=f"samples generated together (parallel streams), 1 to {MAX_SAMPLES:,}"
+    )
+    parser.epilog = (
+        "Before the first step, the samples' tokens and one step's logits are checked against the memory this process "
+        "can still take: a request that would not fit is refused in one sentence, not run into an out-of-memory error."
+    )
     opts = parser.parse_args(args)
     top_k = opts.top_k or None
     check_sampling(opts.max_new_tokens, opts.temperature, top_k, opts.num_samples)  # before a model is loaded

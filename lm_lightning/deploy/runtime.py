@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from lm_lightning.data.vocabulary import Vocabulary
 from lm_lightning.deploy.folder import open_export
-from lm_lightning.deploy.sampling import check_sampling, next_tokens
+from lm_lightning.deploy.sampling import check_memory, check_sampling, next_tokens
 from lm_lightning.deploy.scoring import stream_groups, stream_windows, summed_nll
 from lm_lightning.deploy.text import ReadsText, text_settings_problem
 from lm_lightning.errors import LMInputError
@@ -94,11 +94,14 @@ class OnnxModel(ReadsText):
         seed: int = 0,
         num_samples: int = 1,
     ) -> list[str]:
-        """``num_samples`` continuations of ``prompt`` (the prompt included), sampled together as parallel streams."""
+        """``num_samples`` continuations of ``prompt`` (the prompt included), sampled together as parallel streams.
+        Settings out of ``deploy/sampling.py``'s bounds, or more tokens than memory holds, raise :class:`LMInputError`."""
         check_sampling(max_new_tokens, temperature, top_k, num_samples)
-        rng = np.random.default_rng(seed)
-        tokens = [np.array([self.encode_prompt(prompt)] * num_samples, dtype=np.int64)]
+        ids = self.encode_prompt(prompt)
         k = 1 if temperature == 0 else top_k  # greedy is the top 1
+        check_memory(num_samples, len(ids) + max_new_tokens, min(k or self.graph["vocab_size"], self.graph["vocab_size"]))
+        rng = np.random.default_rng(seed)
+        tokens = [np.array([ids] * num_samples, dtype=np.int64)]
         state = None
         for _ in range(max_new_tokens):
             if k is not None and k < self.graph["vocab_size"]:  # sample among the graph's top k

@@ -1,9 +1,10 @@
 """Measuring memory: the allocator's bytes in use, distinct tensor storages, saved activations, peak and resident sizes.
 
 The ground floor under the memory monitor (``memory/monitor.py``), the estimate (``memory/estimate.py``) and the
-HPARAMS row (``reports/hparams.py``): it imports nothing else from lm_lightning, so each of them can use it without importing
-the others. What torch lacks and this adds: a CPU count of allocated bytes (glibc's ``mallinfo2``), bytes per distinct
-storage (a view keeps its whole storage alive; tied weights count once), and what autograd saves for backward.
+HPARAMS row (``reports/hparams.py``): it imports nothing else from lm_lightning but its torch-free sibling
+``available.py``, so each of them can use it without importing the others. What torch lacks and this adds: a CPU
+count of allocated bytes (glibc's ``mallinfo2``), bytes per distinct storage (a view keeps its whole storage alive;
+tied weights count once), and what autograd saves for backward.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+from lm_lightning.memory.available import human_bytes  # noqa: F401  (its torch-free home; imported from here too)
 
 try:
     import resource
@@ -113,14 +116,6 @@ def peak_bytes(device: torch.device) -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-
-
-def human_bytes(num: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(num) < 1024 or unit == "GiB":
-            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
-        num /= 1024
-    raise AssertionError("unreachable")
 
 
 class SavedTensorBytes:

@@ -6,6 +6,10 @@ validation perplexity first, and draws perplexity against peak training memory a
 perplexity where every run plotted has one (the export's own on the export panel), else the best validation one --
 with the runs that no other run beats on both axes (the Pareto front: lower left is better) ringed and joined, so the
 strategies worth their cost stand out. A folder that holds runs (``lightning_logs``) stands for all of them.
+
+TensorBoard reads an event file up to its first damaged record and drops the rest without a word (a file of random
+bytes, one cut short, an empty one): each file's records are checked first (``event_file_problem``), and a run with a
+damaged one is left out of the table and the picture and named on stderr, one line each, with why.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import argparse
 import logging
 import math
 import os
+import shutil
+import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from lm_lightning.errors import LMInputError
-from lm_lightning.io import atomic_path
+from lm_lightning.io import atomic_path, disk_full
+from lm_lightning.memory.available import human_bytes
 
 FIGURES = {
     "best_val_ppl": "hp/best_val_ppl",
@@ -57,6 +65,58 @@ def run_folders(paths: list[str]) -> list[Path]:
             raise LMInputError(f"{path} holds no TensorBoard run: give run folders (lightning_logs/version_N) or lightning_logs.")
         folders.extend(inside)
     return folders
+
+
+def event_file_problem(path: Path) -> Optional[str]:
+    """Why TensorBoard would read the event file ``path`` in part or not at all, or None. Walks its records' framing
+    (TFRecord: a length, the length's checksum, the data, the data's checksum), skipping the data: its checksum costs
+    in pure Python what TensorBoard's own read costs, and damage inside a record is rarer than a file cut short."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            offset = 0
+            while offset < size:
+                header = f.read(12)
+                if len(header) < 12:
+                    return f"is cut short: a record's header at byte {offset:,} runs past its end ({size:,} bytes)"
+                length, checksum = struct.unpack("<QI", header)
+                if masked_crc32c(header[:8]) != checksum:
+                    if offset == 0:
+                        return "is not a TensorBoard event file (its first record's header fails its checksum)"
+                    return f"is damaged at byte {offset:,} (a record's header fails its checksum)"
+                if offset + 16 + length > size:
+                    return f"is cut short: its record at byte {offset:,} needs {16 + length:,} bytes, {size - offset:,} are left"
+                offset += 16 + length
+                f.seek(offset)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return "is empty (0 bytes)" if size == 0 else None
+
+
+def run_problem(folder: Path) -> Optional[str]:
+    """Why ``folder``'s runs cannot be compared as they are: its first damaged event file, or None."""
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        problem = event_file_problem(path)
+        if problem is not None:
+            return f"its event file {path.name} {problem}"
+    return None
+
+
+def read_runs(folders: list[Path]) -> tuple[list[Run], dict[Path, str]]:
+    """The runs that can be read, and why each of the others cannot."""
+    runs, unreadable = [], {}
+    for folder in folders:
+        problem = run_problem(folder)
+        if problem is None:
+            try:
+                runs.append(read_run(folder))
+                continue
+            except Exception as err:  # intact records holding no event (TensorBoard's protobuf refuses them)
+                problem = f"TensorBoard cannot read it ({type(err).__name__}: {err})"
+        unreadable[folder] = problem
+    return runs, unreadable
 
 
 def read_run(folder: Path) -> Run:
@@ -179,8 +239,18 @@ def plot(runs: list[Run], out: Path, title: Optional[str] = None) -> None:
     try:
         with atomic_path(out) as tmp:  # a picture is replaced only when complete
             fig.savefig(tmp, dpi=110, format=out.suffix[1:])
-    except OSError as err:
-        raise LMInputError(f"--out {out} cannot be written ({err.strerror or err}): give a path in a writable folder.") from None
+    except Exception as err:
+        # A full disk reaches here as ENOSPC, or as what a backend makes of it (the PDF writer's AttributeError).
+        if disk_full(err):
+            free = shutil.disk_usage(out.absolute().parent).free
+            kept = "the old picture is left as it was" if out.exists() else "nothing was written"
+            raise LMInputError(
+                f"--out {out} cannot be written: the disk is full ({human_bytes(free)} free there; {kept}): free space "
+                "there, or give a path on another disk."
+            ) from None
+        if isinstance(err, OSError):
+            raise LMInputError(f"--out {out} cannot be written ({err.strerror or err}): give a path in a writable folder.") from None
+        raise
     finally:
         plt.close(fig)
 
@@ -196,7 +266,14 @@ def compare_command(args: list[str]) -> list[Run]:
     if options.out is not None and options.out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise LMInputError(f"--out {options.out} names no picture format: end it in .png, .svg or .pdf.")
     named = {Path(p).absolute() for p in options.runs}
-    runs = [read_run(folder) for folder in run_folders(options.runs)]
+    runs, unreadable = read_runs(run_folders(options.runs))
+    for folder, problem in unreadable.items():
+        print(f"left out {_name(folder)}: {problem}.", file=sys.stderr)
+    if not runs:
+        raise LMInputError(
+            f"none of the {len(unreadable)} run(s) in {' '.join(options.runs)} could be read (each is named above): "
+            "give run folders whose event files are intact."
+        )
     # Of the runs found inside a folder, the trained ones: a stand-alone validate/test/predict of no run's checkpoint
     # (lightning_logs/test_0, ...) writes no HPARAMS row.
     runs = [r for r in runs if r.hparams or r.folder.absolute() in named]

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lm_lightning.data.batch import Batch
-from lm_lightning.errors import LMInputError
+from lm_lightning.deploy.sampling import PREDICT_FLAGS, check_memory, check_new_tokens, check_sampling
 from lm_lightning.generation import sample
 from lm_lightning.systems.base import StreamSystem
 
@@ -28,9 +28,10 @@ class LanguageModel(StreamSystem):
             ``vocab_size`` is set from the datamodule by the CLI.
         optimizer: Optimizer class and arguments, e.g. ``--model.optimizer SGD --model.optimizer.lr 1``.
         lr_scheduler: Optional schedule, stepped once per epoch (``ReduceLROnPlateau`` watches ``val/ppl``).
-        sample_length: Tokens of text generated and logged at each validation (0 turns it off).
-        max_new_tokens: Tokens generated per sample by ``predict``.
-        temperature: Sampling temperature (0 = greedy).
+        sample_length: Tokens of text generated and logged at each validation (0 turns it off), at most 100,000.
+        max_new_tokens: Tokens generated per sample by ``predict``, at most 100,000 (``--data.num_prompts``: at most
+            10,000 samples; their text is checked against free memory before the run).
+        temperature: Sampling temperature: 0 = greedy, otherwise from 0.001 to 100.
         top_k: Sample only among the ``top_k`` most likely tokens; ``None`` for all.
         seed: Seed of the sampler, so generated text is reproducible.
     """
@@ -47,16 +48,21 @@ class LanguageModel(StreamSystem):
         seed: int = 0,
     ) -> None:
         super().__init__(network, optimizer, lr_scheduler)
-        if not temperature >= 0:  # also refuses NaN
-            raise LMInputError(f"--model.temperature must be >= 0, got {temperature}: give 0 for greedy decoding or e.g. 0.8.")
-        if top_k is not None and top_k < 1:
-            raise LMInputError(
-                f"--model.top_k must be a positive integer, got {top_k}: give e.g. 50, or null to sample from all tokens."
-            )
-        for name, value in (("sample_length", sample_length), ("max_new_tokens", max_new_tokens)):
-            if value < 0:
-                raise LMInputError(f"--model.{name} must be >= 0, got {value}: give a number of tokens (0 turns it off).")
+        check_new_tokens(sample_length, "--model.sample_length")
+        check_sampling(max_new_tokens, temperature, top_k, None, PREDICT_FLAGS)  # --data.num_prompts: in setup
         self.save_hyperparameters_and_network()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        if stage != "predict" or not hasattr(getattr(datamodule, "hparams", None), "num_prompts"):
+            return
+        # Before predict_dataloader() builds one batch per prompt: each prompt is generated alone (one stream), and
+        # every sample's text is kept until the epoch ends and GenerationWriter writes them all.
+        hp, prompts = self.hparams, datamodule.hparams.num_prompts
+        check_sampling(hp.max_new_tokens, hp.temperature, hp.top_k, prompts, PREDICT_FLAGS)
+        tokens = len(str(datamodule.hparams.prompt).split()) + 1 + hp.max_new_tokens  # the prompt's words, or <eos>
+        check_memory(prompts, tokens, getattr(datamodule, "vocab_size", 0), PREDICT_FLAGS, streams=1)
 
     # --- generation -----------------------------------------------------------------------------------
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *args: Any, **kwargs: Any) -> torch.Tensor:
