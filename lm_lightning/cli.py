@@ -27,7 +27,9 @@ from lm_lightning.export.settings import resolve_format
 from lm_lightning.io import disk_full
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 from lm_lightning.lightning_cli import build_cli
-from lm_lightning.memory.estimate import USAGE, Estimate, estimate_command, split_arguments
+from lm_lightning.memory.estimate import FIT_OVERHEAD_BYTES, USAGE, Estimate, estimate_command, fixed_bytes, split_arguments
+from lm_lightning.memory.fastest import configured_allocator, fastest_command, kept_heap_line
+from lm_lightning.memory.measure import rss_bytes, storage_bytes
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config
 from lm_lightning.reports.compare import compare_command
 from lm_lightning.storage.loading import check_compatible, load_checkpoint_file
@@ -72,9 +74,19 @@ def estimate(args: list[str]) -> Estimate:
     if {"-h", "--help"} & set(args):
         print(USAGE)
         raise SystemExit(0)
-    fit_args, budget = split_arguments(args)
+    fastest = "--fastest" in args
+    fit_args, budget = split_arguments([a for a in args if a != "--fastest"])
+    if fastest and budget is None:
+        raise LMInputError("--fastest ranks the runs that fit a budget: give it with --budget SIZE, e.g. --budget 2GiB.")
     cli = build_cli(fit_args, run=False)
-    return estimate_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget)
+    # Before any probe step: this process holds what fit holds before its first step, plus the model's parameters.
+    baseline = rss_bytes() - storage_bytes(cli.model.parameters()) + FIT_OVERHEAD_BYTES
+    estimate = estimate_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget)
+    if configured_allocator(cli.trainer) == "fast":
+        print(kept_heap_line(cli.model, cli.trainer, cli.datamodule, baseline))
+    if fastest and fixed_bytes(estimate) <= budget:  # below what no setting changes, estimate has said that nothing fits
+        fastest_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget, baseline)
+    return estimate
 
 
 # The subcommands beside LightningCLI's fit/validate/test/predict: name -> function of the remaining arguments.

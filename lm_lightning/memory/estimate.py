@@ -95,7 +95,10 @@ def _at(one: Phases, two: Phases, field: str, streams: int) -> int:
     """The line through the two probes' ``field``, at ``streams``."""
     a, b = getattr(one, field), getattr(two, field)
     slope = (b - a) / (two.streams - one.streams) if two.streams != one.streams else 0.0
-    return max(0, round(b + (streams - two.streams) * slope))
+    value = b + (streams - two.streams) * slope
+    if streams < one.streams:  # below the probes the line can reach 0: never less than the smaller probe, scaled
+        value = max(value, a * streams / one.streams)
+    return max(0, round(value))
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -106,11 +109,14 @@ def _pop_budget(args: list[str]) -> tuple[list[str], Optional[int]]:
             value = next(it, None)
             if value is None:
                 raise LMInputError("--budget needs a size: give e.g. --budget 2GiB.")
-            budget = parse_size(value)
         elif arg.startswith("--budget="):
-            budget = parse_size(arg.split("=", 1)[1])
+            value = arg.split("=", 1)[1]
         else:
             rest.append(arg)
+            continue
+        budget = parse_size(value)
+        if budget <= 0:  # before anything is built or probed: no run fits in no memory
+            raise LMInputError(f"--budget {value} is not a positive size: give the memory a fit may take, such as 2GiB or 800MiB.")
     return rest, budget
 
 
@@ -168,14 +174,18 @@ def fit_line(args: list[str], current: Settings, chosen: Settings) -> str:
     return " ".join(["python -m lm_lightning fit", *args, *extra])
 
 
-def predict(model: Any, trainer: Any, data: Any, baseline: int) -> tuple[Estimate, Probe, Settings]:
-    """The estimate for the run as configured (``model``, ``trainer`` with its callbacks, the token ``data``)."""
+def predict_settings(trainer: Any, data: Any) -> Settings:
+    """The levers as the run sets them (the largest micro-batch of an accumulation schedule: it sets the peak)."""
     accumulation = next((c for c in trainer.callbacks if isinstance(c, MicroBatchAccumulation)), None)
-    # The largest micro-batch of its schedule sets the peak.
     micro = max(accumulation.sizes.values()) if accumulation is not None else data.hparams.batch_size
     levers = {s.name: s for s in memory_strategies(trainer) if isinstance(s, tuple(LEVERS.values()))}
     chunk = levers["chunked_loss"].chunk_size if "chunked_loss" in levers else 0
-    current = Settings(micro, chunk, levers["recompute"].segments if "recompute" in levers else 0)
+    return Settings(micro, chunk, levers["recompute"].segments if "recompute" in levers else 0)
+
+
+def predict(model: Any, trainer: Any, data: Any, baseline: int) -> tuple[Estimate, Probe, Settings]:
+    """The estimate for the run as configured (``model``, ``trainer`` with its callbacks, the token ``data``)."""
+    current = predict_settings(trainer, data)
     probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt)
     with torch.random.fork_rng(devices=[]):  # the probe's dropout masks must not move the run's
         estimate = _from_measurement(probe.measure(current), current, baseline, str(trainer.precision), probe)
@@ -214,13 +224,33 @@ HINTS = {
     "parameters": " A smaller vocabulary (--data.max_vocab_size) or tied weights (--model.network.init_args.tie_weights true) shrink the largest matrices.",
     "gradients": " Tied weights (--model.network.init_args.tie_weights true) or sparse embedding gradients (untied: "
     "-c configs/memory/sparse_gradients.yaml) shrink them.",
+    "the process baseline": " That is Python, torch, Lightning and the data, loaded before any model: a budget must be "
+    "larger than it.",
 }
 
 
+def fixed_bytes(estimate: Estimate) -> int:
+    """What every setting the search turns leaves as it is: the process, the weights, their gradients and optimizer
+    state (the levers change only what a step allocates)."""
+    return estimate.baseline + estimate.params + estimate.pruning + estimate.grads + estimate.optimizer
+
+
+def largest_part(estimate: Estimate, fixed: bool = False) -> str:
+    """The part of ``estimate``'s peak to shrink first, in words, with what to change where the search cannot
+    (``fixed``: of the parts no setting of the search changes, which alone are past the budget)."""
+    parts = {"the process baseline": estimate.baseline, "parameters": estimate.params + estimate.pruning, "gradients": estimate.grads,
+             "optimizer state": estimate.optimizer}  # fmt: skip
+    if not fixed:
+        parts.update({"saved activations": estimate.activations, "temporaries": estimate.temporaries})
+    largest = max(parts, key=parts.get)
+    return f"its largest part is {largest} ({human_bytes(parts[largest])})." + HINTS.get(largest, "")
+
+
 USAGE = (
-    "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE]\n\n"
+    "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE [--fastest]]\n\n"
     "Predicts the peak memory of `fit` with the same arguments, part by part, without training.\n"
     "  --budget SIZE   also find the cheapest settings that fit SIZE (e.g. 2GiB, 1.5GB, 800MiB) and print the fit line\n"
+    "  --fastest       with --budget: time the settings that fit with the same math, print the fastest fit line and the runner-up\n"
     "Every other option is fit's: python -m lm_lightning fit --help"
 )
 
@@ -250,18 +280,21 @@ def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], b
             "Note: MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ keep freed memory in the process, so its RSS grows past "
             "this prediction of the bytes in use."
         )
+    if budget is not None and budget < fixed_bytes(estimate):
+        # Below what no lever changes, nothing fits whatever the search tries: say so without its probes.
+        print(
+            f"\nBudget {human_bytes(budget)}: nothing fits. What no setting of the search changes (the process baseline, "
+            f"parameters, gradients, optimizer state) already takes {human_bytes(fixed_bytes(estimate))} before a training "
+            f"step, and {largest_part(estimate, fixed=True)}"
+        )
+        return estimate
     if budget is not None:
         found, smallest = search(probe, current, batch_size, bptt, baseline, str(trainer.precision), budget)
         if found is None:
-            parts = {"the process baseline": smallest.baseline, "parameters": smallest.params + smallest.pruning, "gradients": smallest.grads,
-                     "optimizer state": smallest.optimizer, "saved activations": smallest.activations,
-                     "temporaries": smallest.temporaries}  # fmt: skip
-            largest = max(parts, key=parts.get)
             print(
                 f"\nBudget {human_bytes(budget)}: nothing fits. The smallest reachable peak is {human_bytes(smallest.peak)} "
                 f"(micro-batch {smallest.settings.micro_batch_size}, loss chunks {smallest.settings.loss_chunk_size}, "
-                f"recompute segments {smallest.settings.recompute_segments}), and its largest part is {largest} ({human_bytes(parts[largest])})."
-                + HINTS.get(largest, "")
+                f"recompute segments {smallest.settings.recompute_segments}), and {largest_part(smallest)}"
             )
         elif found.settings == current:
             print(f"\nBudget {human_bytes(budget)}: fits as configured ({human_bytes(found.peak)}).")

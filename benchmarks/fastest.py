@@ -1,0 +1,98 @@
+"""`estimate --budget SIZE --fastest` against what its answer does: for each budget, the recommended `fit` line, its
+predicted peak RSS and tokens/s, then the same line run for a few hundred steps and measured (the fit's own console
+line: peak RSS and tokens/s), and the plain PyTorch loop beside them (benchmarks/plain_loop.py).
+
+    python benchmarks/fastest.py --recipe configs/wikitext2_small.yaml --data-dir DIR --budgets 700MiB 900MiB 2GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDICTED = re.compile(r"predicted: peak (?P<peak>[\d.]+ [KMG]iB), (?P<speed>[\d,]+) tokens/s")
+
+
+def mib(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit]
+
+
+def recommend(recipe: str, data_dir: str | None, budget: str) -> tuple[list[str], dict[str, str], float, float] | None:
+    """The recommended line of `estimate --fastest` (arguments after `fit`, environment) and its prediction."""
+    args = [sys.executable, "-m", "lm_lightning", "estimate", "-c", recipe, "--budget", budget, "--fastest"]
+    args += ["--data.data_dir", data_dir] if data_dir else []
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    print(out, flush=True)
+    if "the fastest run that fits" not in out:
+        return None
+    block = out.split("the fastest run that fits", 1)[1].splitlines()
+    line, prediction = block[1].strip(), PREDICTED.search(block[2])
+    words = shlex.split(line)
+    env = {}
+    while "=" in words[0]:
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return words[4:], env, mib(prediction["peak"]), float(prediction["speed"].replace(",", ""))
+
+
+def measure(fit_args: list[str], env: dict[str, str], steps: int) -> tuple[float, float]:
+    """Peak RSS (MiB) and tokens/s of the line, run for `steps` optimizer steps (the fit's own last console line)."""
+    short = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "2"]
+    short += ["--trainer.limit_test_batches", "0", "--export.enabled", "false", "--trainer.enable_progress_bar", "false"]
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "configs").symlink_to(ROOT / "configs")
+        done = subprocess.run(
+            [sys.executable, "-m", "lm_lightning", "fit", *fit_args, *short], cwd=folder, capture_output=True, text=True,
+            env={**os.environ, **env}, check=True,
+        )  # fmt: skip
+    line = [row for row in (done.stdout + done.stderr).splitlines() if " tok/s" in row][-1]
+    speed = float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", ""))
+    peak = float(re.search(r"peak ([\d,]+) MiB", line).group(1).replace(",", ""))
+    return peak, speed
+
+
+def plain_loop(recipe: str, data_dir: str | None, steps: int) -> tuple[float, float]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        args = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--recipe", recipe, "--epochs", "1"]
+        args += ["--max-steps", str(steps), "--eval-batches", "2", "--out", out.name, *(["--data-dir", data_dir] if data_dir else [])]
+        subprocess.run(args, cwd=ROOT, capture_output=True, check=True)
+        result = json.loads(Path(out.name).read_text())
+    return result["peak_rss_bytes"] / 2**20, result["tokens_per_sec"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="configs/wikitext2_small.yaml")
+    parser.add_argument("--data-dir", default=None, help="a folder holding the recipe's train/valid/test.txt")
+    parser.add_argument("--budgets", nargs="+", default=["700MiB", "900MiB", "2GiB"])
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    rows = ["| budget | recommended (after `fit -c RECIPE`) | predicted peak | measured peak | predicted tokens/s | measured tokens/s |", "|---|---|---:|---:|---:|---:|"]
+    for budget in args.budgets:
+        found = recommend(args.recipe, args.data_dir, budget)
+        if found is None:
+            rows.append(f"| {budget} | nothing fits | | | | |")
+            continue
+        fit_args, env, peak, speed = found
+        measured_peak, measured_speed = measure(fit_args, env, args.steps)
+        extra = " ".join([*(f"{k}={v}" for k, v in env.items()), *fit_args[2:]]).replace(f"--data.data_dir {args.data_dir}", "").strip()
+        rows.append(
+            f"| {budget} | `{extra or '(as configured)'}` | {peak:,.0f} MiB | {measured_peak:,.0f} MiB ({measured_peak / peak - 1:+.1%}) | "
+            f"{speed:,.0f} | {measured_speed:,.0f} ({measured_speed / speed - 1:+.0%}) |"
+        )
+    peak, speed = plain_loop(args.recipe, args.data_dir, args.steps)
+    rows.append(f"| plain PyTorch loop | | | {peak:,.0f} MiB | | {speed:,.0f} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
