@@ -36,6 +36,7 @@ from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE
 from lm_lightning.callbacks.strategy import memory_strategies
 from lm_lightning.errors import LMInputError
 from lm_lightning.memory.measure import allocated_bytes, human_bytes, rss_bytes, storage_bytes
+from lm_lightning.memory.parts import fixed_bytes, largest_part
 from lm_lightning.memory.probe import LEVERS, Phases, Probe, Settings
 from lm_lightning.networks.contract import output_layer
 
@@ -214,36 +215,6 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
     # At fit start the loop and logger exist, but most of FIT_OVERHEAD_BYTES comes with the first steps and validation.
     baseline = rss_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
     return predict(model, trainer, data, baseline)[0]
-
-
-# What to change when a part that the search does not turn dominates (each changes the training, not only memory).
-HINTS = {
-    "optimizer state": " An optimizer with less state changes the training but not the model: SGD keeps none, SGD with "
-    "momentum one buffer per weight, torchao.optim.AdamW8bit about a quarter of AdamW's for weights whose sizes are "
-    "multiples of its block_size (--model.optimizer ...).",
-    "parameters": " A smaller vocabulary (--data.max_vocab_size) or tied weights (--model.network.init_args.tie_weights true) shrink the largest matrices.",
-    "gradients": " Tied weights (--model.network.init_args.tie_weights true) or sparse embedding gradients (untied: "
-    "-c configs/memory/sparse_gradients.yaml) shrink them.",
-    "the process baseline": " That is Python, torch, Lightning and the data, loaded before any model: a budget must be "
-    "larger than it.",
-}
-
-
-def fixed_bytes(estimate: Estimate) -> int:
-    """What every setting the search turns leaves as it is: the process, the weights, their gradients and optimizer
-    state (the levers change only what a step allocates)."""
-    return estimate.baseline + estimate.params + estimate.pruning + estimate.grads + estimate.optimizer
-
-
-def largest_part(estimate: Estimate, fixed: bool = False) -> str:
-    """The part of ``estimate``'s peak to shrink first, in words, with what to change where the search cannot
-    (``fixed``: of the parts no setting of the search changes, which alone are past the budget)."""
-    parts = {"the process baseline": estimate.baseline, "parameters": estimate.params + estimate.pruning, "gradients": estimate.grads,
-             "optimizer state": estimate.optimizer}  # fmt: skip
-    if not fixed:
-        parts.update({"saved activations": estimate.activations, "temporaries": estimate.temporaries})
-    largest = max(parts, key=parts.get)
-    return f"its largest part is {largest} ({human_bytes(parts[largest])})." + HINTS.get(largest, "")
 
 
 USAGE = (
