@@ -24,8 +24,8 @@ from lm_lightning.callbacks import Export, memory_strategies
 from lm_lightning.deploy.commands import generate_command, score_command
 from lm_lightning.errors import LMInputError, StoppedBySigterm, exit_with, flag_sentence, input_error
 from lm_lightning.export.settings import resolve_format
-from lm_lightning.io import disk_full
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
+from lm_lightning.io import disk_full
 from lm_lightning.lightning_cli import build_cli
 from lm_lightning.memory.estimate import FIT_OVERHEAD_BYTES, USAGE, Estimate, estimate_command, fixed_bytes, split_arguments
 from lm_lightning.memory.fastest import configured_allocator, fastest_command, kept_heap_line
@@ -99,6 +99,16 @@ COMMANDS = {
 }
 
 
+STOPPED_IN_TRAINING = (
+    "stopped by SIGTERM before the run finished: resume it from its last checkpoint with "
+    "-c RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt (written at the end of each epoch)."
+)
+STOPPED_BEFORE_TRAINING = (
+    "stopped by SIGTERM before training started (while reading the data or building the model): nothing was "
+    "trained and nothing half-written was left; run the same command again."
+)
+
+
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM before Lightning's own handler is in place (reading the corpus, building the cache, the model): stop
     here, through every ``finally`` (temporary cache folders and locks are cleaned up). Once a fit runs, Lightning
@@ -119,21 +129,10 @@ def main(args: Optional[list[str]] = None) -> None:
             COMMANDS[args[0]](args[1:])
         else:
             build_cli(args)
-    except SIGTERMException:
-        # Lightning stops at the next batch and raises this SystemExit with no code, which would exit 0: a scheduler
+    except (SIGTERMException, StoppedBySigterm) as err:
+        # Lightning stops at the next batch and raises a SystemExit with no code, which would exit 0: a scheduler
         # (SLURM's preemption, `timeout`, `kill`) and a shell script must see that the run did not finish.
-        print(
-            "stopped by SIGTERM before the run finished: resume it from its last checkpoint with "
-            "-c RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt (written at the end of each epoch).",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + signal.SIGTERM) from None
-    except StoppedBySigterm:
-        print(
-            "stopped by SIGTERM before training started (while reading the data or building the model): nothing was "
-            "trained and nothing half-written was left; run the same command again.",
-            file=sys.stderr,
-        )
+        print(STOPPED_BEFORE_TRAINING if isinstance(err, StoppedBySigterm) else STOPPED_IN_TRAINING, file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except ArgumentError as err:  # the parser's tree of messages (build_cli sets exit_on_error=False)
         if args[:1] in (["generate"], ["score"], ["compare"]):  # argparse's own message already names the option

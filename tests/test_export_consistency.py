@@ -19,6 +19,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from test_deploy import one_sentence
 
 from lm_lightning.__main__ import main
 from lm_lightning.data import TokenDataModule, Vocabulary
@@ -77,14 +78,6 @@ def reseal(folder: Path, change=None) -> None:
         data = (folder / name).read_bytes()
         manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / "manifest.json").write_text(sealed_manifest(manifest))
-
-
-def one_sentence(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
-    return err.strip()
 
 
 # --- the vocabulary against the network --------------------------------------------------------------
