@@ -34,6 +34,60 @@ import torch  # noqa: E402
 # on a loaded 2-core machine two threads per process made small fits ~10-40x slower (measured).
 torch.set_num_threads(1)
 
+# --- The CPU where a test means the CPU, the GPU where it means the GPU ------------------------------------------
+# On a machine with a GPU, `--trainer.accelerator auto` (the CLI's default) and a bare L.Trainer() put a fit on it, and
+# the CPU tests' assertions (bit-exact resume, oneDNN dtypes, RSS peaks) fail there. So the whole session, module-scoped
+# fixtures included, sees no accelerator: Lightning's availability checks say no (in-process fits, and a GPU asked for
+# by name fails), and CUDA_VISIBLE_DEVICES="" hides the GPUs from the CLI run in subprocesses. A test that means the
+# GPU, marked `cuda` (or skipped without CUDA: see pytest_collection_modifyitems), gets both back for its duration.
+from lightning.fabric import accelerators as fabric  # noqa: E402
+from lightning.pytorch import accelerators as trainer  # noqa: E402
+
+ACCELERATORS = (fabric.CUDAAccelerator, fabric.MPSAccelerator, trainer.CUDAAccelerator, trainer.MPSAccelerator)
+REAL_AVAILABILITY = {cls: cls.__dict__["is_available"] for cls in ACCELERATORS}
+VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+if torch.cuda.is_available():
+    # Before hiding the GPUs: Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, under which an uninitialized torch reads
+    # CUDA_VISIBLE_DEVICES at every is_available(); initialized, this process keeps the GPUs it found, for the CUDA tests.
+    torch.cuda.init()
+_pinned = pytest.MonkeyPatch()
+for _cls in ACCELERATORS:
+    _pinned.setattr(_cls, "is_available", staticmethod(lambda: False))
+_pinned.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def _means_the_gpu(item: pytest.Item) -> bool:
+    """Marked ``cuda``, or skipped where CUDA is missing (a ``skipif`` whose reason names CUDA or a GPU)."""
+    reasons = [str(mark.kwargs.get("reason", "")).lower() for mark in item.iter_markers("skipif")]
+    return item.get_closest_marker("cuda") is not None or any("cuda" in r or "gpu" in r for r in reasons)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: means the GPU: runs with the accelerators visible (python -m pytest -m cuda)")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _pinned.undo()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _means_the_gpu(item) and item.get_closest_marker("cuda") is None:
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(autouse=True)
+def _accelerators_for_cuda_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("cuda") is None:
+        return
+    for cls, real in REAL_AVAILABILITY.items():
+        monkeypatch.setattr(cls, "is_available", real)
+    if VISIBLE_DEVICES is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", VISIBLE_DEVICES)
+
 requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not present next to the project")
 
 

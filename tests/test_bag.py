@@ -34,6 +34,7 @@ from lm_lightning.export.fake_quantization import FakeQuantizedEmbeddingBag, dis
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import dequantize_weight, fake_quantize, quantize_weight
 from lm_lightning.networks.bag import BagLSTMNetwork
+from lm_lightning.networks.lstm import StackedLSTM
 from lm_lightning.systems.bag import BagLanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +314,7 @@ def test_switching_the_bag_network_keeps_parameters_state_dict_tying_and_passes_
     expected, _ = quantized_copy(net, 8, 32)(segments)
     enable_fake_quantization(net, bits=8)
     assert [type(m).__name__ for m in (net.embedding, net.lstm, net.decoder)] == [
-        "FakeQuantizedEmbeddingBag", "FakeQuantizedLSTM", "FakeQuantizedLinear"
+        "FakeQuantizedEmbeddingBag", "FakeQuantizedStackedLSTM", "FakeQuantizedLinear"
     ]  # fmt: skip
     assert dict(net.named_parameters()) == params  # the same objects: the optimizer keeps training them
     assert list(net.state_dict()) == keys  # checkpoints load into a plain network
@@ -325,7 +326,7 @@ def test_switching_the_bag_network_keeps_parameters_state_dict_tying_and_passes_
     for name, param in net.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name  # straight-through: gradients reach every weight
     disable_fake_quantization(net)
-    assert [type(m) for m in (net.embedding, net.lstm, net.decoder)] == [nn.EmbeddingBag, nn.LSTM, nn.Linear]
+    assert [type(m) for m in (net.embedding, net.lstm, net.decoder)] == [nn.EmbeddingBag, StackedLSTM, nn.Linear]
     BagLSTMNetwork(23, embedding_dim=16, hidden_dim=16, num_layers=1, dropout=0.0, tie_weights=True).load_state_dict(net.state_dict())
 
 

@@ -21,6 +21,7 @@ from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import fake_quantize
 from lm_lightning.export.writer import export_model, plain_copy
 from lm_lightning.networks import LSTMNetwork
+from lm_lightning.networks.lstm import StackedLSTM
 
 
 def lstm(vocab=300, width=64, tie=True, seed=0) -> LSTMNetwork:
@@ -40,7 +41,7 @@ def test_a_loaded_integer_export_is_the_fake_quantized_network_in_float32(tmp_pa
     export_model(network, tmp_path / "e", bits, group_size)
     loaded = load_exported(tmp_path / "e")
     # The network's own modules, float32 throughout: ready to finish or fine-tune.
-    assert [type(m) for m in (loaded.embedding, loaded.lstm, loaded.decoder)] == [nn.Embedding, nn.LSTM, nn.Linear]
+    assert [type(m) for m in (loaded.embedding, loaded.lstm, loaded.decoder)] == [nn.Embedding, StackedLSTM, nn.Linear]
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert (loaded.decoder.weight is loaded.embedding.weight) == tie  # a tied matrix is one tensor again
     expected_network = copy.deepcopy(network)

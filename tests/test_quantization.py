@@ -21,6 +21,7 @@ from lm_lightning.export.fake_quantization import FakeQuantizedLSTM, disable_fak
 from lm_lightning.export.loader import load_exported
 from lm_lightning.export.quantization import fake_quantize
 from lm_lightning.networks import LSTMNetwork
+from lm_lightning.networks.lstm import StackedLSTM
 from lm_lightning.systems import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_switching_keeps_parameters_state_dict_tying_and_passes_gradients():
     for name, param in net.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name  # straight-through: gradients reach every weight
     disable_fake_quantization(net)
-    assert [type(m) for m in (net.embedding, net.lstm, net.decoder)] == [nn.Embedding, nn.LSTM, nn.Linear]
+    assert [type(m) for m in (net.embedding, net.lstm, net.decoder)] == [nn.Embedding, StackedLSTM, nn.Linear]
 
 
 def _scalars(run: Path, tag: str) -> list[float]:
@@ -122,7 +123,7 @@ def test_qat_runs_the_last_epoch_and_the_export_reproduces_it(qat_run):
     # The fake-quantized network (what trained and validated in the last epoch) scores what the export scores:
     # bit-identical weights, so only summation order could differ (stated tolerance 1e-6 relative).
     network = cli.model.network
-    assert type(network.lstm) is nn.LSTM  # back to plain modules after fit
+    assert type(network.lstm) is StackedLSTM  # back to plain modules after fit
     test_batches = cli.datamodule.test_dataloader()
     float_ppl = perplexity(network, test_batches, max_batches=2)
     enable_fake_quantization(network, 4, 16)

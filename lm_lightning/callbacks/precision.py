@@ -8,6 +8,13 @@ What they lack, and this callback adds:
   eps)`` divides by zero wherever ``v`` underflows and the weights fill with NaN (an eps of 1e-4 or more survives; the
   docs/memory.md has the measurements). The check covers every optimizer with a numeric ``eps`` below 1e-4 (Adam, AdamW,
   NAdam, RAdam, Adamax, RMSprop, Adagrad, ...).
+* **A start-up error for ``bf16-mixed`` with a recurrent module on CUDA** where autocast would run it in float16.
+  PyTorch's autocast wrapper of cuDNN's RNN (``_cudnn_rnn_cast_reflatten`` in ``aten/src/ATen/cudnn/AutocastRNN.cpp``)
+  casts the input, the state and the weights with ``cached_cast(at::kHalf, ...)``: float16 whatever dtype autocast
+  was asked for, unlike the ``lower_precision_fp`` ops of ``autocast_mode.cpp`` (matmuls, ``lstm_cell``), which take
+  the autocast dtype. So the LSTM and the state it carries would run in float16 with no ``GradScaler`` (bf16-mixed
+  has none), where small gradients underflow to zero. Newer cuDNN (9.13+) runs bfloat16 RNNs, and a later torch may
+  cast to the autocast dtype: so the guard asks the GPU (a two-unit RNN under autocast) instead of assuming.
 * **A report of what actually runs**: the plugin, the parameter dtype, and the dtype each parametrised module
   *outputs* during the first training step (forward hooks, removed after that step), logged with ``logging`` and as
   TensorBoard text ``precision/summary``. Under ``16-mixed`` on GPU the loss scale is logged as ``precision/loss_scale``.
@@ -33,6 +40,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from lm_lightning.errors import LMInputError
@@ -53,6 +61,42 @@ def bf16_lstm_supported() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def rnn_autocast_dtype(rnn_class: type, device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype a two-unit ``rnn_class`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) outputs on ``device`` under
+    ``torch.autocast(dtype)``, or None where it cannot run at all (no such kernel)."""
+    rnn = rnn_class(2, 2, batch_first=True).to(device)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            output, _ = rnn(torch.zeros(1, 1, 2, device=device))
+    except RuntimeError:
+        return None
+    return output.dtype
+
+
+def check_cuda_rnn_autocast(pl_module: nn.Module, precision: str, device: torch.device) -> None:
+    """``bf16-mixed`` on CUDA refused, in one sentence, for a recurrent module that autocast would run in another dtype."""
+    if precision != "bf16-mixed" or device.type != "cuda":
+        return
+    for name, module in pl_module.named_modules():
+        plain = next((c for c in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(module, c)), None)
+        if plain is None:
+            continue
+        ran = rnn_autocast_dtype(plain, device, torch.bfloat16)
+        fix = "use --trainer.precision 16-mixed (float16 with loss scaling) or 32-true."
+        if ran is None:
+            raise LMInputError(
+                f"--trainer.precision bf16-mixed cannot run {name} ({type(module).__name__}) on this GPU, which has no "
+                f"kernel for it under bfloat16 autocast: {fix}"
+            )
+        if ran != torch.bfloat16:
+            raise LMInputError(
+                f"--trainer.precision bf16-mixed would run {name} ({type(module).__name__}) in {_dtype_name(ran)} on this "
+                "GPU: PyTorch's cuDNN RNN under autocast casts to float16 whatever dtype autocast asks for, and bf16-mixed "
+                f"has no GradScaler to keep float16 gradients from underflowing: {fix}"
+            )
+        return  # one answer per run: every RNN module goes through the same autocast wrapper
 
 
 def _first_tensor(output: Any) -> Optional[torch.Tensor]:
@@ -89,6 +133,8 @@ class PrecisionGuard(Callback):
                 f"{torch.cuda.get_device_name(device)} has no native bfloat16: {precision} will be emulated and slow; "
                 "--trainer.precision 16-mixed is the fast choice on this GPU."
             )
+        if stage == "fit":  # evaluation computes no gradients: float16 there loses nothing a GradScaler would keep
+            check_cuda_rnn_autocast(pl_module, precision, device)
         if precision == "bf16-mixed" and device.type == "cpu":
             log.info(
                 "precision bf16-mixed on CPU (Lightning also runs a `16-mixed` request this way on CPU: it warns and "

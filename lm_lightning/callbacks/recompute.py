@@ -9,7 +9,11 @@ in the plain pass, and any network that keeps the contract (``networks/contract.
 asked of it beyond ``forward`` (or ``features``, when the chunked loss runs too).
 
 Dropout masks are drawn segment by segment (the same distribution as one draw per window), and ``checkpoint``
-restores the random state before each recomputation, so the backward pass redraws exactly the masks of the forward.
+restores the random state before each recomputation (the CPU generator and the CUDA generator of the inputs' device),
+so the backward pass redraws exactly the masks of the forward. On a GPU that holds only for masks drawn from those
+generators: cuDNN draws a stacked ``nn.RNNBase``'s dropout between layers from a state of its own, which nothing
+restores. The template's LSTM (``networks/lstm.py: StackedLSTM``) draws those masks with ``F.dropout`` instead; any
+other recurrent module with dropout between layers is refused on CUDA, in one sentence, before the first step.
 Only training runs segmented: evaluation keeps no activations for backward anyway.
 """
 
@@ -18,12 +22,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lm_lightning.callbacks.strategy import MemoryStrategy
 from lm_lightning.errors import LMInputError
+from lm_lightning.networks.lstm import StackedLSTM
+
+
+def check_recomputable_dropout(network: nn.Module, device: torch.device) -> None:
+    """On CUDA, one sentence for a recurrent module whose dropout between layers cuDNN draws (the recomputation
+    would redraw other masks: wrong gradients, silently); on CPU torch's generator draws them, which is restored."""
+    if device.type != "cuda":
+        return
+    for name, module in network.named_modules():
+        stacked_with_dropout = isinstance(module, nn.RNNBase) and module.num_layers > 1 and module.dropout > 0
+        if stacked_with_dropout and not isinstance(module, StackedLSTM):
+            raise LMInputError(
+                f"Recomputation cannot redraw the dropout between the layers of {name} ({type(module).__name__}, "
+                f"num_layers {module.num_layers}, dropout {module.dropout:g}) on CUDA, where cuDNN draws it from a state "
+                "that checkpoint does not restore, so its gradients would be wrong: run it as one single-layer module per "
+                "layer with F.dropout between them (as networks/lstm.py: StackedLSTM does), set its dropout to 0, or leave "
+                "Recomputation out."
+            )
 
 
 class SegmentedRecomputation:
@@ -70,3 +93,8 @@ class Recomputation(MemoryStrategy):
                 "of a bag-of-words run."
             )
         system.window_runner = SegmentedRecomputation(self.segments)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_recomputable_dropout(pl_module.network, trainer.strategy.root_device)
+        super().setup(trainer, pl_module, stage)

@@ -7,9 +7,15 @@ clipping handles sparse gradients in the system (``StreamSystem.configure_gradie
 
 A tied decoder reads every row of the matrix, so its gradient is dense whatever the embedding says: refused. Works on
 every ``nn.Embedding`` of any network (found in its modules; the contract asks nothing more of it).
+
+DDP all-reduces the sparse gradients with gloo (CPU processes); NCCL, the GPUs' backend, has no sparse all-reduce, so a
+DDP run on GPUs with this strategy is refused before it starts (``storage/preflight.py: check_sparse_all_reduce``,
+which asks ``makes_sparse_gradients``).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -58,6 +64,7 @@ class SparseEmbeddingGradients(MemoryStrategy):
     matrix; needs an optimizer that takes sparse gradients (SGD without weight decay, Adagrad)."""
 
     name = "sparse_gradients"
+    makes_sparse_gradients: ClassVar[bool] = True  # read before a run starts: NCCL cannot all-reduce them
 
     def label(self) -> str:
         return "sparse embedding grads"

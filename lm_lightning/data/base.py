@@ -105,7 +105,9 @@ class StreamDataModule(L.LightningDataModule):
         # batch_size=None: each dataset item already is a whole Batch. Its own generator: every new iterator draws a
         # worker seed, and from the global generator that draw would shift the dropout masks of a resumed run (the
         # first epoch's iterator is made before the RNG state is restored, later ones after; exact resume, issue 8).
-        return DataLoader(self.datasets[split], batch_size=None, generator=torch.Generator())
+        # Pinned (page-locked) batches on CUDA: Lightning then copies them to the GPU without blocking the host.
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(self.datasets[split], batch_size=None, generator=torch.Generator(), pin_memory=on_cuda)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

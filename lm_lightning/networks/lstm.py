@@ -7,6 +7,9 @@ With ``tie_weights`` the decoder reuses the embedding matrix (Press & Wolf 2017,
 Improve Language Models", arXiv:1608.05859; Inan et al. 2017): it removes ``vocab_size x hidden_dim``
 parameters, often the largest single matrix, and usually lowers perplexity.
 
+The LSTM is :class:`StackedLSTM`, an ``nn.LSTM`` (same parameters, same ``state_dict`` names) whose dropout between
+layers is drawn by torch's generator while training, so recomputation and resume redraw the same masks on GPU too.
+
 This file knows nothing about Lightning; it keeps the network contract of ``networks/contract.py``, with the
 optional output-layer hook (``features`` and ``decoder``) that the chunked loss uses.
 """
@@ -16,11 +19,74 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.backends.cudnn import rnn as cudnn_rnn
 
 from lm_lightning.errors import LMInputError
 
 Hidden = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, batch, hidden_dim)
+
+
+class StackedLSTM(nn.LSTM):
+    """``nn.LSTM`` whose dropout between layers comes from torch's random generator: one fused call per layer, with
+    ``F.dropout`` between them, while training with ``dropout > 0`` and always on CUDA; otherwise (CPU with dropout 0,
+    one layer, evaluation, export tracing, which runs on CPU) exactly ``nn.LSTM``'s single call.
+
+    Why: cuDNN draws the inter-layer dropout of a stacked ``nn.LSTM`` from a state of its own, which neither
+    ``torch.utils.checkpoint`` nor a checkpoint's saved CUDA generator restores, so on a GPU a recomputed segment
+    (``callbacks/recompute.py``) drew other masks than its forward pass (wrong gradients, silently) and a resumed run
+    other masks than the uninterrupted one. ``F.dropout`` draws from the generator both restore. On CPU PyTorch's kernels
+    already apply ``dropout`` between layers this way: both paths give the same numbers to the last bit, masks included,
+    at the same speed (``tests/test_cuda_correctness.py``, docs/reliability.md). The parameters and their names are
+    ``nn.LSTM``'s, so checkpoints, exports, pruning and QAT (which hook or subclass the module) see an ``nn.LSTM``; on
+    CUDA the weights lie in one cuDNN buffer per layer instead of one for the stack (:meth:`flatten_parameters`).
+    """
+
+    def forward(self, input: torch.Tensor, hx: Optional[Hidden] = None):  # noqa: A002 (nn.LSTM's own argument name)
+        plain = not isinstance(input, torch.Tensor) or input.dim() != 3 or self.bidirectional or self.proj_size
+        if plain or self.num_layers == 1 or not (input.is_cuda or (self.training and self.dropout > 0)):
+            return super().forward(input, hx)
+        # As nn.LSTM.forward: a pruning pre-hook may have replaced the weights, and QAT's forward (a subclass, see
+        # export/fake_quantization.py) has put its fake-quantized ones in _flat_weights before calling this.
+        self._update_flat_weights()
+        if hx is None:
+            zeros = input.new_zeros(self.num_layers, input.size(0 if self.batch_first else 1), self.hidden_size)
+            hx = (zeros, zeros)
+        self.check_forward_args(input, hx, None)
+        per_layer = len(self._flat_weights) // self.num_layers
+        output, states_h, states_c = input, [], []
+        for k in range(self.num_layers):
+            weights = self._flat_weights[k * per_layer : (k + 1) * per_layer]
+            # torch.lstm is the kernel nn.LSTM calls (torch._VF.lstm): one layer, no dropout of its own.
+            state = (hx[0][k : k + 1], hx[1][k : k + 1])
+            output, h, c = torch.lstm(output, state, weights, self.bias, 1, 0.0, self.training, False, self.batch_first)
+            if k < self.num_layers - 1 and self.training and self.dropout > 0:
+                output = F.dropout(output, self.dropout, training=True)
+            states_h.append(h)
+            states_c.append(c)
+        return output, (torch.cat(states_h), torch.cat(states_c))
+
+    def flatten_parameters(self) -> None:
+        """One cuDNN weight buffer per layer instead of one for the stack: cuDNN takes a layer's weights as they lie only
+        from the start of their buffer (``try_get_weight_buf`` in aten/src/ATen/native/cudnn/RNN.cpp), and would copy
+        layers 1.. into a new buffer at every call otherwise ("RNN module weights are not part of single contiguous
+        chunk of memory"). A no-op off CUDA, as ``nn.LSTM``'s."""
+        super().flatten_parameters()  # its checks (CUDA, accepted by cuDNN, one dtype, no aliasing), then one buffer
+        weights = self._flat_weights
+        if self.num_layers == 1 or self.bidirectional or self.proj_size or not weights:
+            return
+        if not all(isinstance(w, torch.Tensor) and w.is_cuda for w in weights):
+            return
+        if len({w.untyped_storage().data_ptr() for w in weights}) != 1:  # nn.LSTM's checks declined: left as they are
+            return
+        per_layer = len(weights) // self.num_layers
+        with torch.cuda.device_of(weights[0]), torch.no_grad():
+            for k in range(self.num_layers):  # the call nn.RNNBase.flatten_parameters makes, for one layer at a time
+                torch._cudnn_rnn_flatten_weight(
+                    weights[k * per_layer : (k + 1) * per_layer], per_layer, self.input_size if k == 0 else self.hidden_size,
+                    cudnn_rnn.get_cudnn_mode(self.mode), self.hidden_size, self.proj_size, 1, self.batch_first, False,
+                )  # fmt: skip
 
 
 def init_weights(embedding: nn.Module, lstm: nn.LSTM, decoder: nn.Linear) -> None:
@@ -88,7 +154,7 @@ class LSTMNetwork(nn.Module):
         self.embedding = self.make_embedding(vocab_size, embedding_dim)
         self.dropout = nn.Dropout(dropout)
         # Dropout between LSTM layers only (not on the recurrent connections), as in Zaremba et al.
-        self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
+        self.lstm = StackedLSTM(embedding_dim, hidden_dim, num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
         self.decoder = nn.Linear(hidden_dim, vocab_size)
         if tie_weights:
             self.decoder.weight = self.embedding.weight

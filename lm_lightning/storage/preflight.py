@@ -43,6 +43,7 @@ def check_start(
     if subcommand == "fit":
         check_training_budget(trainer)
         check_optimizer(model, resumed)
+        check_sparse_all_reduce(trainer, model)
 
 
 def check_writable(folder: Path, fix: str) -> None:
@@ -76,6 +77,31 @@ def check_training_budget(trainer: L.Trainer) -> None:
                 f"--trainer.{flag} 0 trains nothing: give a positive value (-1 means no limit for max_epochs and max_steps), "
                 "or use `validate` to only evaluate."
             )
+
+
+def process_group_backend(trainer: L.Trainer) -> Optional[str]:
+    """The backend the strategy's processes will all-reduce gradients with (None for one process without one):
+    the one given, else Lightning's default for the device, nccl on CUDA and gloo elsewhere."""
+    strategy = trainer.strategy
+    if not hasattr(strategy, "process_group_backend"):  # DDP, DDP spawn/fork/notebook, FSDP have one
+        return None
+    return strategy.process_group_backend or ("nccl" if strategy.root_device.type == "cuda" else "gloo")
+
+
+def check_sparse_all_reduce(trainer: L.Trainer, model: L.LightningModule) -> None:
+    """NCCL has no all-reduce for sparse tensors: DDP on GPUs would fail at the first backward pass, after every rank
+    has started, with a traceback per rank. Sparse gradients come from a callback that says it makes them
+    (``callbacks/sparse_gradients.py``) or from an embedding built with ``sparse=True``. Gloo (CPU DDP) all-reduces them."""
+    sparse = any(getattr(c, "makes_sparse_gradients", False) for c in trainer.callbacks) or any(
+        getattr(m, "sparse", False) is True for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    )
+    backend = process_group_backend(trainer) if sparse else None
+    if backend is not None and "nccl" in backend:
+        raise LMInputError(
+            f"Sparse embedding gradients cannot train under --trainer.strategy {getattr(trainer.strategy, 'strategy_name', 'ddp')} on GPUs: "
+            f"its process group ({backend}) has no all-reduce for sparse tensors, so leave SparseEmbeddingGradients out "
+            "of a multi-GPU run (the gradients are then dense), or train on CPU processes (--trainer.accelerator cpu, gloo)."
+        )
 
 
 def check_optimizer(model: L.LightningModule, resumed: Optional[tuple[str, list[dict]]] = None) -> None:

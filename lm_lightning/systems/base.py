@@ -33,6 +33,7 @@ from lm_lightning.memory.measure import peak_memory_mib
 from lm_lightning.networks.contract import build_network, network_spec
 from lm_lightning.reports.hparams import nan_metrics, run_hparams
 from lm_lightning.storage.checkpoints import gather_rng_states, restore_rng_states
+from lm_lightning.systems.finite import UncheckedLosses, reading_waits
 
 # (network, features, targets) -> summed negative log-likelihood: the loss from the features, not the logits.
 LossHead = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
@@ -82,6 +83,7 @@ class StreamSystem(L.LightningModule):
         self.window_runner: Optional[WindowRunner] = None  # set by a memory strategy (recomputation)
         self._hidden: dict[str, Any] = {}
         self._micro_losses: list[torch.Tensor] = []
+        self._unchecked_losses = UncheckedLosses()  # NaN checks not read yet (systems/finite.py)
         self._best_val_ppl = math.inf
         self._rng_states: Optional[list[dict[str, Any]]] = None  # from a loaded checkpoint, put back at train start
 
@@ -222,18 +224,14 @@ class StreamSystem(L.LightningModule):
 
     # --- checkpoints and optimization -----------------------------------------------------------------
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        # Before backward: the weights (and any checkpoint written later) stay those of the last good step. One
-        # host sync per micro-batch, which the progress bar's loss already costs. Under DDP all ranks decide together:
-        # a rank that stopped alone would leave the others waiting in the gradient all-reduce.
-        here = not bool(torch.isfinite(loss.detach()))
-        anywhere = self.trainer.strategy.reduce_boolean_decision(here, all=False) if self.trainer.world_size > 1 else here
-        if anywhere:
-            value = loss.item() if here else "not finite on another rank"
-            raise LMInputError(
-                f"The training loss is {value} at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
-                "lower the learning rate (--model.optimizer.init_args.lr) or clip harder (--trainer.gradient_clip_val); "
-                "checkpoints written before this step are kept."
-            )
+        # Before the optimizer step: the weights (and any checkpoint written later) stay those of the last good step.
+        # On CPU read now, before backward; on a GPU, where a read waits for the device, once per optimizer step.
+        self._unchecked_losses.add(loss, batch_idx, self.global_step, self.current_epoch)
+        if not reading_waits(loss.device):
+            self._unchecked_losses.check(self.trainer)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self._unchecked_losses.check(self.trainer)  # the flags a GPU run kept since the last step (none on CPU)
 
     def _check_finite_weights(self) -> None:
         # A finite loss can still leave non-finite weights (an infinite gradient norm); the next loss would stop the
