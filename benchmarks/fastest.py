@@ -1,8 +1,11 @@
 """`estimate --budget SIZE --fastest` against what its answer does: for each budget, the recommended `fit` line, its
 predicted peak RSS and tokens/s, then the same line run for a few hundred steps and measured (the fit's own console
-line: peak RSS and tokens/s), and the plain PyTorch loop beside them (benchmarks/plain_loop.py).
+line: peak RSS and tokens/s), with the `lean` preset and the plain PyTorch loop (benchmarks/plain_loop.py) beside them.
 
-    python benchmarks/fastest.py --recipe configs/wikitext2_small.yaml --data-dir DIR --budgets 700MiB 900MiB 2GiB
+    python benchmarks/fastest.py --recipe configs/wikitext2_small.yaml --data-dir DIR --budgets tight middle 2GiB
+
+`tight` and `middle` are read from the candidates of the last (roomy) budget's search: `tight` is the smallest
+candidate's predicted peak and 5% (the prediction's stated accuracy), `middle` halfway between it and the largest.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def measure(fit_args: list[str], env: dict[str, str], steps: int) -> tuple[float
     return peak, speed
 
 
+def candidate_peaks(recipe: str, data_dir: str | None, budget: str) -> list[float]:
+    """The predicted peaks (MiB) of every candidate `estimate --fastest` times for `budget`."""
+    args = [sys.executable, "-m", "lm_lightning", "estimate", "-c", recipe, "--budget", budget, "--fastest"]
+    out = subprocess.run([*args, *(["--data.data_dir", data_dir] if data_dir else [])], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [mib(f"{n} {u}") for n, u in re.findall(r" ([\d.]+) (KiB|MiB|GiB)\s+[\d,]+\s+(?:yes|no)", out)]
+
+
 def plain_loop(recipe: str, data_dir: str | None, steps: int) -> tuple[float, float]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         args = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--recipe", recipe, "--epochs", "1"]
@@ -73,22 +83,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="configs/wikitext2_small.yaml")
     parser.add_argument("--data-dir", default=None, help="a folder holding the recipe's train/valid/test.txt")
-    parser.add_argument("--budgets", nargs="+", default=["700MiB", "900MiB", "2GiB"])
+    parser.add_argument("--budgets", nargs="+", default=["tight", "middle", "2GiB"], help="sizes, or tight / middle (see above)")
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
+    budgets = list(args.budgets)
+    if {"tight", "middle"} & set(budgets):
+        peaks = candidate_peaks(args.recipe, args.data_dir, next(b for b in reversed(budgets) if b not in ("tight", "middle")))
+        named = {"tight": f"{min(peaks) * 1.05:.0f}MiB", "middle": f"{(min(peaks) * 1.05 + max(peaks)) / 2:.0f}MiB"}
+        budgets = [named.get(b, b) for b in budgets]
+    data = ["--data.data_dir", args.data_dir] if args.data_dir else []
     rows = ["| budget | recommended (after `fit -c RECIPE`) | predicted peak | measured peak | predicted tokens/s | measured tokens/s |", "|---|---|---:|---:|---:|---:|"]
-    for budget in args.budgets:
+    for budget in budgets:
         found = recommend(args.recipe, args.data_dir, budget)
         if found is None:
             rows.append(f"| {budget} | nothing fits | | | | |")
             continue
         fit_args, env, peak, speed = found
         measured_peak, measured_speed = measure(fit_args, env, args.steps)
-        extra = " ".join([*(f"{k}={v}" for k, v in env.items()), *fit_args[2:]]).replace(f"--data.data_dir {args.data_dir}", "").strip()
+        extra = " ".join([*(f"{k}={v}" for k, v in env.items()), *fit_args[2:]]).replace(" ".join(data), "").strip()
+        fits = "" if measured_peak <= mib(budget.replace("MiB", " MiB").replace("GiB", " GiB")) else ", over the budget"
         rows.append(
-            f"| {budget} | `{extra or '(as configured)'}` | {peak:,.0f} MiB | {measured_peak:,.0f} MiB ({measured_peak / peak - 1:+.1%}) | "
+            f"| {budget} | `{extra or '(as configured)'}` | {peak:,.0f} MiB | {measured_peak:,.0f} MiB ({measured_peak / peak - 1:+.1%}{fits}) | "
             f"{speed:,.0f} | {measured_speed:,.0f} ({measured_speed / speed - 1:+.0%}) |"
         )
+    peak, speed = measure(["-c", args.recipe, "-c", "configs/memory/lean.yaml", *data], {}, args.steps)
+    rows.append(f"| `-c configs/memory/lean.yaml` | | | {peak:,.0f} MiB | | {speed:,.0f} |")
     peak, speed = plain_loop(args.recipe, args.data_dir, args.steps)
     rows.append(f"| plain PyTorch loop | | | {peak:,.0f} MiB | | {speed:,.0f} |")
     print("\n".join(rows))

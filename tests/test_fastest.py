@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,11 +73,71 @@ def test_the_recommended_line_runs_within_its_budget_at_its_predicted_speed(room
     measured_speed = float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", ""))
     assert measured_peak <= budget, (budget, line)
     assert abs(measured_peak / mib(peak_mib, unit) - 1) < 0.20, (peak_mib, line)
-    # Speed on a shared machine: a factor, not a figure (the benchmark, benchmarks/fastest.py, compares it closely).
-    assert 0.5 < measured_speed / float(speed.replace(",", "")) < 2.0, (speed, line)
+    assert abs(measured_speed / float(speed.replace(",", "")) - 1) < 0.20, (speed, line)
 
 
 def test_fastest_without_a_budget_is_one_sentence(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lm_lightning", "estimate", "--fastest"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: --fastest ranks the runs that fit a budget: give it with --budget SIZE, e.g. --budget 2GiB."
+
+
+def test_allow_approximate_without_fastest_is_one_sentence(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lm_lightning", "estimate", "--budget", "2GiB", "--allow-approximate"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "error: --allow-approximate widens --fastest's search: give it with --budget SIZE --fastest."
+
+
+def test_changes_to_the_model_are_timed_only_when_allowed_and_labelled(tmp_path):
+    """The embedded corpus, one thread: without --allow-approximate every row is the configured model; with it the
+    adaptive softmax rows (and bf16's where the CPU runs a bfloat16 LSTM) say what they change, and so does a
+    recommendation that is one of them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["estimate", "--budget", "4GiB", "--fastest", "--data.batch_size", "8"]
+    plain = run(args, tmp_path, env)
+    rows = [r for r in plain.splitlines() if re.search(r"MiB\s+[\d,]+\s+(yes|no)", r)]
+    assert rows and all(r.rstrip().endswith("as configured") for r in rows), plain
+    wide = run([*args, "--allow-approximate"], tmp_path, env)
+    changed = [r for r in wide.splitlines() if "changed: adaptive softmax + input" in r]
+    assert len(changed) == 3, wide  # micro-batches 8, 4 and 2 on the best same-math candidate's allocator
+    assert all(re.search(r"\s-\s", r) for r in changed)  # the adaptive softmax computes its own loss: no chunks
+    first = wide.split("the fastest run that fits", 1)[1].splitlines()
+    if "AdaptiveSoftmax" in first[1] or "bf16-mixed" in first[1]:
+        assert "(changes the model:" in first[0], first[:2]
+    else:
+        assert first[0] == ":", first[:2]
+
+
+def _candidate(speed: float, peak: int, micro: int = 20):
+    from lm_lightning.memory.fastest import Candidate
+    from lm_lightning.memory.probe import Settings
+
+    return Candidate(Settings(micro, 256, 0), "glibc", 1, peak=peak, tokens_per_second=speed, typical=speed)
+
+
+def test_a_near_tie_goes_to_the_lower_peak_and_a_clear_win_to_the_faster():
+    from lm_lightning.memory.fastest import order
+
+    fast, close_smaller, slow_smallest, too_big = _candidate(2000, 700), _candidate(1960, 650, 10), _candidate(1500, 600, 5), _candidate(3000, 900)
+    assert order([fast, close_smaller, slow_smallest, too_big], budget=800) == [close_smaller, fast, slow_smallest]
+    assert order([fast, slow_smallest], budget=800) == [fast, slow_smallest]
+    assert order([too_big], budget=800) == []
+
+
+def test_other_work_on_the_machine_is_seen_and_this_process_is_not():
+    from lm_lightning.memory.machine import OtherWork
+
+    with OtherWork() as own:
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:  # this process busy: not other work
+            pass
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.2)
+        with OtherWork() as other:
+            time.sleep(1.0)
+    finally:
+        burner.wait()
+    # One core of os.cpu_count() busy for the whole second, less the kernel's accounting granularity.
+    assert other.share > 0.6 / (os.cpu_count() or 1), other.share
+    assert own.share < other.share, (own.share, other.share)

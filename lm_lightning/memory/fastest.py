@@ -13,6 +13,7 @@ use. The answer is printed as a runnable ``fit`` line with its predicted peak an
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,12 +21,17 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
+from lm_lightning.callbacks.adaptive_input import AdaptiveInput
+from lm_lightning.callbacks.adaptive_softmax import AdaptiveSoftmax
 from lm_lightning.callbacks.allocator import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MAX_MMAP_THRESHOLD, ReturnFreedMemory, _glibc
 from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE
+from lm_lightning.callbacks.precision import bf16_lstm_supported
 from lm_lightning.callbacks.fast_allocator import FastAllocator
 from lm_lightning.errors import LMInputError
 from lm_lightning.memory.estimate import fit_line, predict_settings
+from lm_lightning.memory.machine import OtherWork, read_hwm, reset_hwm
 from lm_lightning.memory.measure import human_bytes, rss_bytes
 from lm_lightning.memory.probe import Probe, Settings, _probe_batch
 from lm_lightning.networks.contract import output_layer
@@ -35,27 +41,27 @@ ALLOCATORS = {"glibc": "", "return": "--trainer.callbacks+=ReturnFreedMemory", "
 ALLOCATOR_NAMES = {"glibc": "glibc's own", "return": "freed memory returned", "fast": "fast allocator (freed memory kept)"}
 
 
+# Changes to the model, timed only with --allow-approximate: name -> (label, the flags that make it in a fit).
+APPROXIMATE = {
+    "adaptive": ("adaptive softmax + input", "--trainer.callbacks+=AdaptiveSoftmax --trainer.callbacks+=AdaptiveInput"),
+    "bf16": ("bf16-mixed", "--trainer.precision bf16-mixed"),
+}
+# Candidates timed within this fraction of the fastest are not told apart (a shared machine's batch times vary more):
+# of those, the one with the lowest peak is recommended.
+TIE = 0.03
+# Other work taking more than this share of the machine's CPUs while candidates are timed makes the ranking unreliable.
+BUSY = 0.15
+
+
 @dataclass(frozen=True)
 class Candidate:
     settings: Settings
     allocator: str
     threads: int
+    change: str = ""  # "" (the same math) or a key of APPROXIMATE
     peak: int = 0  # predicted peak RSS of the fit (bytes)
-    tokens_per_second: float = 0.0
-
-
-def _read_hwm() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    """The kernel's peak resident set back to the resident set now (Linux 4.0+: "5" to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    tokens_per_second: float = 0.0  # the fastest timed batch (what ranks candidates)
+    typical: float = 0.0  # the median timed batch (what a fit's tokens/s reading is predicted to be)
 
 
 @contextmanager
@@ -78,25 +84,36 @@ def _allocator(kind: str) -> Iterator[None]:
         libc.malloc_trim(0)
 
 
+def _change(probe: Probe, change: str) -> tuple[list[Any], Any, bool]:
+    """What an approximate candidate adds to the probe's copy: strategies, a precision plugin, oneDNN on or off."""
+    if change == "adaptive":
+        return [AdaptiveSoftmax(), AdaptiveInput()], None, probe.onednn
+    if change == "bf16":
+        return [], MixedPrecision("bf16-mixed", "cpu"), torch.backends.mkldnn.enabled
+    return [], None, probe.onednn
+
+
 def run_candidate(probe: Probe, candidate: Candidate, batch_size: int, baseline: int, batches: int = 3) -> Candidate:
     """Time ``batches`` optimizer steps of ``batch_size`` streams in micro-batches (after one to warm up) and read the
     peak resident set over them: the candidate with its predicted fit peak (``baseline`` + what the steps added)."""
     threads = torch.get_num_threads()
     micro = candidate.settings.micro_batch_size
+    extra, precision, onednn = _change(probe, candidate.change)
+    precision = precision or probe.trainer.precision_plugin
     with _allocator(candidate.allocator), torch.random.fork_rng(devices=[]):
         torch.set_num_threads(candidate.threads)
         try:
             start_rss = rss_bytes()
-            _reset_hwm()
-            model, optimizer = probe.build(candidate.settings)
+            reset_hwm()
+            model, optimizer = probe.build(candidate.settings, extra, precision)
             times = []
-            with torch.backends.mkldnn.flags(enabled=probe.onednn):
+            with torch.backends.mkldnn.flags(enabled=onednn):
                 for seed in range(batches + 1):
                     begin = time.perf_counter()
                     for part in range(batch_size // micro):
                         batch = _probe_batch(micro, probe.bptt, probe.vocab_size, torch.Generator().manual_seed(seed * 997 + part))
                         model._hidden.clear()
-                        with probe.trainer.precision_plugin.forward_context():
+                        with precision.forward_context():
                             loss = model._loss(batch, "train")
                         loss.backward()
                         del loss
@@ -105,14 +122,17 @@ def run_candidate(probe: Probe, candidate: Candidate, batch_size: int, baseline:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     times.append(time.perf_counter() - begin)
-            peak = baseline + _read_hwm() - start_rss
+            peak = baseline + read_hwm() - start_rss
             del model, optimizer
             gc.collect()
         finally:
             torch.set_num_threads(threads)
-    # The fastest batch, not the median: on a shared machine other work only ever slows a batch down.
-    speed = batch_size * probe.bptt / min(times[1:])
-    return replace(candidate, peak=peak, tokens_per_second=speed)
+    # Ranked by the fastest batch, not the median: on a shared machine other work only ever slows a batch down. A
+    # candidate timed again keeps its best figures and its highest peak.
+    speed, typical = (batch_size * probe.bptt / f(times[1:]) for f in (min, statistics.median))
+    if candidate.tokens_per_second:
+        peak, speed, typical = max(peak, candidate.peak), max(speed, candidate.tokens_per_second), max(typical, candidate.typical)
+    return replace(candidate, peak=peak, tokens_per_second=speed, typical=typical)
 
 
 def candidates(probe: Probe, current: Settings, batch_size: int, configured_allocator: Optional[str]) -> list[Candidate]:
@@ -132,19 +152,58 @@ def candidates(probe: Probe, current: Settings, batch_size: int, configured_allo
     ]  # fmt: skip
 
 
-def fastest(probe: Probe, current: Settings, batch_size: int, baseline: int, budget: int, configured_allocator: Optional[str]):
+def approximate_candidates(probe: Probe, best: Candidate, batch_size: int) -> list[Candidate]:
+    """--allow-approximate: the changes to the model on the best same-math candidate's allocator and threads, at its
+    micro-batch and the smaller ones (the adaptive softmax computes its loss its own way: no chunked loss)."""
+    micros = [m for m in (batch_size, batch_size // 2, batch_size // 4) if m >= 1 and batch_size % m == 0 and m <= max(best.settings.micro_batch_size, 1)]
+    try:
+        output_layer(probe.template.network, "AdaptiveSoftmax")
+        changes = [] if any(s.name == "adaptive_softmax" for s in probe.strategies) else ["adaptive"]
+    except LMInputError:  # a network without the contract's decoder has no adaptive softmax
+        changes = []
+    if "bf16" not in str(probe.trainer.precision) and bf16_lstm_supported():  # no bfloat16 LSTM kernel: fit refuses it
+        changes.append("bf16")
+    return [
+        Candidate(replace(best.settings, micro_batch_size=micro, loss_chunk_size=0 if change == "adaptive" else best.settings.loss_chunk_size), best.allocator, best.threads, change)
+        for change in changes for micro in dict.fromkeys(micros)
+    ]  # fmt: skip
+
+
+def _ranked(measured: list[Candidate], budget: int) -> list[Candidate]:
+    return sorted((c for c in measured if c.peak <= budget), key=lambda c: -c.tokens_per_second)
+
+
+def _contenders(fitting: list[Candidate]) -> list[Candidate]:
+    """The fitting candidates the first round cannot tell from the fastest (within 10%): they are timed again."""
+    return [c for c in fitting if c.tokens_per_second >= 0.9 * fitting[0].tokens_per_second]
+
+
+def fastest(probe: Probe, current: Settings, batch_size: int, baseline: int, budget: int, configured_allocator: Optional[str], approximate: bool = False):
     """Every candidate measured; then the best fitting one again on one thread (small models lose more to waiting
-    threads than they gain). Returns (measured candidates, fitting ones fastest first)."""
+    threads than they gain), and the contenders once more in reverse order (so a burst of other work on the machine
+    does not decide). Within ``TIE`` of the fastest, the lowest peak wins. Returns (measured, fitting ones best first)."""
     todo = candidates(probe, current, batch_size, configured_allocator)
     run_candidate(probe, todo[0], batch_size, baseline, batches=1)  # the first batches of a process are slow: not timed
     measured = [run_candidate(probe, c, batch_size, baseline) for c in todo]
-    fitting = sorted((c for c in measured if c.peak <= budget), key=lambda c: -c.tokens_per_second)
+    fitting = _ranked(measured, budget)
     if fitting and fitting[0].threads > 1:
-        one = run_candidate(probe, replace(fitting[0], threads=1), batch_size, baseline)
-        measured.append(one)
-        if one.peak <= budget:
-            fitting = sorted([*fitting, one], key=lambda c: -c.tokens_per_second)
-    return measured, fitting
+        measured.append(run_candidate(probe, replace(fitting[0], threads=1, peak=0, tokens_per_second=0.0, typical=0.0), batch_size, baseline))
+    if fitting and approximate:
+        measured += [run_candidate(probe, c, batch_size, baseline) for c in approximate_candidates(probe, _ranked(measured, budget)[0], batch_size)]
+    again = {id(c) for c in reversed(_contenders(_ranked(measured, budget)))} if fitting else set()
+    measured = [run_candidate(probe, c, batch_size, baseline) if id(c) in again else c for c in reversed(measured)][::-1]
+    return measured, order(measured, budget)
+
+
+def order(measured: list[Candidate], budget: int) -> list[Candidate]:
+    """The candidates that fit ``budget``, fastest first, except that a near tie (within ``TIE``) goes to the lower
+    peak: the timing cannot tell them apart, the memory can."""
+    fitting = _ranked(measured, budget)
+    if not fitting:
+        return []
+    tied = [c for c in fitting if c.tokens_per_second >= (1 - TIE) * fitting[0].tokens_per_second]
+    first = min(tied, key=lambda c: c.peak)
+    return [first, *(c for c in fitting if c is not first)]
 
 
 def configured_allocator(trainer: Any) -> Optional[str]:
@@ -162,37 +221,50 @@ def command(fit_line: str, candidate: Candidate, configured: Optional[str], defa
     line = fit_line
     if candidate.allocator != "glibc" and candidate.allocator != configured:
         line = f"{line} {ALLOCATORS[candidate.allocator]}"
+    if candidate.change:
+        line = f"{line} {APPROXIMATE[candidate.change][1]}"
     if candidate.threads != default_threads:
         line = f"OMP_NUM_THREADS={candidate.threads} {line}"
     return line
 
 
 def table(measured: list[Candidate], budget: int) -> str:
-    rows = ["  allocator                          loss chunks  micro-batch  threads      peak   tokens/s  fits"]
+    rows = ["  allocator                          loss chunks  micro-batch  threads      peak   tokens/s  fits  model"]
     for c in measured:
         s = c.settings
         rows.append(
             f"  {ALLOCATOR_NAMES[c.allocator]:<34} {s.loss_chunk_size or '-':>11}  {s.micro_batch_size:>11}  {c.threads:>7}  "
-            f"{human_bytes(c.peak):>9}  {c.tokens_per_second:>9,.0f}  {'yes' if c.peak <= budget else 'no'}"
+            f"{human_bytes(c.peak):>9}  {c.tokens_per_second:>9,.0f}  {'yes' if c.peak <= budget else 'no ':<4}  "
+            f"{'changed: ' + APPROXIMATE[c.change][0] if c.change else 'as configured'}"
         )
     return "\n".join(rows)
 
 
-def fastest_command(model: Any, trainer: Any, data: Any, fit_args: list[str], budget: int, baseline: int) -> Optional[Candidate]:
-    """``estimate --budget SIZE --fastest``: the candidates' table, then the fastest line that fits and the runner-up."""
+def fastest_command(model: Any, trainer: Any, data: Any, fit_args: list[str], budget: int, baseline: int, approximate: bool = False) -> Optional[Candidate]:
+    """``estimate --budget SIZE --fastest [--allow-approximate]``: the candidates' table, then the fastest line that
+    fits and the runner-up."""
     current = predict_settings(trainer, data)
     probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt)
     configured = configured_allocator(trainer)
     default_threads = torch.get_num_threads()
-    measured, fitting = fastest(probe, current, data.hparams.batch_size, baseline, budget, configured)
-    print(f"\nCandidates with the same math (timed probe steps here; peak = the process's resident set over them):\n{table(measured, budget)}")
+    with OtherWork() as other:
+        measured, fitting = fastest(probe, current, data.hparams.batch_size, baseline, budget, configured, approximate)
+    kinds = "the same math, and changes to the model (labelled)" if approximate else "the same math"
+    print(f"\nCandidates with {kinds} (timed probe steps here; peak = the process's resident set over them):\n{table(measured, budget)}")
+    if other.share > BUSY:
+        print(
+            f"\nNote: other processes took {other.share:.0%} of this machine's CPUs while the candidates were timed, so "
+            "their speeds (not their peaks) say as much about that work as about the settings: run estimate again when "
+            "the machine is quieter."
+        )
     if not fitting:
         print(f"\nBudget {human_bytes(budget)}: none of them fits; the cheapest settings above are the ones to try.")
         return None
     for title, candidate in zip(("the fastest run that fits", "runner-up"), fitting[:2]):
         line = command(fit_line(fit_args, current, candidate.settings), candidate, configured, default_threads)
-        print(f"\nBudget {human_bytes(budget)}, {title}:\n  {line}")
-        print(f"  predicted: peak {human_bytes(candidate.peak)}, {candidate.tokens_per_second:,.0f} tokens/s")
+        note = f" (changes the model: {APPROXIMATE[candidate.change][0]}; its perplexity is not the configured model's)" if candidate.change else ""
+        print(f"\nBudget {human_bytes(budget)}, {title}{note}:\n  {line}")
+        print(f"  predicted: peak {human_bytes(candidate.peak)}, {candidate.typical:,.0f} tokens/s")
     return fitting[0]
 
 

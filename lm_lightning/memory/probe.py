@@ -11,6 +11,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -73,11 +74,13 @@ class Probe:
         levers += [Recomputation(settings.recompute_segments)] if settings.recompute_segments else []
         return kept + levers
 
-    def build(self, settings: Settings) -> tuple[Any, torch.optim.Optimizer]:
+    def build(self, settings: Settings, extra: Sequence[MemoryStrategy] = (), precision: Any = None) -> tuple[Any, torch.optim.Optimizer]:
+        """A copy with the strategies ``settings`` says, plus ``extra`` ones, under ``precision`` (a precision plugin;
+        the run's own by default)."""
         model = copy.deepcopy(self.template)
-        for strategy in self.strategies_for(settings):
+        for strategy in [*self.strategies_for(settings), *extra]:
             strategy.probe(model)
-        model = self.trainer.precision_plugin.convert_module(model)
+        model = (precision or self.trainer.precision_plugin).convert_module(model)
         model.train()
         config = model.configure_optimizers()
         return model, config["optimizer"] if isinstance(config, dict) else config
