@@ -27,6 +27,7 @@ from lm_lightning.export.settings import resolve_format
 from lm_lightning.export.writer import describe, export_network, test_batch_limit
 from lm_lightning.io import disk_full
 from lm_lightning.lightning_cli import build_cli
+from lm_lightning.memory.cuda_estimate import CPU_BUILD, cuda_estimate_command, is_gpu_run
 from lm_lightning.memory.estimate import FIT_OVERHEAD_BYTES, USAGE, Estimate, estimate_command, fixed_bytes, split_arguments
 from lm_lightning.memory.fastest import configured_allocator, fastest_command, kept_heap_line
 from lm_lightning.memory.measure import rss_bytes, storage_bytes
@@ -74,10 +75,20 @@ def estimate(args: list[str]) -> Estimate:
     if {"-h", "--help"} & set(args):
         print(USAGE)
         raise SystemExit(0)
-    fastest = "--fastest" in args
-    fit_args, budget = split_arguments([a for a in args if a != "--fastest"])
+    fastest, approximate = "--fastest" in args, "--allow-approximate" in args
+    fit_args, budget = split_arguments([a for a in args if a not in ("--fastest", "--allow-approximate")])
     if fastest and budget is None:
         raise LMInputError("--fastest ranks the runs that fit a budget: give it with --budget SIZE, e.g. --budget 2GiB.")
+    if approximate and not fastest:
+        raise LMInputError("--allow-approximate widens --fastest's search: give it with --budget SIZE --fastest.")
+    if is_gpu_run(fit_args):  # arithmetic for a CUDA GPU (memory/cuda_estimate.py): objects built for a CPU, no probe
+        if fastest:
+            raise LMInputError(
+                "--fastest times probe steps on this machine's CPU, not on a GPU: leave it out; --budget SIZE alone answers for the GPU."
+            )
+        cli = build_cli([*fit_args, *CPU_BUILD], run=False)
+        host = rss_bytes() - storage_bytes(cli.model.parameters()) + FIT_OVERHEAD_BYTES  # as the CPU baseline below
+        return cuda_estimate_command(cli, fit_args, budget, host)
     cli = build_cli(fit_args, run=False)
     # Before any probe step: this process holds what fit holds before its first step, plus the model's parameters.
     baseline = rss_bytes() - storage_bytes(cli.model.parameters()) + FIT_OVERHEAD_BYTES
@@ -85,7 +96,7 @@ def estimate(args: list[str]) -> Estimate:
     if configured_allocator(cli.trainer) == "fast":
         print(kept_heap_line(cli.model, cli.trainer, cli.datamodule, baseline))
     if fastest and fixed_bytes(estimate) <= budget:  # below what no setting changes, estimate has said that nothing fits
-        fastest_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget, baseline)
+        fastest_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget, baseline, approximate)
     return estimate
 
 

@@ -218,10 +218,11 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
 
 
 USAGE = (
-    "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE [--fastest]]\n\n"
+    "usage: python -m lm_lightning estimate [-c CONFIG ...] [fit's --model.*, --data.*, --trainer.* flags] [--budget SIZE [--fastest [--allow-approximate]]]\n\n"
     "Predicts the peak memory of `fit` with the same arguments, part by part, without training.\n"
     "  --budget SIZE   also find the cheapest settings that fit SIZE (e.g. 2GiB, 1.5GB, 800MiB) and print the fit line\n"
     "  --fastest       with --budget: time the settings that fit with the same math, print the fastest fit line and the runner-up\n"
+    "  --allow-approximate  with --fastest: also time changes to the model (adaptive softmax; bf16 where the CPU has it), labelled\n"
     "Every other option is fit's: python -m lm_lightning fit --help"
 )
 

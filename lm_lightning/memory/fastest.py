@@ -27,8 +27,8 @@ from lm_lightning.callbacks.adaptive_input import AdaptiveInput
 from lm_lightning.callbacks.adaptive_softmax import AdaptiveSoftmax
 from lm_lightning.callbacks.allocator import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MAX_MMAP_THRESHOLD, ReturnFreedMemory, _glibc
 from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE
-from lm_lightning.callbacks.precision import bf16_lstm_supported
 from lm_lightning.callbacks.fast_allocator import FastAllocator
+from lm_lightning.callbacks.precision import bf16_lstm_supported
 from lm_lightning.errors import LMInputError
 from lm_lightning.memory.estimate import fit_line, predict_settings
 from lm_lightning.memory.machine import OtherWork, read_hwm, reset_hwm

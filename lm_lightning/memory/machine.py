@@ -40,7 +40,7 @@ class OtherWork:
 
     share: float = 0.0
 
-    def __enter__(self) -> "OtherWork":
+    def __enter__(self) -> OtherWork:
         self._start = (time.perf_counter(), _busy_seconds(), sum(os.times()[:2]))
         return self
 

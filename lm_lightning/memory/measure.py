@@ -216,8 +216,26 @@ def peak_rss_mib() -> Optional[float]:
     return None
 
 
+# The CUDA caching allocator's counters MemoryMonitor logs, in this order.
+CUDA_COUNTERS = ("allocated", "reserved", "peak_allocated", "peak_reserved", "fragmentation")
+
+
+def cuda_memory(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's counters on ``device``, bytes: allocated and reserved now, their peaks since the
+    last ``reset_peak_memory_stats``, and fragmentation -- reserved but not allocated: freed blocks the allocator keeps
+    for reuse and the unused ends of split segments. The CUDA context is in none of them."""
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    peaks = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return dict(zip(CUDA_COUNTERS, (allocated, reserved, *peaks, reserved - allocated)))
+
+
 def peak_memory_mib(trainer: Any) -> Optional[float]:
-    """Peak training memory: a memory monitor's (``peak_bytes``) when one runs, else this process's peak RSS."""
+    """Peak training memory. On a GPU the caching allocator's peak *reserved* memory (reset when a memory monitor's fit
+    starts): what the process took from the device -- allocated memory is inside it, and a run that runs out, runs out
+    of reserved memory. Else a memory monitor's (``peak_bytes``) when one runs, else this process's peak RSS."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
     for callback in trainer.callbacks:
         if getattr(callback, "peak_bytes", None) is not None:
             return callback.peak_bytes / 2**20

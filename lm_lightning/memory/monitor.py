@@ -21,12 +21,20 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils._pytree import tree_leaves
 
 from lm_lightning.callbacks.throughput import TOKENS_PER_SEC
 from lm_lightning.errors import LMInputError
-from lm_lightning.memory.measure import SavedTensorBytes, allocated_bytes, human_bytes, peak_bytes, storage_bytes
+from lm_lightning.memory.measure import (
+    CUDA_COUNTERS,
+    SavedTensorBytes,
+    allocated_bytes,
+    cuda_memory,
+    human_bytes,
+    peak_bytes,
+    storage_bytes,
+)
 
 
 class MemoryMonitor(Callback):
@@ -49,13 +57,22 @@ class MemoryMonitor(Callback):
     * ``memory/peak_bytes``: ``torch.cuda.max_memory_allocated`` on GPU (reset when fit starts); on CPU the process's
       peak resident set size (``ru_maxrss``), which includes Python, torch and the data and cannot be reset.
 
+    On a CUDA run, also each rank's caching-allocator counters in MiB (``measure.cuda_memory``):
+    ``memory/rank{R}/cuda_allocated_mib``, ``cuda_reserved_mib``, ``cuda_peak_allocated_mib``, ``cuda_peak_reserved_mib``
+    (peaks since fit started) and ``cuda_fragmentation_mib`` (reserved - allocated). The rank is in the tag, and every
+    rank's values are gathered to rank 0 (one small ``all_gather`` per measured batch), because only rank 0's logger
+    writes: a rank's own ``self.log`` would be dropped, and a mean or max over ranks would hide the rank that holds more
+    (the one that logs, samples text and checkpoints). ``hp/peak_memory_mib`` is then the peak reserved memory.
+
     The saved-tensor hooks are installed only on measured batches and removed before backward, at the batch end,
     or when a step raises (``on_exception``), whichever comes first. Their cost is one Python call per saved tensor
     (32 per step for the default model, whose training step measured 303 ms with and without them).
 
-    With ``estimate`` (token path, CPU, glibc) the peak is predicted when ``fit`` starts (``lm_lightning/memory/estimate.py``,
-    a few probe steps on a copy of the model), printed, logged as ``memory/predicted_peak_bytes`` and as the text
-    ``memory/estimate``, and the summary puts it beside the measured peak.
+    With ``estimate`` the peak is predicted when ``fit`` starts, printed, logged as ``memory/predicted_peak_bytes`` and
+    as the text ``memory/estimate``, and the summary puts it beside the measured peak: on CPU (token path, glibc) by a
+    few probe steps on a copy of the model (``memory/estimate.py``); on a GPU by arithmetic (``memory/cuda_estimate.py``:
+    the LSTM network), its reserved memory as the peak and ``memory/predicted_allocated_bytes`` beside it -- or one line
+    saying why there is no prediction.
 
     Args:
         log_every_n_steps: Measure and log every this many training batches (the first batch included).
@@ -69,7 +86,7 @@ class MemoryMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.summary = summary
         self.estimate = estimate
-        self.predicted: Optional[Any] = None  # lm_lightning.memory.estimate.Estimate
+        self.predicted: Optional[Any] = None  # estimate.py's Estimate on CPU, cuda_plan.py's CudaPlan on a GPU
         self.history: list[dict[str, float]] = []
         self._saved: Optional[SavedTensorBytes] = None
         self._activations: Optional[int] = None
@@ -79,22 +96,46 @@ class MemoryMonitor(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.history, self._batches, self.predicted = [], 0, None
-        if self.estimate:
-            # Imported when used: estimate's imports load lm_lightning.callbacks, whose __init__ imports this module, so
-            # a module-level import fails whenever estimate is imported first.
-            from lm_lightning.memory.estimate import predict_in_fit
-
-            self.predicted = predict_in_fit(trainer, pl_module)
+        if self._cuda(pl_module):  # the peaks of this fit (the prediction allocates nothing on the device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        table = self._predict(trainer, pl_module) if self.estimate else ""
         if self.predicted is not None:
-            table = self.predicted.table(trainer.datamodule.hparams.bptt)
             if trainer.is_global_zero:
                 print(table)
+            metrics = {"memory/predicted_peak_bytes": float(self.predicted.peak)}
+            if self._cuda(pl_module):
+                metrics["memory/predicted_allocated_bytes"] = float(self.predicted.allocated)
             for logger in trainer.loggers:
-                logger.log_metrics({"memory/predicted_peak_bytes": float(self.predicted.peak)}, step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.global_step)
                 if hasattr(getattr(logger, "experiment", None), "add_text"):
                     logger.experiment.add_text("memory/estimate", f"```\n{table}\n```", trainer.global_step)
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    @staticmethod
+    def _cuda(pl_module: L.LightningModule) -> bool:
+        return pl_module.device.type == "cuda"
+
+    def _predict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """Sets ``self.predicted`` (an ``Estimate``, a ``CudaPlan`` or None) and returns its table."""
+        # Imported when used: estimate's imports load lm_lightning.callbacks, whose __init__ imports this module, so
+        # a module-level import fails whenever estimate is imported first.
+        if self._cuda(pl_module):
+            from lm_lightning.memory.cuda_estimate import predict_in_fit as predict_on_gpu
+
+            self.predicted, reason = predict_on_gpu(trainer, pl_module)
+            if self.predicted is None:
+                rank_zero_info(f"MemoryMonitor: {reason}")
+            return self.predicted.table() if self.predicted is not None else ""
+        from lm_lightning.memory.estimate import predict_in_fit
+
+        self.predicted = predict_in_fit(trainer, pl_module)
+        return self.predicted.table(trainer.datamodule.hparams.bptt) if self.predicted is not None else ""
+
+    def _cuda_metrics(self, trainer: L.Trainer, device: torch.device) -> dict[str, float]:
+        """Every rank's CUDA counters in MiB, tagged with its rank (gathered: see the class docstring)."""
+        counts = cuda_memory(device)
+        mine = torch.tensor([counts[key] / 2**20 for key in CUDA_COUNTERS], dtype=torch.float64, device=device)
+        ranks = trainer.strategy.all_gather(mine).reshape(-1, len(CUDA_COUNTERS)).tolist()
+        return {f"memory/rank{r}/cuda_{key}_mib": mib for r, row in enumerate(ranks) for key, mib in zip(CUDA_COUNTERS, row)}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._activations = None
@@ -134,6 +175,7 @@ class MemoryMonitor(Callback):
             "memory/activations_bytes": self._activations or 0,
             **({"memory/retained_bytes": self._allocated} if self._allocated is not None else {}),
             "memory/peak_bytes": peak_bytes(pl_module.device),
+            **(self._cuda_metrics(trainer, pl_module.device) if self._cuda(pl_module) else {}),
         }
         self.history.append({"step": trainer.global_step, **metrics})
         for logger in trainer.loggers:
@@ -168,11 +210,14 @@ class MemoryMonitor(Callback):
         if "memory/retained_bytes" in last:
             retained = max(h["memory/retained_bytes"] for h in self.history)
             rows.append(("kept by the forward pass (max)", human_bytes(retained)))
-        rows += [
-            ("peak CUDA allocated" if device.type == "cuda" else "peak process RSS", human_bytes(peak)),
-        ]
-        if self.predicted is not None:
-            error = (self.predicted.peak - peak) / peak
+        rows.append(("peak CUDA allocated" if device.type == "cuda" else "peak process RSS", human_bytes(peak)))
+        mine = f"memory/rank{trainer.global_rank}/cuda_peak_reserved_mib"  # logged on a CUDA run
+        reserved = max((h.get(mine, 0) * 2**20 for h in self.history), default=0)
+        if reserved:
+            rows.append(("peak CUDA reserved", human_bytes(reserved)))
+        if self.predicted is not None:  # on a GPU, the prediction's reserved memory against the measured one
+            measured = reserved or peak
+            error = (self.predicted.peak - measured) / measured
             rows.append(("predicted at fit start", f"{human_bytes(self.predicted.peak)} ({error:+.0%})"))
         tokens_per_sec = trainer.logged_metrics.get(TOKENS_PER_SEC)
         if tokens_per_sec is not None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch

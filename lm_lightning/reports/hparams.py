@@ -9,8 +9,8 @@ place of Lightning's, and these figures fill the row as they become known:
 * ``hp/best_val_ppl``: best validation perplexity so far (every validation);
 * ``hp/test_ppl``: test perplexity of a checkpoint (``test``, which logs into the run it belongs to);
 * ``hp/export_test_ppl``: the export's test perplexity, measured on the export as loaded (its integer weights);
-* ``hp/peak_memory_mib``: peak training memory -- the memory monitor's (CUDA allocated, or process RSS) when it runs,
-  else the process's peak RSS (Linux) -- at the end of fit;
+* ``hp/peak_memory_mib``: peak training memory -- on a GPU the CUDA caching allocator's peak reserved memory, else the
+  memory monitor's process peak RSS when it runs, else the process's peak RSS (Linux) -- at the end of fit;
 * ``hp/export_mib``: the export's files, when the run exports.
 
 The first five columns, capitalized so that they sort first, are the ones TensorBoard shows until a reader picks
