@@ -28,6 +28,7 @@ from lm_lightning.export.writer import describe, export_network, test_batch_limi
 from lm_lightning.io import disk_full
 from lm_lightning.lightning_cli import build_cli
 from lm_lightning.memory.cuda_estimate import CPU_BUILD, cuda_estimate_command, is_gpu_run
+from lm_lightning.memory.cuda_plan import CudaPlan
 from lm_lightning.memory.estimate import FIT_OVERHEAD_BYTES, USAGE, Estimate, estimate_command, fixed_bytes, split_arguments
 from lm_lightning.memory.fastest import configured_allocator, fastest_command, kept_heap_line
 from lm_lightning.memory.measure import rss_bytes, storage_bytes
@@ -70,8 +71,9 @@ def export_checkpoint(args: list[str]) -> dict:
     return report
 
 
-def estimate(args: list[str]) -> Estimate:
-    """``estimate``: fit's arguments built into the run's objects here, predicted by ``memory/estimate.py``."""
+def estimate(args: list[str]) -> Estimate | CudaPlan:
+    """``estimate``: fit's arguments built into the run's objects here, predicted by ``memory/estimate.py`` (a GPU run:
+    by ``memory/cuda_estimate.py``'s arithmetic, a :class:`CudaPlan`)."""
     if {"-h", "--help"} & set(args):
         print(USAGE)
         raise SystemExit(0)

@@ -6,9 +6,10 @@ prints, after each validation:
 
     epoch 2/15 · step 142 · train loss 4.528 · val ppl 106.28 · 9,992 tok/s · peak 626 MiB · 2 min 05 s left
 
-(peak memory: the memory monitor's when it runs, else the process's peak RSS, as in ``hp/peak_memory_mib``; time
-left: the time per optimizer step so far, validation included, times the steps left). With a progress bar on a
-terminal it stays silent: the bar shows the same figures.
+Peak memory is ``hp/peak_memory_mib``'s (``memory/measure.py``: ``peak_memory_mib``): on a GPU run the GPU's peak
+reserved memory; on the CPU the memory monitor's peak when it runs, else the process's peak RSS. Time left: the time
+per optimizer step so far, validation included, times the steps left. With a progress bar on a terminal it stays
+silent: the bar shows the same figures.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 import yaml
+from lightning.pytorch.accelerators import CUDAAccelerator
 
 from lm_lightning.callbacks.accumulation import MicroBatchAccumulation
 from lm_lightning.callbacks.chunked_loss import DEFAULT_CHUNK_SIZE, ChunkedLoss
@@ -55,9 +56,11 @@ def requested_accelerator(args: list[str]) -> str:
 
 
 def is_gpu_run(args: list[str]) -> bool:
-    """Whether ``fit`` with ``args`` would train on a CUDA GPU: asked for, or ``auto`` where CUDA is present."""
+    """Whether ``fit`` with ``args`` would train on a CUDA GPU: asked for, or ``auto`` where Lightning's ``auto`` picks
+    CUDA. Asked as Lightning asks (``CUDAAccelerator.is_available``), not ``torch.cuda.is_available``: the two can
+    disagree (the test suite pins Lightning's check to the CPU), and ``fit`` goes where Lightning's says."""
     accelerator = requested_accelerator(args)
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and CUDAAccelerator.is_available())
 
 
 def cuda_settings(parser: Any, args: list[str]) -> tuple[str, int]:

@@ -17,11 +17,11 @@ MiB = 2**20
 # The CUDA context, cuBLAS/cuDNN handles and loaded kernels: device memory outside the caching allocator. An
 # assumption: 300-600 MiB on recent GPUs with CUDA's lazy module loading (torch's default).
 CUDA_CONTEXT_BYTES = 500 * MiB
-# cuDNN's dropout RNG states (cudnnDropoutGetStatesSize), kept for the process once an LSTM of 2+ layers trains with
-# dropout: "slightly over 2MB" on the GPUs of PyTorch's comment in aten/src/ATen/native/cudnn/RNN.cpp; assumed 4 MiB.
-CUDNN_DROPOUT_STATE_BYTES = 4 * MiB
-# What a cuDNN LSTM keeps for backward in its reserve space, per layer, stream and step, in hidden_dim values: the four
-# gates, the cell and the output (an assumption: cuDNN documents no formula), plus one more per dropped layer output.
+# No cuDNN dropout state: networks/lstm.py's StackedLSTM calls cuDNN one layer at a time with dropout 0.0 (F.dropout
+# between the layers), and get_dropout_state in aten/src/ATen/native/cudnn/RNN.cpp creates that state only for a call
+# that trains with dropout_p > 0.
+# What one layer's cuDNN call keeps for backward in its reserve space, per stream and step, in hidden_dim values: the
+# four gates, the cell and the output (an assumption: cuDNN documents no formula). No term for dropout: no call drops.
 CUDNN_RESERVE_VALUES = 6
 # precision -> (bytes per parameter, bytes per activation, autocast): torch's autocast runs the LSTM and the decoder in
 # half; evaluation.nll computes the log-softmax in float32 whatever the precision.
@@ -84,6 +84,11 @@ class GpuRun:
             ]
         return tensors
 
+    def lstm_layers(self) -> list[list[tuple[str, int]]]:
+        """``lstm_tensors`` by layer: on CUDA, StackedLSTM keeps each layer's in a cuDNN buffer of its own."""
+        tensors = self.lstm_tensors()
+        return [tensors[4 * layer : 4 * layer + 4] for layer in range(self.num_layers)]
+
     def parameters(self) -> list[tuple[str, int]]:
         """The system's parameters in ``model.parameters()`` order (a tied decoder weight once, as the embedding)."""
         decoder = [] if self.tie_weights else [("decoder.weight", self.vocab_size * self.hidden_dim)]
@@ -96,15 +101,15 @@ class Part:
 
     PARAMS, GRADS, STATE, STEP = "parameters", "gradients", "optimizer state", "optimizer step temporaries"
     COPIES = "autocast's half copies of the weights"
-    SAVED = "saved activations (embedding, LSTM, masks, decoder input)"
-    RESERVE = "cuDNN LSTM reserve space (assumed rule)"
+    SAVED = "saved activations (embedding, LSTM layers, masks, decoder input)"
+    BETWEEN = "dropout between LSTM layers (1-byte masks, outputs)"
+    RESERVE = "cuDNN reserve space, one per LSTM layer (assumed rule)"
     LOGITS = "logits, log-softmax and their gradients"
     TEMPS = "other temporaries (casts, copies, backward)"
     CARRY = "batch ids and carried hidden state"
     CUBLAS = "cuBLAS workspaces (forward and backward threads)"
-    DROPOUT = "cuDNN dropout state (assumed size)"
     DDP = "DDP gradient buckets (one copy of the gradients)"
-    ORDER = (PARAMS, GRADS, STATE, STEP, COPIES, SAVED, RESERVE, LOGITS, TEMPS, CARRY, CUBLAS, DROPOUT, DDP)
+    ORDER = (PARAMS, GRADS, STATE, STEP, COPIES, SAVED, BETWEEN, RESERVE, LOGITS, TEMPS, CARRY, CUBLAS, DDP)
 
 
 @dataclass

@@ -4,8 +4,9 @@
 A fit's first steps are written out tensor by tensor -- what each CUDA kernel allocates and when it is freed, from
 torch's sources -- and replayed through the caching allocator's rules (``cuda_allocator.py``): what
 ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` read after them, and the tensors alive at the allocated
-peak, by part. Each function says what it follows (autocast's float16 LSTM copy, cuDNN's transposed output, Lightning's
-``zero_grad`` between the forward pass and backward, cuBLAS's workspace per thread, ...); docs/gpu.md lists every term.
+peak, by part. Each function says what it follows (Lightning's ``zero_grad`` between the forward pass and backward,
+cuBLAS's workspace per thread, autocast's cached decoder weight, ...); the LSTM, ``networks/lstm.py``'s StackedLSTM layer
+by layer, is written out in ``cuda_lstm.py``. docs/gpu.md lists every term.
 Assumptions (``cuda_plan.py``'s constants; measured by the CUDA test in ``tests/test_cuda_estimate.py``): validation
 windows no larger than training ones (validation is not replayed), one CUDA stream, no ``PYTORCH_CUDA_ALLOC_CONF``.
 Not modelled: cuDNN's temporary workspace (freed inside each call), a few small tensors (logged metrics, gradient
@@ -15,18 +16,11 @@ clipping's norms, ``GradScaler``'s scale).
 from __future__ import annotations
 
 from lm_lightning.memory.cuda_allocator import CachingAllocator
-from lm_lightning.memory.cuda_plan import (
-    CUDA_CONTEXT_BYTES,
-    CUDNN_DROPOUT_STATE_BYTES,
-    CUDNN_RESERVE_VALUES,
-    PRECISIONS,
-    CudaPlan,
-    GpuRun,
-    Part,
-)
+from lm_lightning.memory.cuda_lstm import lstm_backward, lstm_forward, lstm_to_device
+from lm_lightning.memory.cuda_plan import CUDA_CONTEXT_BYTES, PRECISIONS, CudaPlan, GpuRun, Part
 
 
-class _Replay:
+class Replay:
     """The allocation events of a fit's first steps, replayed as they are written."""
 
     def __init__(self, run: GpuRun) -> None:
@@ -35,7 +29,7 @@ class _Replay:
         self.grads: dict[str, str] = {}  # parameter -> its gradient's allocation
         self.state: list[str] = []
         self.hidden: dict[int, tuple[str, str]] = {}  # stream group -> its carried (h, c)
-        self.once: set[str] = set()  # the allocations a process makes once (workspaces, dropout state)
+        self.once: set[str] = set()  # the allocations a process makes once (cuBLAS's workspaces)
         self.peak_parts: dict[str, str] = {}  # name -> part, of the blocks alive at the allocated peak
 
     def snapshot(self) -> None:
@@ -69,14 +63,12 @@ class _Replay:
             self.part[name] = Part.GRADS
 
 
-def _to_device(r: _Replay) -> None:
-    """Lightning's ``model_to_device``: each parameter copied (children first), the LSTM's then flattened into the one
-    buffer cuDNN reads (``RNNBase.flatten_parameters``), the separate copies freed."""
+def _to_device(r: Replay) -> None:
+    """Lightning's ``model_to_device``: each parameter copied (children first), the LSTM's then flattened into the
+    buffers cuDNN reads (``cuda_lstm.py``)."""
     run, w = r.run, PRECISIONS[r.run.precision][0]
     r.a(Part.PARAMS, "embedding.weight", run.vocab_size * run.embedding_dim * w)
-    copies = [r.a(Part.PARAMS, f"lstm.{name} (moved)", n * w) for name, n in run.lstm_tensors()]
-    r.a(Part.PARAMS, "lstm (flat)", sum(n for _, n in run.lstm_tensors()) * w)
-    r.f(*copies)
+    lstm_to_device(r)
     if not run.tie_weights:
         r.a(Part.PARAMS, "decoder.weight", run.vocab_size * run.hidden_dim * w)
     r.a(Part.PARAMS, "decoder.bias", run.vocab_size * w)
@@ -84,12 +76,12 @@ def _to_device(r: _Replay) -> None:
         r.a(Part.DDP, "ddp buckets", sum(n for _, n in run.parameters()) * w)
 
 
-def _forward(r: _Replay, k: str, group: int) -> dict[str, str]:
+def _forward(r: Replay, k: str, group: int) -> dict[str, str]:
     """One window (or micro-batch) forward; returns the names backward reads. ``k`` prefixes this window's names."""
     run = r.run
     w, a, mixed = PRECISIONS[run.precision]
-    V, E, H, L, n = run.vocab_size, run.embedding_dim, run.hidden_dim, run.num_layers, run.streams * run.bptt
-    state = L * run.streams * H * a
+    V, E, H, n = run.vocab_size, run.embedding_dim, run.hidden_dim, run.streams * run.bptt
+    state = run.num_layers * run.streams * H * a
     if group not in r.hidden:  # the state a stream group carries between windows
         r.hidden[group] = (r.a(Part.CARRY, f"h{group}", state), r.a(Part.CARRY, f"c{group}", state))
     s = {"ids": r.a(Part.CARRY, k + "inputs", n * 8), "targets": r.a(Part.CARRY, k + "targets", n * 8)}
@@ -100,21 +92,7 @@ def _forward(r: _Replay, k: str, group: int) -> dict[str, str]:
         out = r.a(Part.SAVED if not mixed else Part.TEMPS, k + "dropout (embedding)", n * E * w)
         r.f(src)
         src = out
-    if run.dropout and L > 1:
-        r.first(Part.DROPOUT, "cudnn dropout state", CUDNN_DROPOUT_STATE_BYTES)
-    s["lstm_in"] = src
-    if mixed:  # AutocastRNN.cpp: the weights copied into one float16 buffer, the input cast to float16
-        s["wbuf"] = r.a(Part.COPIES, k + "lstm weights (float16)", sum(x for _, x in run.lstm_tensors()) * 2)
-        s["lstm_in"] = r.a(Part.SAVED, k + "lstm input (float16)", n * E * 2)
-    x = r.a(Part.TEMPS, k + "lstm input (time-major copy)", n * E * a)  # _cudnn_rnn: input.transpose(0, 1).contiguous()
-    s["y"] = r.a(Part.SAVED, k + "lstm output", n * H * a)
-    s["hy"], s["cy"] = r.a(Part.CARRY, k + "h", state), r.a(Part.CARRY, k + "c", state)
-    dropped = L - 1 if run.dropout else 0
-    s["reserve"] = r.a(Part.RESERVE, k + "cudnn reserve", (CUDNN_RESERVE_VALUES * L + dropped) * run.streams * run.bptt * H * a)
-    r.f(x)
-    if mixed:
-        r.f(src)  # the float32 input was only cast
-    out = s["y"]
+    out = lstm_forward(r, k, s, src)
     if run.dropout:
         s["mask_o"], out = r.a(Part.SAVED, k + "dropout mask (lstm)", n * H), r.a(Part.TEMPS, k + "dropout (lstm)", n * H * a)
     if run.loss_chunk_size:
@@ -140,7 +118,7 @@ def _forward(r: _Replay, k: str, group: int) -> dict[str, str]:
     return s
 
 
-def _chunked_forward(r: _Replay, k: str, s: dict[str, str], n: int) -> None:
+def _chunked_forward(r: Replay, k: str, s: dict[str, str], n: int) -> None:
     """``callbacks/chunked_loss.py``: float32 features, ``F.linear_cross_entropy`` with one chunk's logits at a time,
     the gradients of features, weight and bias computed now and kept for backward (torch 2.13's implementation)."""
     run = r.run
@@ -163,12 +141,11 @@ def _chunked_forward(r: _Replay, k: str, s: dict[str, str], n: int) -> None:
     r.f(*buffers, x, *casts)  # the chunk buffers when the op returns; the casts when the forward pass ends
 
 
-def _backward(r: _Replay, k: str, s: dict[str, str], group: int) -> None:
+def _backward(r: Replay, k: str, s: dict[str, str], group: int) -> None:
     """Backward of one window, node by node; each node's inputs and saved tensors are freed when it ends."""
     run = r.run
     w, a, mixed = PRECISIONS[run.precision]
     V, E, H, n = run.vocab_size, run.embedding_dim, run.hidden_dim, run.streams * run.bptt
-    state, lstm = run.num_layers * run.streams * H * a, sum(x for _, x in run.lstm_tensors())
     decoder = "embedding.weight" if run.tie_weights else "decoder.weight"
     r.now = "backward"
     if run.loss_chunk_size:  # the kept gradients, scaled in place by the loss's gradient, flow on
@@ -206,27 +183,7 @@ def _backward(r: _Replay, k: str, s: dict[str, str], group: int) -> None:
         g = r.a(Part.TEMPS, k + "grad lstm output (dropout)", n * H * a)
         r.f(gin, s["mask_o"])
         gin = g
-    # _cudnn_rnn_backward: zeros for the detached hy and cy, time-major copies of the input and of the output's
-    # gradient, dx, dhx and dcx; then the weights' gradient and the input copied again.
-    zeros = [r.a(Part.TEMPS, k + "grad hy (zeros)", state), r.a(Part.TEMPS, k + "grad cy (zeros)", state)]
-    copies = [
-        r.a(Part.TEMPS, k + "lstm input (time-major, backward)", n * E * a),
-        r.a(Part.TEMPS, k + "grad lstm output (time-major)", n * H * a),
-    ]
-    dx = r.a(Part.TEMPS, k + "grad lstm input", n * E * a)
-    dh = [r.a(Part.TEMPS, k + "grad h0", state), r.a(Part.TEMPS, k + "grad c0", state)]
-    r.f(*copies)
-    dw = r.a(Part.TEMPS, k + "grad lstm weights (flat)", lstm * a)
-    r.f(r.a(Part.TEMPS, k + "lstm input (time-major, weights)", n * E * a), gin, *zeros)
-    r.f(s["lstm_in"], s["y"], s["reserve"], *r.hidden[group], *([s["wbuf"]] if mixed else []), *dh)
-    r.hidden[group] = (s["hy"], s["cy"])  # the state this window ended with is carried to the next
-    if mixed:  # autograd's CopySlices carry the float16 buffer's gradient to each float32 weight
-        base = [r.a(Part.TEMPS, k + f"grad lstm weights (CopySlices {i})", lstm * 2) for i in range(2)]
-        for name, size in run.lstm_tensors():
-            r.grad(f"lstm.{name}", r.a(Part.TEMPS, k + f"grad lstm.{name}", size * 4))
-        r.f(*base, dw)
-    else:  # cuDNN's flat gradient: the weights' gradients are views of it
-        r.grad("lstm (flat)", dw)
+    dx = lstm_backward(r, k, s, gin, group)
     if mixed:
         dx, half = r.a(Part.TEMPS, k + "grad lstm input (float32)", n * E * 4), dx
         r.f(half)
@@ -241,7 +198,7 @@ def _backward(r: _Replay, k: str, s: dict[str, str], group: int) -> None:
     r.grad("embedding.weight", embedding)
 
 
-def _optimizer_step(r: _Replay, first: bool) -> None:
+def _optimizer_step(r: Replay, first: bool) -> None:
     """The state created at the first step (``zeros_like`` of each parameter, or SGD's ``clone`` of its gradient),
     then the foreach update's temporaries, freed when it returns."""
     run, w = r.run, PRECISIONS[r.run.precision][0]
@@ -259,10 +216,10 @@ def _optimizer_step(r: _Replay, first: bool) -> None:
     r.f(*temps)
 
 
-def replay(run: GpuRun, steps: int = 3) -> _Replay:
+def replay(run: GpuRun, steps: int = 3) -> Replay:
     """The model moved to the device, then ``steps`` optimizer steps (the first creates the optimizer state; the
     second and third reuse what the allocator cached), the peaks counted from the fit's start as MemoryMonitor does."""
-    r = _Replay(run)
+    r = Replay(run)
     _to_device(r)
     r.allocator.reset_peak()
     r.snapshot()

@@ -223,6 +223,7 @@ USAGE = (
     "  --budget SIZE   also find the cheapest settings that fit SIZE (e.g. 2GiB, 1.5GB, 800MiB) and print the fit line\n"
     "  --fastest       with --budget: time the settings that fit with the same math, print the fastest fit line and the runner-up\n"
     "  --allow-approximate  with --fastest: also time changes to the model (adaptive softmax; bf16 where the CPU has it), labelled\n"
+    "For a run on a GPU (--trainer.accelerator gpu) it predicts the GPU's allocated and reserved memory by arithmetic (docs/gpu.md); --fastest is CPU-only.\n"
     "Every other option is fit's: python -m lm_lightning fit --help"
 )
 
