@@ -66,6 +66,7 @@ class Probe:
         # As PrecisionGuard does in fit: oneDNN off where it has no bfloat16 LSTM (CPUs without AVX-512 BF16).
         self.onednn = torch.backends.mkldnn.enabled and ("16" not in str(trainer.precision) or bf16_lstm_supported())
         self.optimizer_note = ""  # set by measure(): state a low-bit optimizer keeps in float32
+        self.eval_streams = 0  # the streams of a validation window, when a measurement runs one first (fastest.py)
 
     def strategies_for(self, settings: Settings) -> list[MemoryStrategy]:
         """The run's strategies with the levers set as ``settings`` says."""
