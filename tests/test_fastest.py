@@ -55,9 +55,9 @@ def test_the_recommended_line_runs_within_its_budget_at_its_predicted_speed(room
     out = run(["estimate", *data, "--budget", "4GiB", "--fastest"], tmp_path)
     peaks = [mib(n, u) for n, u in re.findall(r" ([\d.]+) (MiB|GiB)\s+[\d,]+\s+yes", out)]
     assert len(peaks) >= 6, out  # three allocators, with and without the chunked loss (and micro-batches)
-    # The smallest candidate's peak and 15%: a fit's resident peak has come out up to 13% off the probe's with the
-    # machine shared (docs/estimate.md); the benchmark, not this test, holds the prediction to a few percent.
-    budget = 4096 if room == "roomy" else round(min(peaks) * 1.15)
+    # The smallest candidate's peak and 20%: room for the headroom a candidate needs to fit (3% with freed memory
+    # returned, 15% where the heap keeps it: memory/fastest.py HEADROOM), so that at least one does.
+    budget = 4096 if room == "roomy" else round(min(peaks) * 1.20)
     out = run(["estimate", *data, "--budget", f"{budget}MiB", "--fastest"], tmp_path)
     words = shlex.split(out.split("the fastest run that fits:", 1)[1].splitlines()[1])
     peak_mib, unit, speed = PREDICTED.search(out.split("the fastest run that fits:", 1)[1]).groups()
@@ -72,7 +72,7 @@ def test_the_recommended_line_runs_within_its_budget_at_its_predicted_speed(room
     measured_peak = float(re.search(r"peak ([\d,]+) MiB", line).group(1).replace(",", ""))
     measured_speed = float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", ""))
     assert measured_peak <= budget, (budget, line)
-    assert abs(measured_peak / mib(peak_mib, unit) - 1) < 0.20, (peak_mib, line)
+    assert abs(measured_peak / mib(peak_mib, unit) - 1) < 0.15, (peak_mib, line)
     assert abs(measured_speed / float(speed.replace(",", "")) - 1) < 0.20, (speed, line)
 
 
