@@ -55,6 +55,7 @@ def test_the_recommended_line_runs_within_its_budget_at_its_predicted_speed(room
     out = run(["estimate", *data, "--budget", "4GiB", "--fastest"], tmp_path)
     peaks = [mib(n, u) for n, u in re.findall(r" ([\d.]+) (MiB|GiB)\s+[\d,]+\s+yes", out)]
     assert len(peaks) >= 6, out  # three allocators, with and without the chunked loss (and micro-batches)
+    assert "changed:" not in out and out.count("as configured") >= len(peaks), out  # the same math only, unless allowed
     # The smallest candidate's peak and 20%: room for the headroom a candidate needs to fit (3% with freed memory
     # returned, 15% where the heap keeps it: memory/fastest.py HEADROOM), so that at least one does.
     budget = 4096 if room == "roomy" else round(min(peaks) * 1.20)
@@ -89,15 +90,14 @@ def test_allow_approximate_without_fastest_is_one_sentence(tmp_path):
 
 
 def test_changes_to_the_model_are_timed_only_when_allowed_and_labelled(tmp_path):
-    """The embedded corpus, one thread: without --allow-approximate every row is the configured model; with it the
-    adaptive softmax rows (and bf16's where the CPU runs a bfloat16 LSTM) say what they change, and so does a
-    recommendation that is one of them."""
+    """The embedded corpus, one thread: with --allow-approximate the adaptive softmax rows (and bf16's where the CPU runs
+    a bfloat16 LSTM) say what they change, and so does a recommendation that is one of them (without it, every row is
+    the configured model: the test above)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["estimate", "--budget", "4GiB", "--fastest", "--data.batch_size", "8"]
-    plain = run(args, tmp_path, env)
-    rows = [r for r in plain.splitlines() if re.search(r"MiB\s+[\d,]+\s+(yes|no)", r)]
-    assert rows and all(r.rstrip().endswith("as configured") for r in rows), plain
     wide = run([*args, "--allow-approximate"], tmp_path, env)
+    rows = [r for r in wide.splitlines() if re.search(r"MiB\s+[\d,]+\s+(yes|no)", r)]
+    assert all(r.rstrip().endswith("as configured") or "changed: " in r for r in rows), wide
     changed = [r for r in wide.splitlines() if "changed: adaptive softmax + input" in r]
     assert len(changed) == 3, wide  # micro-batches 8, 4 and 2 on the best same-math candidate's allocator
     assert all(re.search(r"\s-\s", r) for r in changed)  # the adaptive softmax computes its own loss: no chunks
@@ -119,9 +119,9 @@ def test_a_near_tie_goes_to_the_lower_peak_and_a_clear_win_to_the_faster():
     from lm_lightning.memory.fastest import order
 
     fast, close_smaller, slow_smallest, too_big = _candidate(2000, 700), _candidate(1960, 650, 10), _candidate(1500, 600, 5), _candidate(3000, 900)
-    assert order([fast, close_smaller, slow_smallest, too_big], budget=800) == [close_smaller, fast, slow_smallest]
-    assert order([fast, slow_smallest], budget=800) == [fast, slow_smallest]
-    assert order([too_big], budget=800) == []
+    assert order([fast, close_smaller, slow_smallest, too_big], budget=850) == [close_smaller, fast, slow_smallest]
+    assert order([fast, slow_smallest], budget=850) == [fast, slow_smallest]
+    assert order([too_big], budget=850) == []  # 900 MiB and its 15% headroom
 
 
 def test_other_work_on_the_machine_is_seen_and_this_process_is_not():
