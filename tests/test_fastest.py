@@ -102,7 +102,8 @@ def test_changes_to_the_model_are_timed_only_when_allowed_and_labelled(tmp_path)
     rows = [r for r in wide.splitlines() if re.search(r"MiB\s+[\d,]+\s+(yes|no)", r)]
     assert all(r.rstrip().endswith("as configured") or "changed: " in r for r in rows), wide
     changed = [r for r in wide.splitlines() if "changed: adaptive softmax + input" in r]
-    assert len(changed) == 3, wide  # micro-batches 8, 4 and 2 on the best same-math candidate's allocator
+    # The best same-math candidate's micro-batch and the smaller ones of 8, 4 and 2 (which is best is a timing).
+    assert 1 <= len(changed) <= 3, wide
     assert all(re.search(r"\s-\s", r) for r in changed)  # the adaptive softmax computes its own loss: no chunks
     first = wide.split("the fastest run that fits", 1)[1].splitlines()
     if "AdaptiveSoftmax" in first[1] or "bf16-mixed" in first[1]:

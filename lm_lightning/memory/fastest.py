@@ -3,8 +3,8 @@ steps of each candidate, not from a table.
 
 The candidates turn levers that leave the math as it is: glibc's allocator (as configured, freed memory returned at
 once, or kept for the next step: ``ReturnFreedMemory`` / ``FastAllocator``), the chunked loss, the micro-batch of
-gradient accumulation and the number of threads. Each candidate runs one warm-up batch and three timed batches of a
-copy of the run's model on random ids, in this process, with its allocator set as its callback would set it; its
+gradient accumulation and the number of threads. Each candidate runs one validation window, one warm-up batch and
+three timed batches of a copy of the run's model on random ids, in this process, with its allocator set as its callback would set it; its
 peak is read as the process's peak resident set over those batches (the kernel's ``VmHWM``, reset before each
 candidate through ``/proc/self/clear_refs``), so what the allocator keeps is in the prediction, not only the bytes in
 use. The answer is printed as a runnable ``fit`` line with its predicted peak and tokens/s, the runner-up beside it.
@@ -39,8 +39,6 @@ from lm_lightning.networks.contract import output_layer
 # The allocator settings a candidate can take, and the flag that sets each in a fit (appended: after the run's own).
 ALLOCATORS = {"glibc": "", "return": "--trainer.callbacks+=ReturnFreedMemory", "fast": "--trainer.callbacks+=FastAllocator"}
 ALLOCATOR_NAMES = {"glibc": "glibc's own", "return": "freed memory returned", "fast": "fast allocator (freed memory kept)"}
-
-
 # Changes to the model, timed only with --allow-approximate: name -> (label, the flags that make it in a fit).
 APPROXIMATE = {
     "adaptive": ("adaptive softmax + input", "--trainer.callbacks+=AdaptiveSoftmax --trainer.callbacks+=AdaptiveInput"),
@@ -97,10 +95,10 @@ def _change(probe: Probe, change: str) -> tuple[list[Any], Any, bool]:
     return [], None, probe.onednn
 
 
-def _validation_window(model: Any, precision: Any, streams: int, probe: Probe) -> None:
+def _validation_window(model: Any, precision: Any, probe: Probe) -> None:
     model.eval()
     with torch.no_grad(), precision.forward_context():
-        model._loss(_probe_batch(streams, probe.bptt, probe.vocab_size, torch.Generator().manual_seed(7)), "val")
+        model._loss(_probe_batch(probe.eval_streams, probe.bptt, probe.vocab_size, torch.Generator().manual_seed(7)), "val")
     model._hidden.clear()
     model.train()
 
@@ -122,7 +120,7 @@ def run_candidate(probe: Probe, candidate: Candidate, batch_size: int, baseline:
             times = []
             with torch.backends.mkldnn.flags(enabled=onednn):
                 if probe.eval_streams:  # Lightning's sanity check, then each validation: their buffers pass through the heap too
-                    _validation_window(model, precision, probe.eval_streams, probe)
+                    _validation_window(model, precision, probe)
                 for seed in range(batches + 1):
                     begin = time.perf_counter()
                     for part in range(batch_size // micro):
@@ -150,6 +148,10 @@ def run_candidate(probe: Probe, candidate: Candidate, batch_size: int, baseline:
     return replace(candidate, peak=peak, tokens_per_second=speed, typical=typical)
 
 
+def _micro_batches(batch_size: int, largest: int) -> list[int]:  # the same effective batch, halved and quartered
+    return list(dict.fromkeys(m for m in (batch_size, batch_size // 2, batch_size // 4) if 1 <= m <= largest and batch_size % m == 0))
+
+
 def candidates(probe: Probe, current: Settings, batch_size: int, configured_allocator: Optional[str]) -> list[Candidate]:
     """The same-math candidates: the run's allocator or the three, the configured loss or the chunked one, the
     micro-batch as configured and halved twice (the same effective batch), on all of this process's threads."""
@@ -158,19 +160,19 @@ def candidates(probe: Probe, current: Settings, batch_size: int, configured_allo
         output_layer(probe.template.network, "ChunkedLoss")
     except LMInputError:  # a decoder another strategy replaced (the adaptive softmax) has no chunked loss
         chunks = [current.loss_chunk_size]
-    micros = [m for m in (batch_size, batch_size // 2, batch_size // 4) if m >= 1 and batch_size % m == 0 and m <= current.micro_batch_size]
+    micros = _micro_batches(batch_size, current.micro_batch_size)
     allocators = [configured_allocator] if configured_allocator else list(ALLOCATORS)
     threads = torch.get_num_threads()
     return [
         Candidate(Settings(micro, chunk, current.recompute_segments), allocator, threads)
-        for allocator in allocators for chunk in chunks for micro in dict.fromkeys(micros or [current.micro_batch_size])
+        for allocator in allocators for chunk in chunks for micro in micros or [current.micro_batch_size]
     ]  # fmt: skip
 
 
 def approximate_candidates(probe: Probe, best: Candidate, batch_size: int) -> list[Candidate]:
     """--allow-approximate: the changes to the model on the best same-math candidate's allocator and threads, at its
     micro-batch and the smaller ones (the adaptive softmax computes its loss its own way: no chunked loss)."""
-    micros = [m for m in (batch_size, batch_size // 2, batch_size // 4) if m >= 1 and batch_size % m == 0 and m <= max(best.settings.micro_batch_size, 1)]
+    micros = _micro_batches(batch_size, best.settings.micro_batch_size)
     try:
         output_layer(probe.template.network, "AdaptiveSoftmax")
         changes = [] if any(s.name == "adaptive_softmax" for s in probe.strategies) else ["adaptive"]
@@ -180,7 +182,7 @@ def approximate_candidates(probe: Probe, best: Candidate, batch_size: int) -> li
         changes.append("bf16")
     return [
         Candidate(replace(best.settings, micro_batch_size=micro, loss_chunk_size=0 if change == "adaptive" else best.settings.loss_chunk_size), best.allocator, best.threads, change)
-        for change in changes for micro in dict.fromkeys(micros)
+        for change in changes for micro in micros
     ]  # fmt: skip
 
 
@@ -209,7 +211,7 @@ def fastest(probe: Probe, current: Settings, batch_size: int, baseline: int, bud
         measured.append(run_candidate(probe, replace(fitting[0], threads=1, peak=0, tokens_per_second=0.0, typical=0.0), batch_size, baseline))
     if fitting and approximate:
         measured += [run_candidate(probe, c, batch_size, baseline) for c in approximate_candidates(probe, _ranked(measured, budget)[0], batch_size)]
-    again = {id(c) for c in reversed(_contenders(_ranked(measured, budget)))} if fitting else set()
+    again = {id(c) for c in _contenders(_ranked(measured, budget))} if fitting else set()
     measured = [run_candidate(probe, c, batch_size, baseline) if id(c) in again else c for c in reversed(measured)][::-1]
     return measured, order(measured, budget)
 
@@ -263,8 +265,7 @@ def fastest_command(model: Any, trainer: Any, data: Any, fit_args: list[str], bu
     """``estimate --budget SIZE --fastest [--allow-approximate]``: the candidates' table, then the fastest line that
     fits and the runner-up."""
     current = predict_settings(trainer, data)
-    probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt)
-    probe.eval_streams = data.hparams.eval_batch_size
+    probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt, eval_streams=data.hparams.eval_batch_size)
     configured = configured_allocator(trainer)
     default_threads = torch.get_num_threads()
     with OtherWork() as other:
@@ -291,8 +292,7 @@ def fastest_command(model: Any, trainer: Any, data: Any, fit_args: list[str], bu
 def kept_heap_line(model: Any, trainer: Any, data: Any, baseline: int) -> str:
     """With ``FastAllocator`` the peak is not the bytes in use the table adds up: the run measured as a candidate."""
     current = predict_settings(trainer, data)
-    probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt)
-    probe.eval_streams = data.hparams.eval_batch_size
+    probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt, eval_streams=data.hparams.eval_batch_size)
     measured = run_candidate(probe, Candidate(current, "fast", torch.get_num_threads()), data.hparams.batch_size, baseline)
     return (
         f"With FastAllocator the heap keeps what each step frees: predicted peak {human_bytes(measured.peak)} (the "

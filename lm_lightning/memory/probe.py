@@ -60,13 +60,13 @@ LEVERS = {"chunked_loss": ChunkedLoss, "recompute": Recomputation}
 class Probe:
     """Training steps of a copy of the run's model, with the run's precision and memory strategies, on random ids."""
 
-    def __init__(self, model: Any, trainer: Any, vocab_size: int, bptt: int) -> None:
+    def __init__(self, model: Any, trainer: Any, vocab_size: int, bptt: int, eval_streams: int = 0) -> None:
         self.template, self.trainer, self.vocab_size, self.bptt = model, trainer, vocab_size, bptt
         self.strategies = memory_strategies(trainer)
         # As PrecisionGuard does in fit: oneDNN off where it has no bfloat16 LSTM (CPUs without AVX-512 BF16).
         self.onednn = torch.backends.mkldnn.enabled and ("16" not in str(trainer.precision) or bf16_lstm_supported())
         self.optimizer_note = ""  # set by measure(): state a low-bit optimizer keeps in float32
-        self.eval_streams = 0  # the streams of a validation window, when a measurement runs one first (fastest.py)
+        self.eval_streams = eval_streams  # a validation window's streams, when a measurement runs one first (fastest.py)
 
     def strategies_for(self, settings: Settings) -> list[MemoryStrategy]:
         """The run's strategies with the levers set as ``settings`` says."""
