@@ -29,9 +29,8 @@ from lm_lightning.io import disk_full
 from lm_lightning.lightning_cli import build_cli
 from lm_lightning.memory.cuda_estimate import CPU_BUILD, cuda_estimate_command, is_gpu_run
 from lm_lightning.memory.cuda_plan import CudaPlan
-from lm_lightning.memory.estimate import FIT_OVERHEAD_BYTES, USAGE, Estimate, estimate_command, fixed_bytes, split_arguments
+from lm_lightning.memory.estimate import USAGE, Estimate, estimate_command, fixed_bytes, process_baseline, split_arguments
 from lm_lightning.memory.fastest import configured_allocator, fastest_command, kept_heap_line
-from lm_lightning.memory.measure import rss_bytes, storage_bytes
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config
 from lm_lightning.reports.compare import compare_command
 from lm_lightning.storage.loading import check_compatible, load_checkpoint_file
@@ -89,11 +88,11 @@ def estimate(args: list[str]) -> Estimate | CudaPlan:
                 "--fastest times probe steps on this machine's CPU, not on a GPU: leave it out; --budget SIZE alone answers for the GPU."
             )
         cli = build_cli([*fit_args, *CPU_BUILD], run=False)
-        host = rss_bytes() - storage_bytes(cli.model.parameters()) + FIT_OVERHEAD_BYTES  # as the CPU baseline below
+        host = process_baseline(cli.model)  # as on CPU
         return cuda_estimate_command(cli, fit_args, budget, host)
     cli = build_cli(fit_args, run=False)
     # Before any probe step: this process holds what fit holds before its first step, plus the model's parameters.
-    baseline = rss_bytes() - storage_bytes(cli.model.parameters()) + FIT_OVERHEAD_BYTES
+    baseline = process_baseline(cli.model)
     estimate = estimate_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget)
     if configured_allocator(cli.trainer) == "fast":
         print(kept_heap_line(cli.model, cli.trainer, cli.datamodule, baseline))

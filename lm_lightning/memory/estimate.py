@@ -46,6 +46,12 @@ from lm_lightning.networks.contract import output_layer
 # tests/test_estimate.py holds predictions within 15% of measured peaks.
 FIT_OVERHEAD_BYTES = 56 * 2**20
 
+
+def process_baseline(model: Any) -> int:
+    """What fit will hold besides the model's own memory: this process now (Python, torch, Lightning, the data and the
+    model's parameters), less the parameters, plus ``FIT_OVERHEAD_BYTES``."""
+    return rss_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
+
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -213,8 +219,7 @@ def predict_in_fit(trainer: Any, model: Any) -> Optional[Estimate]:
     if not callable(getattr(model, "_loss", None)) or not getattr(model, "token_inputs", False):
         return None
     # At fit start the loop and logger exist, but most of FIT_OVERHEAD_BYTES comes with the first steps and validation.
-    baseline = rss_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
-    return predict(model, trainer, data, baseline)[0]
+    return predict(model, trainer, data, process_baseline(model))[0]
 
 
 USAGE = (
@@ -240,8 +245,7 @@ def estimate_command(model: Any, trainer: Any, data: Any, fit_args: list[str], b
     ``fit_args`` (cli.py parses them; this module never builds a CLI)."""
     if not hasattr(model, "_loss") or not getattr(model, "token_inputs", False):
         raise LMInputError("estimate covers the token path (LanguageModel): for the bag path, read MemoryMonitor's figures after a short fit.")
-    # This process now holds what fit holds before its first step, plus the model's parameters.
-    baseline = rss_bytes() - storage_bytes(model.parameters()) + FIT_OVERHEAD_BYTES
+    baseline = process_baseline(model)
     estimate, probe, current = predict(model, trainer, data, baseline)
     batch_size, bptt = data.hparams.batch_size, data.hparams.bptt
     print(estimate.table(bptt))
