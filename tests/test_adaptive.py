@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import val_ppl
 
-from lm_lightning.callbacks import AdaptiveInput, AdaptiveSoftmax, ChunkedLoss
+from lm_lightning.callbacks import AdaptiveSoftmax, ChunkedLoss
 from lm_lightning.callbacks.adaptive import check_frequency_order
 from lm_lightning.cli import build_cli
 from lm_lightning.errors import LMInputError

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lm_lightning.callbacks.strategy import MemoryStrategy, memory_strategies
