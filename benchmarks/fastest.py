@@ -8,7 +8,7 @@ Each line is run `--repeats` times (3): where glibc's heap keeps freed memory, i
 33k words one line peaked at 714-827 MiB: docs/estimate.md), so the table gives the median and the range.
 
 `tight` and `middle` are read from the candidates of the last (roomy) budget's search: `tight` is the smallest
-candidate's predicted peak and 10% (a candidate's peak varies by up to ~8% from one search to the next at 33k words),
+candidate's predicted peak and 10% (a candidate's peak varies by up to ~10% from one search to the next at 33k words),
 `middle` halfway between it and the largest.
 """
 

@@ -30,7 +30,7 @@ from lm_lightning.lightning_cli import build_cli
 from lm_lightning.memory.cuda_estimate import CPU_BUILD, cuda_estimate_command, is_gpu_run
 from lm_lightning.memory.cuda_plan import CudaPlan
 from lm_lightning.memory.estimate import USAGE, Estimate, estimate_command, fixed_bytes, process_baseline, split_arguments
-from lm_lightning.memory.fastest_report import configured_allocator, kept_heap_line, print_fastest, search_fastest
+from lm_lightning.memory.fastest_report import configured_allocator, fastest_command, kept_heap_line
 from lm_lightning.parser_messages import parser_error_sentence, undecodable_config
 from lm_lightning.reports.compare import compare_command
 from lm_lightning.storage.loading import check_compatible, load_checkpoint_file
@@ -97,7 +97,7 @@ def estimate(args: list[str]) -> Estimate | CudaPlan:
     if configured_allocator(cli.trainer) == "fast":
         print(kept_heap_line(cli.model, cli.trainer, cli.datamodule, baseline))
     if fastest and fixed_bytes(estimate) <= budget:  # below what no setting changes, estimate has said that nothing fits
-        print_fastest(search_fastest(cli.model, cli.trainer, cli.datamodule, budget, baseline, approximate), fit_args, budget)
+        fastest_command(cli.model, cli.trainer, cli.datamodule, fit_args, budget, baseline, approximate)
     return estimate
 
 

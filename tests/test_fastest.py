@@ -128,6 +128,28 @@ def test_a_near_tie_goes_to_the_lower_peak_and_a_clear_win_to_the_faster():
     assert order([too_big], budget=850) == []  # 900 MiB and its 15% headroom
 
 
+def test_the_printed_two_are_measured_again_and_a_longer_runs_peak_can_push_one_out(monkeypatch):
+    """``_confirmed``: the two ranked first run again over PEAK_BATCHES steps; the peak printed is that run's alone
+    (lower here than the first pass), and one the longer run pushes over the budget gives way to the next."""
+    from dataclasses import replace
+
+    from lm_lightning.memory import fastest
+
+    first, second, third = _candidate(3000, 700), _candidate(2500, 690, 10), _candidate(2000, 600, 5)
+    longer_peak = {first.settings: 800, second.settings: 650, third.settings: 610}  # first: 800 MiB x 1.15 > 850
+    calls = []
+
+    def longer_run(probe, candidate, batch_size, baseline, batches):
+        calls.append((candidate.settings.micro_batch_size, batches, candidate.peak))
+        return replace(candidate, peak=longer_peak[candidate.settings])
+
+    monkeypatch.setattr(fastest, "run_candidate", longer_run)
+    measured = fastest._confirmed(None, [first, second, third], budget=850, batch_size=20, baseline=0)
+    assert [c.peak for c in measured] == [800, 650, 610]
+    assert calls == [(20, fastest.PEAK_BATCHES, 0), (10, fastest.PEAK_BATCHES, 0), (5, fastest.PEAK_BATCHES, 0)]
+    assert [c.settings.micro_batch_size for c in fastest.order(measured, 850)] == [10, 5]
+
+
 def test_other_work_on_the_machine_is_seen_and_this_process_is_not():
     from lm_lightning.memory.machine import OtherWork
 

@@ -3,7 +3,6 @@ runner-up, each with its predicted peak and tokens/s. The search itself is ``mem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -25,7 +24,7 @@ from lm_lightning.memory.fastest import (
 )
 from lm_lightning.memory.machine import OtherWork
 from lm_lightning.memory.measure import human_bytes
-from lm_lightning.memory.probe import Probe, Settings
+from lm_lightning.memory.probe import Probe
 
 
 def configured_allocator(trainer: Any) -> Optional[str]:
@@ -62,44 +61,28 @@ def table(measured: list[Candidate], budget: int) -> str:
     return "\n".join(rows)
 
 
-@dataclass(frozen=True)
-class Search:
-    """What ``search_fastest`` measured, for ``print_fastest``."""
-
-    measured: list[Candidate]
-    fitting: list[Candidate]  # best first
-    current: Settings
-    configured: Optional[str]  # the allocator the run's own callbacks set
-    threads: int  # this process's default
-    busy: float  # other processes' share of the CPUs meanwhile
-    approximate: bool
-
-
-def search_fastest(model: Any, trainer: Any, data: Any, budget: int, baseline: int, approximate: bool = False) -> Search:
-    """``estimate --budget SIZE --fastest [--allow-approximate]``: every candidate measured (``memory/fastest.py``)."""
+def fastest_command(model: Any, trainer: Any, data: Any, fit_args: list[str], budget: int, baseline: int, approximate: bool = False) -> Optional[Candidate]:
+    """``estimate --budget SIZE --fastest [--allow-approximate]``: every candidate measured (``memory/fastest.py``),
+    then the candidates' table, the fastest line that fits and the runner-up."""
     current = predict_settings(trainer, data)
     probe = Probe(model, trainer, data.vocab_size, data.hparams.bptt, eval_streams=data.hparams.eval_batch_size)
     configured = configured_allocator(trainer)
+    default_threads = torch.get_num_threads()
     with OtherWork() as other:
         measured, fitting = fastest(probe, current, data.hparams.batch_size, baseline, budget, configured, approximate)
-    return Search(measured, fitting, current, configured, torch.get_num_threads(), other.share, approximate)
-
-
-def print_fastest(search: Search, fit_args: list[str], budget: int) -> Optional[Candidate]:
-    """The candidates' table, then the fastest line that fits and the runner-up."""
-    kinds = "the same math, and changes to the model (labelled)" if search.approximate else "the same math"
-    print(f"\nCandidates with {kinds} (timed probe steps here; peak = the process's resident set over them):\n{table(search.measured, budget)}")
-    if search.busy > BUSY:
+    kinds = "the same math, and changes to the model (labelled)" if approximate else "the same math"
+    print(f"\nCandidates with {kinds} (timed probe steps here; peak = the process's resident set over them):\n{table(measured, budget)}")
+    if other.share > BUSY:
         print(
-            f"\nNote: other processes took {search.busy:.0%} of this machine's CPUs while the candidates were timed, so "
+            f"\nNote: other processes took {other.share:.0%} of this machine's CPUs while the candidates were timed, so "
             "their speeds (not their peaks) say as much about that work as about the settings: run estimate again when "
             "the machine is quieter."
         )
-    if not search.fitting:
+    if not fitting:
         print(f"\nBudget {human_bytes(budget)}: none of them fits with its allocator's headroom ({HEADROOM['fast']:.0%}; {HEADROOM['return']:.0%} with freed memory returned).")
         return None
-    for title, candidate in zip(("the fastest run that fits", "runner-up"), search.fitting[:2]):
-        line = command(fit_line(fit_args, search.current, candidate.settings), candidate, search.configured, search.threads)
+    for title, candidate in zip(("the fastest run that fits", "runner-up"), fitting[:2]):
+        line = command(fit_line(fit_args, current, candidate.settings), candidate, configured, default_threads)
         note = f" (changes the model: {APPROXIMATE[candidate.change][0]}; its perplexity is not the configured model's)" if candidate.change else ""
         print(f"\nBudget {human_bytes(budget)}, {title}{note}:\n  {line}")
         room = HEADROOM[candidate.allocator]
@@ -108,7 +91,7 @@ def print_fastest(search: Search, fit_args: list[str], budget: int) -> Optional[
             f"  predicted: peak {human_bytes(candidate.peak)}, {candidate.typical:,.0f} tokens/s ({kept}fits with {room:.0%} "
             f"headroom, up to {human_bytes(int(candidate.peak * (1 + room)))})"
         )
-    return search.fitting[0]
+    return fitting[0]
 
 
 def kept_heap_line(model: Any, trainer: Any, data: Any, baseline: int) -> str:
